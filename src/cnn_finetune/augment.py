@@ -1,0 +1,71 @@
+"""Batched data augmentation as pure tensor functions.
+
+A whole ``(B, 1, H, W)`` batch is rotated, translated, scaled and noised in a few tensor operations
+on the training device, with every random number drawn from an explicit ``torch.Generator``: the
+same generator state gives the same batch, which is what makes resuming at any step exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Strength of each random transform (0 turns it off)."""
+
+    rotation: float = 12.0  # maximum rotation, degrees, uniform in [-rotation, rotation]
+    translate: float = 0.1  # maximum shift along each axis, fraction of the side
+    scale: float = 0.1  # maximum relative zoom, uniform in [1 - scale, 1 + scale]
+    noise: float = 0.05  # standard deviation of additive Gaussian noise, pixels in [0, 1]
+
+    @property
+    def geometric(self) -> bool:
+        """True when any rotation, translation or scaling is requested."""
+        return self.rotation > 0 or self.translate > 0 or self.scale > 0
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]."""
+    return images.to(torch.float32).div_(255.0)
+
+
+def affine_matrices(batch: int, params: AugmentParams, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random ``(B, 2, 3)`` matrices for ``F.affine_grid`` (output -> input sampling coordinates)."""
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator, device=device).mul_(2).sub_(1)
+
+    theta = uniform(batch) * (params.rotation * math.pi / 180.0)
+    zoom = 1.0 + uniform(batch) * params.scale
+    # affine_grid works in [-1, 1] coordinates: a shift of f of the side is 2f there.
+    shift = uniform(batch, 2) * (2.0 * params.translate)
+    cos, sin = torch.cos(theta) / zoom, torch.sin(theta) / zoom
+    row0 = torch.stack([cos, -sin, shift[:, 0]], dim=1)
+    row1 = torch.stack([sin, cos, shift[:, 1]], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def augment_batch(images: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """Randomly transform a uint8 batch; returns float32 in [0, 1] on the same device.
+
+    The background of MNIST-style images is 0, so sampling outside the image (zero padding) adds
+    background, never artefacts.
+    """
+    x = to_unit(images)
+    if params.geometric:
+        theta = affine_matrices(x.shape[0], params, generator, x.device)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if params.noise > 0:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x.add_(noise, alpha=params.noise).clamp_(0.0, 1.0)
+    return x
+
+
+def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Standardise pixels in [0, 1] with the training split's statistics."""
+    return (x - mean) / std
