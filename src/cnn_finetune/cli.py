@@ -1,0 +1,277 @@
+"""The command line of the training guide: ``python scripts/train_finetuned.py --epochs 30 --device cuda``.
+
+Contract (names and defaults never change): ``--epochs`` (default from the config file),
+``--device`` (auto/cuda/cpu, default auto), ``--no-resume``, ``--max-retries`` (5), ``--patience``
+(8), ``--verbose``. Exit codes: 0 done, 1 training failed, 2 bad input, 130 SIGINT, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import atomic_write_json, load_newest_valid
+from .config import DEFAULT_BASE_MODEL, DEFAULT_CONFIG_PATH, TrainConfig, build_config, field_help, load_config_file, resume_mismatches
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, TrainingFailed, UserError
+from .faults import FaultInjector
+
+ARTIFACTS = ("best_model_finetuned.pth", "checkpoint_last.pth", "history.json", "config_finetuned.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs test to list the flags)."""
+    helps = field_help()
+    p = argparse.ArgumentParser(
+        prog="train_finetuned.py",
+        description="Fine-tune the CNN v2 on your images (data/raw, data/processed) or on the built-in MNIST sample. "
+                    "Running the same command again continues where it stopped.",
+        epilog="Exit codes: 0 done, 1 training failed after retries, 2 bad input, 130 Ctrl+C, 143 SIGTERM.",
+    )
+    p.add_argument("--epochs", type=int, help="training epochs (default: from the config file)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="auto picks CUDA when present (default: auto)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch; an earlier run in the output folder is moved aside, never deleted")
+    p.add_argument("--max-retries", type=int, help="recovery attempts after failures (default: 5)")
+    p.add_argument("--patience", type=int, help="epochs without improvement before early stopping (default: 8; 0 turns it off)")
+    p.add_argument("--verbose", action="store_true", help="a per-step progress bar")
+    p.add_argument("--config", type=Path, help=f"JSON file of hyper-parameters (default: {DEFAULT_CONFIG_PATH} when it exists)")
+    p.add_argument("--data", help="data source: a folder with raw/ and/or processed/ class folders, a plain <class>/ tree, or an IDX images file (default: data/ when it exists, else the built-in MNIST sample)")
+    p.add_argument("--val-data", help="explicit validation source instead of a split of --data")
+    p.add_argument("--output-dir", help="where the artifacts go (default: models/cnn_modelo_v2_finetuned)")
+    p.add_argument("--base-model", help=f"weights to fine-tune from ('none': from scratch; default: {DEFAULT_BASE_MODEL} when it exists)")
+    p.add_argument("--seed", type=int, help="random seed (default: 42)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--cooldown", type=float, metavar="SECONDS", help="pause before a retry, doubled per consecutive failure (default: random 5-10)")
+    p.add_argument("--keep-best", type=int, metavar="K", help="best epochs kept as separate files (default: 3)")
+    p.add_argument("--width", type=int, help=helps.get("width"))
+    p.add_argument("--val-fraction", type=float, help=helps.get("val_fraction"))
+    p.add_argument("--balance", choices=["none", "weighted_loss", "sampler"], help=helps.get("balance"))
+    p.add_argument("--polarity", choices=["auto", "invert", "keep"], help=helps.get("polarity"))
+    p.add_argument("--freeze-features-epochs", type=int, help=helps.get("freeze_features_epochs"))
+    p.add_argument("--feature-lr-scale", type=float, help=helps.get("feature_lr_scale"))
+    p.add_argument("--min-delta", type=float, help=helps.get("min_delta"))
+    p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help=helps.get("checkpoint_every_steps"))
+    p.add_argument("--checkpoint-every-seconds", type=float, metavar="T", help=helps.get("checkpoint_every_seconds"))
+    p.add_argument("--compile", action="store_true", default=None, help=helps.get("compile"))
+    p.add_argument("--num-threads", type=int, help=helps.get("num_threads"))
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-data cache")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set aug_rotation=15 (value read as JSON, else as text)")
+    return p
+
+
+FLAG_TO_KEY = {
+    "epochs": "epochs", "device": "device", "max_retries": "max_retries", "patience": "patience",
+    "data": "data", "val_data": "val_data", "output_dir": "output_dir", "seed": "seed",
+    "batch_size": "batch_size", "lr": "lr", "keep_best": "keep_best", "width": "width",
+    "val_fraction": "val_fraction", "balance": "balance", "polarity": "polarity",
+    "freeze_features_epochs": "freeze_features_epochs", "feature_lr_scale": "feature_lr_scale",
+    "min_delta": "min_delta", "checkpoint_every_steps": "checkpoint_every_steps",
+    "checkpoint_every_seconds": "checkpoint_every_seconds", "compile": "compile", "num_threads": "num_threads",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """Resolve the config (defaults < file < flags); returns it and whether the base model was explicit."""
+    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_TO_KEY.items()}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set aug_rotation=15")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    if args.cooldown is not None:
+        overrides["cooldown_min"] = overrides["cooldown_max"] = args.cooldown
+    explicit_base = False
+    if args.base_model is not None:
+        explicit_base = args.base_model.lower() != "none"
+        overrides["base_model"] = None if args.base_model.lower() == "none" else args.base_model
+    file_path = args.config
+    if file_path is None and DEFAULT_CONFIG_PATH.exists():
+        file_path = DEFAULT_CONFIG_PATH
+    if file_path is not None and not explicit_base and "base_model" not in overrides:
+        in_file = load_config_file(file_path).get("base_model", DEFAULT_BASE_MODEL)
+        explicit_base = in_file not in (None, DEFAULT_BASE_MODEL)
+    return build_config(file_path, overrides), explicit_base
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an unavailable CUDA request is bad input (exit 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = torch.version.cuda or "none (a CPU-only build)"
+            raise UserError(f"--device {name} was requested but CUDA is not available here (torch {torch.__version__}, CUDA build: {build}); use --device cpu or --device auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    return torch.device("cpu")
+
+
+def move_aside(out: Path) -> Path | None:
+    """Rename an existing, non-empty output folder to ``<name>.old-<timestamp>``; returns the new path."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out.with_name(f"{out.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = out.with_name(f"{out.name}.old-{stamp}-{n}")
+        n += 1
+    out.rename(target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``train_finetuned.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingFailed as err:
+        print(f"training failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\naborted at once by a second interrupt; the last complete checkpoint is kept", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .data_loader import align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
+    from .trainer import Interrupted, RobustTrainer, SplitData
+
+    faults = FaultInjector.from_env()
+    cfg, explicit_base = config_from_args(args)
+    device = resolve_device(cfg.device)
+
+    # --- data (bad input fails here, before any file is touched) ------------------------------
+    data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
+    ds = load_dataset(data_path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
+    report = {"train_source": ds.report()}
+    if cfg.val_data is not None:
+        val_ds = align_classes(load_dataset(cfg.val_data, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache), ds.class_names)
+        train_x, train_y, val_x, val_y = ds.images, ds.labels, val_ds.images, val_ds.labels
+        report["val_source"] = val_ds.report()
+        fingerprint = ds.fingerprint() + ":" + val_ds.fingerprint()
+    else:
+        tr, va = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
+        train_x, train_y, val_x, val_y = ds.images[tr], ds.labels[tr], ds.images[va], ds.labels[va]
+        fingerprint = ds.fingerprint()
+    if len(val_y) == 0:
+        raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
+    mean, std = normalization_stats(train_x)
+    data = SplitData(train_x, train_y, val_x, val_y, ds.class_names, mean, std, fingerprint)
+    counts = dict(zip(ds.class_names, torch.bincount(train_y, minlength=len(ds.class_names)).tolist()))
+    report.update({"split": {"train": len(train_y), "val": len(val_y), "seed": cfg.seed,
+                             "val_fraction": None if cfg.val_data else cfg.val_fraction},
+                   "train_class_counts": counts, "normalization": {"mean": mean, "std": std},
+                   "fingerprint": fingerprint})
+    _say(f"data: {ds.source}: {len(ds)} images, {len(ds.class_names)} classes; train {len(train_y)} / validation {len(val_y)}"
+         + (f" (cache {ds.cache})" if ds.cache != "off" else ""))
+    _say(f"train class counts: {summarize_counts(counts)}")
+    for src in [ds] + ([val_ds] if cfg.val_data is not None else []):
+        if src.skipped:
+            print(f"warning: skipped {len(src.skipped)} unusable file(s) in {src.source}, e.g. {src.skipped[0]['path']}: "
+                  f"{src.skipped[0]['reason']} (all listed in {Path(cfg.output_dir) / 'data_report.json'})", file=sys.stderr)
+        if src.dropped_classes:
+            print(f"warning: class folder(s) without usable images dropped: {', '.join(src.dropped_classes)}", file=sys.stderr)
+
+    # --- the output folder: resume, refuse, or move aside --------------------------------------
+    out = Path(cfg.output_dir)
+    resume_state = None
+    resumed_from = None
+    if not args.no_resume and out.exists():
+        state, path, problems = load_newest_valid([out / "checkpoint_last.pth", out / "checkpoint_prev.pth"])
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
+        if state is None and problems:
+            raise UserError(f"no valid checkpoint in {out} to resume from; start afresh with --no-resume (the damaged files are moved aside, not deleted)")
+        if state is None:
+            leftovers = [n for n in ARTIFACTS if (out / n).exists() and n != "config_finetuned.json"] + \
+                [p.name for p in out.glob("best_epoch*.pth")]
+            if leftovers:
+                raise UserError(f"{out} holds files of an earlier run ({', '.join(sorted(leftovers)[:4])}) but no checkpoint to resume from; "
+                                "use --no-resume to move them aside and start afresh, or choose another --output-dir")
+        else:
+            if state.get("data_fingerprint") != fingerprint:
+                raise UserError(f"the checkpoint in {out} was trained on different data (fingerprint {str(state.get('data_fingerprint'))[:12]}..., "
+                                f"now {fingerprint[:12]}...); resuming would mix two datasets. Use --no-resume to start afresh "
+                                "(the old run is moved aside), or --output-dir for a separate run")
+            mismatches = resume_mismatches(state.get("config", {}), cfg)
+            if mismatches:
+                raise UserError(f"the checkpoint in {out} was made with other settings:\n  " + "\n  ".join(mismatches)
+                                + "\nrun with the same settings to continue, or use --no-resume to start afresh (the old run is moved aside)")
+            if problems:
+                _say(f"using {path.name}: the newer checkpoint is damaged")
+            resume_state, resumed_from = state, path.name
+    if args.no_resume:
+        moved = move_aside(out)
+        if moved is not None:
+            _say(f"--no-resume: the earlier run in {out} was moved to {moved}")
+
+    # --- base model ------------------------------------------------------------------------------
+    base_loader = None
+    if resume_state is None and cfg.base_model:
+        base = Path(cfg.base_model)
+        if base.exists():
+            from .model import load_base_model
+
+            base_loader = lambda model: load_base_model(model, base, ds.class_names)  # noqa: E731
+        elif explicit_base:
+            raise UserError(f"base model {base} does not exist; pass an existing file with --base-model, or --base-model none to train from scratch")
+        else:
+            _say(f"note: no base model at {base}: training from scratch")
+
+    trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose)
+    from .model import count_parameters
+
+    _say(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on {device}; {trainer.init_note}")
+    if resume_state is not None:
+        pos = resume_state["position"]
+        _say(f"resuming from {out / resumed_from}: epoch {pos['epoch'] + 1}, step {pos['step']} of {pos['steps_per_epoch']}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    from .trainer import versions
+
+    try:
+        atomic_write_json(out / "data_report.json", report)
+        atomic_write_json(out / "config_finetuned.json", {
+            "config": cfg.to_dict(), "resolved": {"data": data_path or "built-in MNIST sample", "device": str(device),
+                                                  "batch_size": trainer.batch_size, "steps_per_epoch": trainer.steps_per_epoch},
+            "data_fingerprint": fingerprint, "class_names": ds.class_names,
+            "normalization": {"mean": mean, "std": std}, "versions": versions(),
+        })
+    except OSError as err:
+        raise UserError(f"cannot write to the output folder {out}: {err.strerror or err}; choose a writable --output-dir") from None
+
+    try:
+        result = trainer.fit(resume_state, resumed_from=resumed_from)
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    _say(result.message)
+    best = result.best
+    if best is not None:
+        _say(f"best epoch {best['epoch']}: {cfg.monitor} {best['metric']:.4f}; files in {out}/: " + ", ".join(ARTIFACTS))
+    return result.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Fault injection for tests: ``TRAIN_FAULTS=oom@12,error@30,nan@45,kill@60``.
+
+Steps are global optimizer steps counted from the start of training, as stored in the checkpoint.
+Each fault fires at most once per process, so a restarted run gets past it. Kinds:
+
+* ``oom@N``: at step N, every forward pass whose micro-batch holds more than half of the batch
+  raises ``torch.OutOfMemoryError`` (as CUDA would), so the step is redone as micro-batches;
+* ``error@N``: a ``RuntimeError`` at the start of step N (a generic crash: retried);
+* ``nan@N``: the loss of step N becomes NaN (the update is skipped);
+* ``kill@N``: after step N the process sends itself SIGKILL; if a checkpoint save is due there, it
+  dies half-way through writing ``checkpoint_last.pth``;
+* ``sigint@N`` / ``sigterm@N``: the process sends itself the signal after step N (the real handler
+  runs), for tests that need interruption at an exact step.
+
+``kind@A-B`` covers steps A to B. Under ``torchrun`` faults are injected only in the first attempt
+(``TORCHELASTIC_RESTART_COUNT`` = 0) so that the restarted worker gets past them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+KINDS = ("oom", "error", "nan", "kill", "sigint", "sigterm")
+
+
+class FaultInjector:
+    """Parsed ``TRAIN_FAULTS``; the trainer asks it at fixed points of each step."""
+
+    def __init__(self, spec: str = "") -> None:
+        self.planned: dict[str, set[int]] = {k: set() for k in KINDS}
+        self.fired: set[tuple[str, int]] = set()
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            kind, sep, where = item.partition("@")
+            if not sep or kind not in KINDS:
+                raise UserError(f"TRAIN_FAULTS: {item!r} is not understood; use KIND@STEP with KIND one of {', '.join(KINDS)}, e.g. oom@12,kill@60")
+            try:
+                lo, _, hi = where.partition("-")
+                steps = range(int(lo), int(hi or lo) + 1)
+            except ValueError:
+                raise UserError(f"TRAIN_FAULTS: {item!r} needs a step number (e.g. {kind}@12 or {kind}@12-15)") from None
+            self.planned[kind].update(steps)
+
+    @classmethod
+    def from_env(cls) -> "FaultInjector":
+        """The injector described by the environment (empty when TRAIN_FAULTS is unset)."""
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+            return cls("")
+        return cls(os.environ.get("TRAIN_FAULTS", ""))
+
+    def __bool__(self) -> bool:
+        return any(self.planned.values())
+
+    def _take(self, kind: str, step: int) -> bool:
+        if step in self.planned[kind] and (kind, step) not in self.fired:
+            self.fired.add((kind, step))
+            return True
+        return False
+
+    def before_step(self, step: int) -> None:
+        """Raise the injected crash of this step, if any."""
+        if self._take("error", step):
+            raise RuntimeError(f"injected fault: error at step {step}")
+
+    def on_forward(self, step: int, micro_batch: int, batch: int) -> None:
+        """Simulate CUDA running out of memory for micro-batches over half the batch."""
+        if step in self.planned["oom"] and ("oom-done", step) not in self.fired and micro_batch > batch / 2:
+            self.fired.add(("oom", step))
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault at step {step}, micro-batch of {micro_batch})")
+
+    def poison_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss, or NaN where a fault is planned."""
+        if self._take("nan", step):
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, step: int, save_due: bool) -> None:
+        """Send the planned signal; a kill with a save due waits to strike inside the save."""
+        if ("oom", step) in self.fired:
+            self.fired.add(("oom-done", step))  # the step got through: do not strike it again
+        for kind, sig in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+            if self._take(kind, step):
+                os.kill(os.getpid(), sig)
+        if self._take("kill", step):
+            if save_due:
+                from . import checkpoint
+
+                def die_mid_write(target: Path) -> None:
+                    if target.name == "checkpoint_last.pth":
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                checkpoint.set_write_hook(die_mid_write)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
