@@ -161,6 +161,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg, explicit_base = config_from_args(args)
     device = resolve_device(cfg.device)
 
+    base = Path(cfg.base_model) if cfg.base_model else None
+    if base is not None and not base.is_file():
+        if explicit_base:
+            raise UserError(f"base model {base} does not exist; pass an existing file with --base-model, or --base-model none to train from scratch")
+        base = None
+
     # --- data (bad input fails here, before any file is touched) ------------------------------
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
     ds = load_dataset(data_path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
@@ -226,18 +232,14 @@ def _run(args: argparse.Namespace) -> int:
         if moved is not None:
             _say(f"--no-resume: the earlier run in {out} was moved to {moved}")
 
-    # --- base model ------------------------------------------------------------------------------
+    # --- base model (only used when starting afresh: a checkpoint has its own weights) ----------
     base_loader = None
-    if resume_state is None and cfg.base_model:
-        base = Path(cfg.base_model)
-        if base.exists():
-            from .model import load_base_model
+    if resume_state is None and base is not None:
+        from .model import load_base_model
 
-            base_loader = lambda model: load_base_model(model, base, ds.class_names)  # noqa: E731
-        elif explicit_base:
-            raise UserError(f"base model {base} does not exist; pass an existing file with --base-model, or --base-model none to train from scratch")
-        else:
-            _say(f"note: no base model at {base}: training from scratch")
+        base_loader = lambda model: load_base_model(model, base, ds.class_names)  # noqa: E731
+    elif resume_state is None and cfg.base_model:
+        _say(f"note: no base model at {cfg.base_model}: training from scratch")
 
     trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose)
     from .model import count_parameters
@@ -247,10 +249,10 @@ def _run(args: argparse.Namespace) -> int:
         pos = resume_state["position"]
         _say(f"resuming from {out / resumed_from}: epoch {pos['epoch'] + 1}, step {pos['step']} of {pos['steps_per_epoch']}")
 
-    out.mkdir(parents=True, exist_ok=True)
     from .trainer import versions
 
     try:
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "data_report.json", report)
         atomic_write_json(out / "config_finetuned.json", {
             "config": cfg.to_dict(), "resolved": {"data": data_path or "built-in MNIST sample", "device": str(device),

@@ -1,16 +1,22 @@
 """Fault injection for tests: ``TRAIN_FAULTS=oom@12,error@30,nan@45,kill@60``.
 
-Steps are global optimizer steps counted from the start of training, as stored in the checkpoint.
-Each fault fires at most once per process, so a restarted run gets past it. Kinds:
+Steps are global optimizer steps counted from the start of training (0-based), as stored in the
+checkpoint. Each fault fires at most once per process, so a restarted run gets past it. Kinds:
 
 * ``oom@N``: at step N, every forward pass whose micro-batch holds more than half of the batch
   raises ``torch.OutOfMemoryError`` (as CUDA would), so the step is redone as micro-batches;
+* ``oomall@N``: at step N every forward pass raises it, whatever its size (nothing fits);
+* ``valoom@E``: in the validation after epoch E (1-based), while the evaluation batch is over half of
+  ``eval_batch_size`` raise ``torch.OutOfMemoryError``;
 * ``error@N``: a ``RuntimeError`` at the start of step N (a generic crash: retried);
 * ``nan@N``: the loss of step N becomes NaN (the update is skipped);
+* ``shape@N``: the model gets inputs with a wrong channel count at step N (a programming error;
+  at the resume step it is caught by the start-up check and fails with exit code 2);
 * ``kill@N``: after step N the process sends itself SIGKILL; if a checkpoint save is due there, it
   dies half-way through writing ``checkpoint_last.pth``;
 * ``sigint@N`` / ``sigterm@N``: the process sends itself the signal after step N (the real handler
-  runs), for tests that need interruption at an exact step.
+  runs), for tests that need interruption at an exact step;
+* ``sigint2@N``: SIGINT after step N, and a second SIGINT half-way through the save it causes.
 
 ``kind@A-B`` covers steps A to B. Under ``torchrun`` faults are injected only in the first attempt
 (``TORCHELASTIC_RESTART_COUNT`` = 0) so that the restarted worker gets past them.
@@ -24,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .errors import UserError
 
-KINDS = ("oom", "error", "nan", "kill", "sigint", "sigterm")
+KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sigint2")
 
 
 class FaultInjector:
@@ -67,11 +74,29 @@ class FaultInjector:
         if self._take("error", step):
             raise RuntimeError(f"injected fault: error at step {step}")
 
+    def mangle_input(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """A wrong channel count where a ``shape`` fault is planned (the model must reject it)."""
+        if self._take("shape", step):
+            return torch.cat([x, x], dim=1)
+        return x
+
     def on_forward(self, step: int, micro_batch: int, batch: int) -> None:
         """Simulate CUDA running out of memory for micro-batches over half the batch."""
-        if step in self.planned["oom"] and ("oom-done", step) not in self.fired and micro_batch > batch / 2:
+        if step in self.planned["oomall"] or (
+            step in self.planned["oom"] and ("oom-done", step) not in self.fired and micro_batch > batch / 2
+        ):
             self.fired.add(("oom", step))
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault at step {step}, micro-batch of {micro_batch})")
+
+    def on_eval_forward(self, epoch: int, eval_batch: int, configured: int) -> None:
+        """Simulate an out-of-memory error in validation for large evaluation batches."""
+        if epoch in self.planned["valoom"] and ("valoom", epoch) not in self.fired and eval_batch > configured / 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault in validation of epoch {epoch}, batch {eval_batch})")
+
+    def after_validation(self, epoch: int) -> None:
+        """The validation of ``epoch`` got through: its fault does not strike again."""
+        if epoch in self.planned["valoom"]:
+            self.fired.add(("valoom", epoch))
 
     def poison_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss, or NaN where a fault is planned."""
@@ -86,14 +111,20 @@ class FaultInjector:
         for kind, sig in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
             if self._take(kind, step):
                 os.kill(os.getpid(), sig)
+        if self._take("sigint2", step):
+            self._strike_mid_save(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         if self._take("kill", step):
             if save_due:
-                from . import checkpoint
-
-                def die_mid_write(target: Path) -> None:
-                    if target.name == "checkpoint_last.pth":
-                        os.kill(os.getpid(), signal.SIGKILL)
-
-                checkpoint.set_write_hook(die_mid_write)
+                self._strike_mid_save(signal.SIGKILL)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _strike_mid_save(sig: int) -> None:
+        def hook(target: Path) -> None:
+            if target.name == "checkpoint_last.pth":
+                checkpoint.set_write_hook(None)
+                os.kill(os.getpid(), sig)
+
+        checkpoint.set_write_hook(hook)

@@ -185,7 +185,7 @@ class RobustTrainer:
         self.micro = MicroBatcher(cfg.oom_probe_steps)
         self.nan = NanGuard(cfg.nan_max_consecutive, cfg.nan_lr_factor, cfg.nan_max_rollbacks)
         self.failures: list[str] = []  # this process's retry budget; not restored from checkpoints
-        self.consecutive_failures = 0
+        self.consecutive_failures = 0  # failures since the last checkpoint that saved progress
 
         # Position and per-epoch accumulators (device tensors: no sync per step).
         self.epoch = 0
@@ -342,7 +342,7 @@ class RobustTrainer:
                     for xs, ys in zip(xb.split(sizes), yb.split(sizes)):
                         self.faults.on_forward(self.global_step, xs.shape[0], batch)
                         with amp:
-                            logits = self.net(xs)
+                            logits = self.net(self.faults.mangle_input(self.global_step, xs))
                         part = self._loss_terms(logits, ys).sum()
                         part = self.faults.poison_loss(self.global_step, part)
                         (part / denom).backward()
@@ -387,7 +387,7 @@ class RobustTrainer:
     # Validation
 
     @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0) -> tuple[float, float, torch.Tensor]:
         """Mean loss, accuracy and predictions on uint8 images (OOM: smaller evaluation batches)."""
         was_training = self.model.training
         self.model.eval()
@@ -397,6 +397,7 @@ class RobustTrainer:
                     loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                     preds = []
                     for i in range(0, len(labels), self.eval_batch):
+                        self.faults.on_eval_forward(epoch, self.eval_batch, self.cfg.eval_batch_size)
                         x = normalize(to_unit(images[i:i + self.eval_batch]), self.data.mean, self.data.std)
                         if self.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
@@ -412,6 +413,7 @@ class RobustTrainer:
                         raise TrainingFailed("out of memory while validating one image at a time") from None
                     self.eval_batch = max(1, self.eval_batch // 2)
                     self.log(f"CUDA out of memory in validation: evaluation batch lowered to {self.eval_batch} (training batch unchanged)")
+            self.faults.after_validation(epoch)
             pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=self.device)
             n = max(1, len(labels))
             return float(loss_sum) / n, float((pred == labels).sum()) / n, pred
@@ -432,14 +434,19 @@ class RobustTrainer:
                 f"writable, then run the same command to continue."
             ) from None
 
-    def save_last(self) -> None:
-        """Write ``checkpoint_last.pth`` (the previous one becomes ``checkpoint_prev.pth``)."""
+    def save_last(self, progress: bool = True) -> None:
+        """Write ``checkpoint_last.pth`` (the previous one becomes ``checkpoint_prev.pth``).
+
+        ``progress``: the save records new training progress, which ends a series of failures.
+        """
         t0 = time.perf_counter()
         self.epoch_elapsed += time.monotonic() - self._epoch_t0
         self._epoch_t0 = time.monotonic()
         self._write(LAST, lambda: save_checkpoint(self.state_dict(), self.out / LAST, keep_previous=self.out / PREV))
         self._last_save_time = time.monotonic()
         self._save_seconds += time.perf_counter() - t0
+        if progress:
+            self.consecutive_failures = 0
 
     def model_payload(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         """What a best-model file holds: weights and everything needed to use them."""
@@ -508,7 +515,7 @@ class RobustTrainer:
     def _save_after_recovery(self) -> None:
         # Persist the lowered learning rate / recovery event at once, so a crash does not lose it.
         self._epoch_t0 = time.monotonic()
-        self.save_last()
+        self.save_last(progress=False)
 
     def _check_stop(self) -> None:
         if self.guard is not None and self.guard.stop_requested:
@@ -586,7 +593,7 @@ class RobustTrainer:
         train_loss = float(self.acc["loss_sum"]) / seen if seen else float("nan")
         train_acc = int(self.acc["correct"]) / seen if seen else float("nan")
         skipped = int(self.acc["nonfinite"])
-        val_loss, val_acc, _ = self.evaluate(self.x_val, self.y_val)
+        val_loss, val_acc, _ = self.evaluate(self.x_val, self.y_val, epoch=epoch_no)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no)
         is_best = self._update_best(epoch_no, {**metrics, "train_loss": train_loss, "train_acc": train_acc})
@@ -640,7 +647,7 @@ class RobustTrainer:
             x = normalize(to_unit(self.x_train[:n]), self.data.mean, self.data.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(probe(x).float(), self.y_train[:n])
+            loss = F.cross_entropy(probe(self.faults.mangle_input(self.global_step, x)).float(), self.y_train[:n])
             loss.backward()
         except torch.OutOfMemoryError:
             raise

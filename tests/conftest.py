@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny real-MNIST dataset, an isolated data cache, and a CLI runner.
+
+End-to-end tests run the real command line in a subprocess, in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_finetuned.py"
+MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist"
+
+# Small and fast: 400 images, 8-channel model, batch 64 -> 6 steps per epoch.
+FAST = ["--width", "8", "--batch-size", "64", "--cooldown", "0", "--epochs", "3", "--set", "checkpoint_every_seconds=0"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read or write the user's real data cache."""
+    monkeypatch.setenv("CNN_FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An IDX images file of 400 real MNIST digits (40 per class) from the built-in sample."""
+    from cnn_finetune.data_loader import load_dataset, write_idx
+
+    ds = load_dataset(None, use_cache=False)
+    pick = torch.cat([torch.nonzero(ds.labels == c).flatten()[:40] for c in range(10)])
+    folder = tmp_path_factory.mktemp("tiny")
+    write_idx(folder / "train-images-idx3-ubyte.gz", ds.images[pick, 0].numpy())
+    write_idx(folder / "train-labels-idx1-ubyte.gz", ds.labels[pick].numpy().astype(np.uint8))
+    return folder / "train-images-idx3-ubyte.gz"
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: isolated cache, no injected faults unless asked."""
+    env = dict(os.environ)
+    env.pop("TRAIN_FAULTS", None)
+    env["CNN_FINETUNE_CACHE"] = str(tmp / "cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, faults: str | None = None, timeout: float = 300,
+            script: Path = SCRIPT, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/train_finetuned.py`` for real and wait for it."""
+    extra = dict(env)
+    if faults:
+        extra["TRAIN_FAULTS"] = faults
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(cwd, **extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load_state(path: Path) -> dict:
+    """The verified state inside a checkpoint or model file."""
+    from cnn_finetune.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def stripped_history(out: Path) -> list[dict]:
+    """history.json without the fields that legitimately differ between identical runs."""
+    from cnn_finetune.trainer import TIMING_KEYS
+
+    records = json.loads((out / "history.json").read_text())
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    """The model tensors of two checkpoints are equal (bit for bit when atol is 0)."""
+    sa, sb = load_state(a)["model"], load_state(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if atol == 0.0:
+            assert torch.equal(sa[k], sb[k]), f"{k} differs"
+        else:
+            assert torch.allclose(sa[k].double(), sb[k].double(), atol=atol, rtol=0), f"{k} differs by {(sa[k].double() - sb[k].double()).abs().max()}"

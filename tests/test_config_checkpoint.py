@@ -1,0 +1,126 @@
+"""Config validation and crash-safe checkpoint files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnn_finetune.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    load_newest_valid,
+    save_checkpoint,
+)
+from cnn_finetune.config import TrainConfig, build_config, resume_mismatches
+from cnn_finetune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_file_matches_the_dataclass():
+    on_disk = json.loads((ROOT / "configs" / "finetune.json").read_text())
+    assert on_disk == TrainConfig().to_dict()
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"lr": -1.0}, "lr=-1.0 must not be negative"),
+        ({"epochs": 0}, "epochs=0 must be a positive number"),
+        ({"epochs": "ten"}, "epochs='ten' has the wrong type: expected int"),
+        ({"batch_size": 12.5}, "batch_size=12.5 has the wrong type"),
+        ({"compile": 1}, "compile=1 has the wrong type: expected bool"),
+        ({"device": "tpu"}, "device='tpu' is not valid"),
+        ({"val_fraction": 1.5}, "val_fraction=1.5 must be between 0 and 1"),
+        ({"aug_translate": 0.7}, "aug_translate=0.7"),
+        ({"cooldown_min": 9.0, "cooldown_max": 1.0}, "cooldown_max=1.0 is below cooldown_min=9.0"),
+        ({"keep_best": 0}, "keep_best=0 must be a positive number"),
+        ({"lr": float("nan")}, "must be a finite number"),
+    ],
+)
+def test_bad_values_name_the_field(values, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        TrainConfig.from_dict(values)
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"learning_rate": 0.1, "epoch": 3}))
+    with pytest.raises(ConfigError) as err:
+        build_config(f, {})
+    msg = str(err.value)
+    assert str(f) in msg and "'epoch' (did you mean 'epochs'?)" in msg and "learning_rate" in msg
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"epochs": 7, "lr": 0.01}))
+    cfg = build_config(f, {"lr": 0.02, "seed": None})
+    assert (cfg.epochs, cfg.lr, cfg.seed) == (7, 0.02, 42)
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_config(f, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(tmp_path / "missing.json", {})
+
+
+def test_resume_mismatches_ignore_run_control_settings():
+    saved = TrainConfig().to_dict()
+    assert resume_mismatches(saved, TrainConfig(device="cpu", max_retries=9, patience=2, output_dir="x")) == []
+    diffs = resume_mismatches(saved, TrainConfig(lr=0.1, seed=1))
+    assert any(d.startswith("lr:") for d in diffs) and any(d.startswith("seed:") for d in diffs)
+
+
+def _state() -> dict:
+    return {"model": {"w": torch.arange(1000, dtype=torch.float32)}, "position": {"epoch": 1}, "history": [{"a": 1.5}]}
+
+
+def test_checkpoint_round_trip_and_previous(tmp_path):
+    last, prev = tmp_path / "last.pth", tmp_path / "prev.pth"
+    save_checkpoint(_state(), last, keep_previous=prev)
+    assert not prev.exists()
+    second = _state()
+    second["position"]["epoch"] = 2
+    save_checkpoint(second, last, keep_previous=prev)
+    assert load_checkpoint(last)["position"]["epoch"] == 2
+    assert load_checkpoint(prev)["position"]["epoch"] == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    # plain torch.load with weights_only=True works too: no pickled code inside
+    assert torch.load(last, weights_only=True)["format"] == "cnn_finetune/1"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_damaged_checkpoint_is_detected_and_previous_used(tmp_path, damage):
+    last, prev = tmp_path / "last.pth", tmp_path / "prev.pth"
+    save_checkpoint(_state(), last, keep_previous=prev)
+    second = _state()
+    second["position"]["epoch"] = 2
+    save_checkpoint(second, last, keep_previous=prev)
+    data = bytearray(last.read_bytes())
+    if damage == "truncate":
+        last.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flip":
+        i = bytes(data).index(torch.arange(1000, dtype=torch.float32).numpy().tobytes()[400:408])
+        data[i] ^= 0xFF  # one byte of tensor data: the zip stays readable, the checksum does not match
+        last.write_bytes(bytes(data))
+    elif damage == "garbage":
+        last.write_bytes(b"\x00" * 300)
+    else:
+        last.write_bytes(b"")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(last)
+    state, path, problems = load_newest_valid([last, prev])
+    assert path == prev and state["position"]["epoch"] == 1
+    assert len(problems) == 1 and str(last) in problems[0]
+
+
+def test_atomic_json_never_leaves_partial_files(tmp_path):
+    target = tmp_path / "h.json"
+    atomic_write_json(target, [{"x": float("nan"), "y": 1}])
+    assert json.loads(target.read_text()) == [{"x": None, "y": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["h.json"]

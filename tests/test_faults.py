@@ -1,0 +1,364 @@
+"""Fault tolerance, proven on the running CLI: real signals, injected OOM/errors/NaN, killed and
+corrupted checkpoints, a full or read-only disk, and restarts under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from conftest import FAST, SCRIPT, assert_same_weights, cli_env, load_state, run_cli, stripped_history
+
+# Longer runs than FAST (batch 32: 12 steps per epoch, 4 epochs) so that outside signals land mid-run.
+SLOW = ["--width", "8", "--batch-size", "32", "--cooldown", "0", "--epochs", "4", "--set", "checkpoint_every_seconds=0"]
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
+
+
+def events(out: Path) -> list[dict]:
+    return [e for r in history(out) for e in r["events"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Uninterrupted FAST run: the weights every recovered run must reproduce."""
+    work = tmp_path_factory.mktemp("ref")
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "out"
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("slowref")
+    proc = run_cli([*SLOW, "--data", str(tiny_idx), "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "out"
+
+
+def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=cli_env(cwd, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(out: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Block until the run has written its first checkpoint and taken a few steps."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stderr.read()[-2000:]}")
+        if (out / "checkpoint_last.pth").exists():
+            time.sleep(0.3)
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run did not start training in time")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Ctrl+C / SIGTERM
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_real_signal_saves_exits_and_resumes_exactly(slow_reference: Path, tiny_idx: Path, tmp_path: Path, sig, code):
+    args = [*SLOW, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = start_cli(args, tmp_path)
+    wait_for_training(tmp_path / "out", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(sig).name} received: finishing the current step" in err
+    assert "Run the same command to continue" in err
+    state = load_state(tmp_path / "out" / "checkpoint_last.pth")  # valid, with the exact position
+    pos = state["position"]
+    assert pos["global_step"] == pos["epoch"] * pos["steps_per_epoch"] + pos["step"] and pos["global_step"] > 0
+    assert state["finished"] is None
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_weights(slow_reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+    assert stripped_history(slow_reference) == stripped_history(tmp_path / "out")
+
+
+def test_second_sigint_during_the_save_aborts_and_keeps_the_previous_checkpoint(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    # sigint2@8: SIGINT after step 8, and a second SIGINT half-way through the save it causes.
+    proc = run_cli(args, cwd=tmp_path, faults="sigint2@8")
+    assert proc.returncode == 130
+    assert "aborted at once by a second interrupt" in proc.stderr
+    state = load_state(tmp_path / "out" / "checkpoint_last.pth")
+    assert (state["position"]["epoch"], state["position"]["step"]) == (1, 0)  # the end-of-epoch-1 save, not step 9
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert_same_weights(reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+
+
+def test_two_real_ctrl_c_in_a_row_exit_130_with_a_valid_checkpoint(tiny_idx: Path, tmp_path: Path):
+    proc = start_cli([*SLOW, "--data", str(tiny_idx), "--output-dir", "out"], tmp_path)
+    wait_for_training(tmp_path / "out", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    load_state(tmp_path / "out" / "checkpoint_last.pth")  # verifies: old or new, never half
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. CUDA out of memory (injected as torch.OutOfMemoryError, the exception CUDA raises)
+
+
+def test_oom_redoes_the_step_as_micro_batches_with_the_same_result(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "oom_probe_steps=5"]
+    proc = run_cli(args, cwd=tmp_path, faults="oom@4")
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA out of memory at step 4: redoing it as 2 micro-batches of 32 (same effective batch 64)" in proc.stdout
+    evs = events(tmp_path / "out")
+    assert {"type": "oom", "global_step": 4, "micro_batches": 2} in evs
+    assert any(e["type"] == "oom_probe" and e["micro_batches"] == 1 for e in evs)  # tried the full batch again
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["micro_batching"]["parts"] == 1
+    # accumulation reorders sums: equal within float tolerance, not bit for bit
+    assert_same_weights(reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth", atol=1e-4)
+    ref_h, got_h = stripped_history(reference), stripped_history(tmp_path / "out")
+    for a, b in zip(ref_h, got_h):
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.03) and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+def test_oom_with_micro_batches_is_remembered_across_a_restart(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "oom_probe_steps=100"]
+    assert run_cli(args, cwd=tmp_path, faults="oom@2,sigint@3").returncode == 130
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["micro_batching"] == {"parts": 2, "clean_steps": 2}
+
+
+def test_oom_when_nothing_fits_stops_with_a_clear_message(tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path, faults="oomall@3")
+    assert proc.returncode == 1
+    assert "out of memory even with micro-batches of 32 sample(s)" in proc.stderr
+    load_state(tmp_path / "out" / "checkpoint_last.pth")
+
+
+def test_oom_in_validation_lowers_the_evaluation_batch_only(reference: Path, tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path, faults="valoom@1")
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluation batch lowered to 500 (training batch unchanged)" in proc.stdout
+    assert_same_weights(reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+    assert stripped_history(reference) == stripped_history(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Other exceptions: cool down, reload, continue; bounded; programming errors fail at once
+
+
+def test_error_is_retried_from_the_checkpoint_with_an_exact_result(reference: Path, tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path, faults="error@8")
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeError: injected fault: error at step 8" in proc.stderr  # the traceback is logged
+    assert "recovering (retry 1/5)" in proc.stdout and "resumed from checkpoint_last.pth at epoch 2, step 0" in proc.stdout
+    retry = [e for e in events(tmp_path / "out") if e["type"] == "retry"]
+    assert len(retry) == 1 and retry[0]["attempt"] == 1 and "error at step 8" in retry[0]["error"]
+    assert_same_weights(reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+    assert stripped_history(reference) == stripped_history(tmp_path / "out")
+
+
+def test_cooldown_grows_with_consecutive_failures(tiny_idx: Path, tmp_path: Path):
+    t0 = time.monotonic()
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--cooldown", "1", "--epochs", "1"],
+                   cwd=tmp_path, faults="error@3,error@4")
+    assert proc.returncode == 0, proc.stderr
+    # error@3, reload from step 0, error@4 before any new checkpoint: a consecutive failure
+    assert "cooling down 1.0s before retrying" in proc.stdout and "cooling down 2.0s before retrying" in proc.stdout
+    assert time.monotonic() - t0 >= 3.0
+
+
+def test_retries_are_bounded_and_listed(tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--max-retries", "1"], cwd=tmp_path,
+                   faults="error@3,error@4")
+    assert proc.returncode == 1
+    assert "training failed 2 times, more than --max-retries 1" in proc.stderr
+    assert "error at step 3" in proc.stderr and "error at step 4" in proc.stderr
+    load_state(tmp_path / "out" / "checkpoint_last.pth")
+
+
+def test_programming_error_fails_at_once_with_exit_2(tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path, faults="shape@0")
+    assert proc.returncode == 2
+    assert "the model cannot train on this data (RuntimeError" in proc.stderr and "not fixed by retrying" in proc.stderr
+    assert "cooling down" not in proc.stdout and "recovering" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Crash-safe checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_last_checkpoint_falls_back_to_the_previous(reference: Path, tiny_idx: Path, tmp_path: Path, damage):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    last = tmp_path / "out" / "checkpoint_last.pth"
+    data = bytearray(last.read_bytes())
+    if damage == "truncate":
+        last.write_bytes(bytes(data[: len(data) * 2 // 3]))
+    else:
+        model = load_state(last)["model"]
+        needle = model["head.weight"].numpy().tobytes()[:16]
+        data[bytes(data).index(needle) + 3] ^= 0x40
+        last.write_bytes(bytes(data))
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("fails its checksum" if damage == "flip" else "cannot be loaded") in proc.stderr
+    assert "using checkpoint_prev.pth: the newer checkpoint is damaged" in proc.stdout
+    assert_same_weights(reference / "checkpoint_last.pth", last)
+
+
+def test_no_valid_checkpoint_refuses_until_no_resume(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    for name in ("checkpoint_last.pth", "checkpoint_prev.pth"):
+        (tmp_path / "out" / name).write_bytes(b"PK\x03\x04 not really a zip")
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "no valid checkpoint" in proc.stderr and "--no-resume" in proc.stderr
+    assert (tmp_path / "out" / "checkpoint_last.pth").read_bytes() == b"PK\x03\x04 not really a zip"
+    proc = run_cli([*args, "--no-resume"], cwd=tmp_path)
+    assert proc.returncode == 0
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert len(old) == 1 and (old[0] / "checkpoint_last.pth").read_bytes() == b"PK\x03\x04 not really a zip"
+
+
+def test_kill_while_writing_leaves_the_old_checkpoint_and_a_temporary_that_is_cleaned(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = run_cli(args, cwd=tmp_path, faults="kill@11")  # step 11 ends epoch 2: killed inside that save
+    assert proc.returncode == -signal.SIGKILL
+    out = tmp_path / "out"
+    partial = [p for p in out.iterdir() if p.name.startswith("checkpoint_last.pth.tmp-")]
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < (out / "checkpoint_last.pth").stat().st_size
+    assert load_state(out / "checkpoint_last.pth")["position"]["epoch"] == 1  # the previous save, intact
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert f"removed {partial[0].name}, left by a run killed while writing it" in proc.stdout
+    assert not partial[0].exists()
+    assert_same_weights(reference / "checkpoint_last.pth", out / "checkpoint_last.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. NaN / Inf
+
+
+def test_nan_step_is_skipped_and_counted(reference: Path, tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path, faults="nan@4")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["nan_skipped"] for r in history(tmp_path / "out")] == [1, 0, 0]
+    assert "1 update(s) skipped in epoch 1" in proc.stdout
+    model = load_state(tmp_path / "out" / "checkpoint_last.pth")["model"]
+    assert all(torch.isfinite(v.float()).all() for v in model.values())
+    ref = load_state(reference / "checkpoint_last.pth")["model"]
+    assert not torch.equal(ref["head.weight"], model["head.weight"])  # one update fewer
+
+
+def test_nan_streak_rolls_back_and_lowers_the_learning_rate(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "nan_max_consecutive=3"]
+    proc = run_cli(args, cwd=tmp_path, faults="nan@7-9")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 non-finite steps in a row: rolled back to checkpoint_last.pth (epoch 2, step 0)" in proc.stdout
+    rollback = [e for e in events(tmp_path / "out") if e["type"] == "nan_rollback"]
+    assert len(rollback) == 1 and rollback[0]["lr_scale"] == 0.5
+    h, ref_h = history(tmp_path / "out"), history(reference)
+    assert h[0]["lr"] == ref_h[0]["lr"] and h[2]["lr"] == pytest.approx(ref_h[2]["lr"] * 0.5)
+    assert [r["nan_skipped"] for r in h] == [0, 0, 0]  # the rolled-back steps were redone cleanly
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["lr_scale"] == 0.5
+
+
+def test_persistent_nan_stops_after_bounded_rollbacks(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "nan_max_consecutive=2", "--set", "nan_max_rollbacks=2"]
+    proc = run_cli(args, cwd=tmp_path, faults="nan@3-100000")
+    assert proc.returncode == 1
+    assert "the loss stayed NaN/Inf (2 steps in a row) after 2 rollbacks" in proc.stderr and "lower --lr" in proc.stderr
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["rollbacks"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Hard crashes: the next start resumes by itself; torchrun restarts the worker
+
+
+def test_torchrun_restarts_a_killed_worker_which_resumes(reference: Path, tiny_idx: Path, tmp_path: Path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=3",
+           str(SCRIPT), *FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path, TRAIN_FAULTS="kill@9"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evs = events(tmp_path / "out")
+    assert [e["global_step"] for e in evs if e["type"] == "resumed"] == [6]  # back to the end of epoch 1
+    assert_same_weights(reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Disk full or read-only output folder while saving
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill it for real ({proc.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _wait_for_epochs(out: Path, proc: subprocess.Popen[str], n: int) -> None:
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            if len(json.loads((out / "history.json").read_text())) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach epoch {n}: {proc.poll()}")
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_disk_full_or_read_only_stops_cleanly_and_resumes(slow_reference: Path, tiny_idx: Path, tmp_path: Path, fault):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        args = [*SLOW, "--data", str(tiny_idx), "--output-dir", str(disk / "out")]
+        proc = start_cli(args, tmp_path)
+        _wait_for_epochs(disk / "out", proc, 1)
+        if fault == "disk_full":
+            with open(disk / "filler", "wb") as fh:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"\0" * 65536)
+                        fh.flush()
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
+        assert f"{reason}. Training stopped so that it never goes on without checkpoints" in err
+        assert "run the same command to continue" in err
+        state = load_state(disk / "out" / "checkpoint_last.pth")  # still valid
+        assert state["finished"] is None
+        if fault == "disk_full":
+            (disk / "filler").unlink()
+        else:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        proc = run_cli(args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_weights(slow_reference / "checkpoint_last.pth", disk / "out" / "checkpoint_last.pth")
+
+
+def test_read_only_output_folder_at_start_is_bad_input(tiny_idx: Path, tmp_path: Path):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", str(disk / "out")], cwd=tmp_path)
+        assert proc.returncode == 2
+        assert f"cannot write to the output folder {disk / 'out'}: Read-only file system" in proc.stderr
