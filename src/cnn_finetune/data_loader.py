@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from .errors import DataError
 from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 
-CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when preprocessing changes, so old caches are not reused
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LAYOUT_SECTIONS = ("raw", "processed")
 
@@ -118,11 +119,12 @@ def load_dataset(
             key = _idx_key(idx_file)
             ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
         elif root.is_dir():
-            files, ignored, sections = _scan_folder(root)
-            key = _folder_key(root, files, polarity)
+            files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
+            key = _folder_key(root, files, class_dirs, polarity)
             ds = _cached(key, cache if use_cache else None,
                          lambda: _load_folder(root, files, sections, polarity, workers))
             ds.ignored_files = ignored
+            ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
         else:
             raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz); pass a folder of class folders or an IDX file")
     _check_usable(ds)
@@ -174,17 +176,26 @@ def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
 # Image folders
 
 
-def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str]]:
-    """List (section, class, file) for every image file; count files without an image extension."""
+def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str], list[str], list[dict[str, str]]]:
+    """List (section, class, file) for every image file; count files without an image extension.
+
+    Also returns every class folder (``section/class``, empty ones included, so that adding one
+    invalidates the cache) and the folders that could not be read (for the report).
+    """
     sections = [s for s in LAYOUT_SECTIONS if (root / s).is_dir()]
     bases = [(s, root / s) for s in sections] if sections else [("", root)]
     files: list[tuple[str, str, Path]] = []
     ignored = 0
-    class_dirs = 0
+    class_dirs: list[str] = []
+    unreadable: list[dict[str, str]] = []
+
+    def on_error(err: OSError) -> None:
+        unreadable.append({"path": str(err.filename), "reason": f"folder cannot be read: {err.strerror}"})
+
     for section, base in bases:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            class_dirs += 1
-            for dirpath, dirnames, filenames in os.walk(class_dir):
+            class_dirs.append(f"{section}/{class_dir.name}")
+            for dirpath, dirnames, filenames in os.walk(class_dir, onerror=on_error):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     if name.startswith("."):
@@ -194,13 +205,13 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str
                         files.append((section, class_dir.name, file))
                     else:
                         ignored += 1
-    if class_dirs == 0:
+    if not class_dirs:
         where = " and ".join(str(b) for _, b in bases)
         raise DataError(f"no class folders in {where}; put each class's images in its own sub-folder, e.g. {bases[0][1] / '7' / 'img001.png'}")
-    return files, ignored, sections
+    return files, ignored, sections, class_dirs, unreadable
 
 
-def _folder_key(root: Path, files: list[tuple[str, str, Path]], polarity: str) -> dict[str, Any]:
+def _folder_key(root: Path, files: list[tuple[str, str, Path]], class_dirs: list[str], polarity: str) -> dict[str, Any]:
     entries = []
     for section, cls, file in files:
         try:
@@ -208,9 +219,8 @@ def _folder_key(root: Path, files: list[tuple[str, str, Path]], polarity: str) -
             entries.append([str(file.relative_to(root)), st.st_size, st.st_mtime_ns])
         except OSError:
             entries.append([str(file.relative_to(root)), -1, -1])
-    class_dirs = sorted({f"{s}/{c}" for s, c, _ in files})
     return {"v": CACHE_VERSION, "kind": "folder", "root": str(root.resolve()), "polarity": polarity,
-            "files": entries, "classes": class_dirs}
+            "files": entries, "classes": sorted(class_dirs)}
 
 
 def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[str],
@@ -292,7 +302,7 @@ def read_idx(path: Path) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged gzip data (not an OSError)
         raise DataError(f"cannot read IDX file {path}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number); expected the MNIST format, e.g. train-images-idx3-ubyte.gz")
@@ -313,7 +323,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     codes = {np.dtype(v).str: k for k, v in IDX_DTYPES.items()}
     arr = np.asarray(array)
     big = arr.astype(arr.dtype.newbyteorder(">")) if arr.dtype.itemsize > 1 else arr
-    code = codes.get(np.dtype(big.dtype).str) or codes[np.dtype(np.uint8).str]
+    code = codes.get(np.dtype(big.dtype).str)
+    if code is None:  # falling back to the uint8 code would write a file that cannot be read back
+        raise ValueError(f"IDX cannot store {arr.dtype} data; use uint8, int8, int16, int32, float32 or float64")
     data = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes() + big.tobytes()
     path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
 
@@ -422,7 +434,8 @@ def align_classes(ds: Dataset, class_names: list[str]) -> Dataset:
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency class weights, normalised so that a balanced dataset gives all ones."""
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    present = int((counts > 0).sum())  # absent classes weigh 0 and must not shrink the loss's scale
+    weights = torch.where(counts > 0, counts.sum() / (present * counts.clamp_min(1)), torch.zeros_like(counts))
     return weights.to(torch.float32)
 
 

@@ -91,6 +91,11 @@ def mnist_layout(ink: np.ndarray) -> np.ndarray:
         size, Image.Resampling.LANCZOS, reducing_gap=3.0
     )
     small_arr = np.asarray(small, dtype=np.float32)
+    # A thin stroke shrunk from a large photo comes out faint: restore full contrast, as MNIST's
+    # digits have, so the model sees the same range whatever the source resolution.
+    peak_small = float(small_arr.max())
+    if 0 < peak_small < 255:
+        small_arr = np.clip(np.rint(small_arr * (255.0 / peak_small)), 0, 255)
     total = float(small_arr.sum())
     if total <= 0:
         raise UnusableImage("blank image: no strokes left after resizing")
@@ -101,7 +106,7 @@ def mnist_layout(ink: np.ndarray) -> np.ndarray:
     oy = int(np.clip(round(SIDE / 2 - cy), 0, SIDE - hh))
     ox = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - ww))
     out = np.zeros((SIDE, SIDE), np.uint8)
-    out[oy: oy + hh, ox: ox + ww] = np.asarray(small, dtype=np.uint8)
+    out[oy: oy + hh, ox: ox + ww] = small_arr.astype(np.uint8)
     return out
 
 
@@ -110,7 +115,11 @@ def preprocess_pil(img: Image.Image, polarity: str = "auto", light: bool = False
     img = ImageOps.exif_transpose(img) or img
     gray = normalise_polarity(to_grayscale(img), polarity)
     if light and gray.shape == (SIDE, SIDE):
-        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        out = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        # A uniform 28x28 file (e.g. an all-white one) would otherwise enter training as a black image.
+        if int(out.max()) - int(out.min()) < MIN_INK_RANGE:
+            raise UnusableImage("blank image: no strokes found")
+        return out
     return mnist_layout(gray)
 
 

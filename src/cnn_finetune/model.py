@@ -222,6 +222,8 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
 
     try:
         state = load_checkpoint(path)
+        if "model" not in state:
+            raise UserError(f"base model {path} is a checkpoint of this program but holds no model weights")
         weights = state["model"]
         base_classes = state.get("class_names")
     except CheckpointError as err:

@@ -1,0 +1,163 @@
+"""Batched augmentation: shapes, determinism from the generator, and the geometry checked against Pillow."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnn_finetune.augment import AugmentParams, affine_matrices, augment_batch, normalize, to_unit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small batches: one thread is fast enough, and immune to a second busy core (OpenMP spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pattern() -> np.ndarray:
+    """An asymmetric 28x28 uint8 pattern: any rotation or flip of it is a different image."""
+    p = np.zeros((28, 28), np.uint8)
+    p[4:9, 5:21] = 255  # top bar
+    p[4:16, 5:9] = 200  # left leg
+    p[18:22, 16:20] = 120  # a lighter dot, lower right
+    return p
+
+
+def batch_of(p: np.ndarray, n: int) -> torch.Tensor:
+    return torch.from_numpy(p)[None, None].expand(n, 1, -1, -1).contiguous()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_images(n: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=gen(seed), dtype=torch.uint8)
+
+
+def test_output_shape_dtype_range_and_input_untouched() -> None:
+    images = random_images(64)
+    before = images.clone()
+    out = augment_batch(images, AugmentParams(rotation=20, translate=0.2, scale=0.2, noise=0.3), gen(1))
+    assert out.shape == images.shape and out.dtype == torch.float32 and out.device == images.device
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0  # strong noise reaches both clamps
+    assert torch.equal(images, before)
+
+
+def test_same_seed_same_batch_other_seed_other_batch() -> None:
+    images = random_images()
+    params = AugmentParams()
+    a = augment_batch(images, params, gen(7))
+    b = augment_batch(images, params, gen(7))
+    c = augment_batch(images, params, gen(8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_generator_state_carries_on_between_batches() -> None:
+    # One generator for two steps gives two different batches, reproducible from the seed.
+    images = random_images()
+    g = gen(3)
+    first, second = augment_batch(images, AugmentParams(), g), augment_batch(images, AugmentParams(), g)
+    assert not torch.equal(first, second)
+    g2 = gen(3)
+    augment_batch(images, AugmentParams(), g2)
+    assert torch.equal(augment_batch(images, AugmentParams(), g2), second)
+
+
+def test_all_zero_params_is_plain_scaling() -> None:
+    images = random_images()
+    out = augment_batch(images, AugmentParams(rotation=0, translate=0, scale=0, noise=0), gen(0))
+    assert torch.equal(out, images.to(torch.float32) / 255)
+    assert torch.equal(to_unit(images), images.to(torch.float32) / 255)
+
+
+def test_rotation_by_90_degrees_matches_rot90() -> None:
+    # Rotation angles are uniform in [-90, 90]; in a large batch the extreme samples are within a
+    # few hundredths of a degree of +-90, where the result must be the pattern turned by a quarter.
+    n = 2000
+    params = AugmentParams(rotation=90, translate=0, scale=0, noise=0)
+    out = augment_batch(batch_of(pattern(), n), params, gen(5))
+    theta = affine_matrices(n, params, gen(5), CPU)
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    ref = torch.from_numpy(pattern()).float() / 255
+    i_pos, i_neg = int(angles.argmax()), int(angles.argmin())
+    assert float(angles[i_pos]) > 89.8 and float(angles[i_neg]) < -89.8
+    # Positive angles turn counter-clockwise (as Pillow's Image.rotate and np.rot90 do).
+    assert float((out[i_pos, 0] - torch.rot90(ref, 1, (0, 1))).abs().max()) < 0.01
+    assert float((out[i_neg, 0] - torch.rot90(ref, -1, (0, 1))).abs().max()) < 0.01
+    assert float((out[i_pos, 0] - torch.rot90(ref, -1, (0, 1))).abs().max()) > 0.5
+
+
+def pillow_affine(p: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Pillow's bilinear affine warp with the same meaning as ``F.affine_grid(align_corners=False)``.
+
+    ``theta`` maps output to input in [-1, 1] coordinates; in pixel-edge coordinates X = (u + 1) W / 2
+    (which Pillow uses) that is X_in = A X_out + W/2 (1 - A 1 + t).
+    """
+    w = p.shape[1]
+    a, t = theta[:, :2], theta[:, 2]
+    data = (a[0, 0], a[0, 1], w / 2 * (1 - a[0, 0] - a[0, 1] + t[0]),
+            a[1, 0], a[1, 1], w / 2 * (1 - a[1, 0] - a[1, 1] + t[1]))
+    img = Image.fromarray(p).transform((w, w), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32) / 255
+
+
+@pytest.mark.parametrize("params", [
+    AugmentParams(rotation=30, translate=0, scale=0, noise=0),
+    AugmentParams(rotation=0, translate=0.2, scale=0, noise=0),
+    AugmentParams(rotation=0, translate=0, scale=0.3, noise=0),
+    AugmentParams(rotation=15, translate=0.1, scale=0.1, noise=0),
+], ids=["rotate", "translate", "scale", "all"])
+def test_geometry_matches_pillow_and_respects_the_limits(params: AugmentParams) -> None:
+    n = 48
+    out = augment_batch(batch_of(pattern(), n), params, gen(11))
+    theta = affine_matrices(n, params, gen(11), CPU).double()
+    # the drawn transforms stay within the requested strengths and use most of the range
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0])).abs()
+    zoom = 1 / torch.linalg.det(theta[:, :, :2]).sqrt()
+    shift = theta[:, :, 2].abs() / 2  # fraction of the side
+    for value, limit in ((angles, params.rotation), ((zoom - 1).abs(), params.scale), (shift, params.translate)):
+        assert float(value.max()) <= limit + 1e-6
+        assert float(value.max()) >= 0.8 * limit
+    # and each sample is exactly that warp, as Pillow computes it (Pillow works in 8 bits: ~1/255)
+    for i in range(n):
+        ref = pillow_affine(pattern(), theta[i].numpy())
+        assert np.abs(out[i, 0].numpy() - ref).max() <= 1.5 / 255, i
+
+
+@pytest.mark.parametrize("std", [0.02, 0.05, 0.1])
+def test_noise_has_the_requested_std(std: float) -> None:
+    params = AugmentParams(rotation=0, translate=0, scale=0, noise=std)
+    grey = torch.full((128, 1, 28, 28), 128, dtype=torch.uint8)  # blank mid-grey: no clamping
+    noise = augment_batch(grey, params, gen(2)) - 128 / 255
+    assert float(noise.std()) == pytest.approx(std, rel=0.02)
+    assert abs(float(noise.mean())) < 0.05 * std
+    # On a black background the clamp keeps only the positive half: a rectified Gaussian.
+    black = augment_batch(torch.zeros_like(grey), params, gen(2))
+    assert float(black.mean()) == pytest.approx(std / math.sqrt(2 * math.pi), rel=0.03)
+    assert float((black == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_normalize() -> None:
+    x = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(normalize(x, 0.5, 0.25), torch.tensor([-2.0, 0.0, 2.0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_the_images_device() -> None:
+    images = random_images().cuda()
+    params = AugmentParams()
+    a = augment_batch(images, params, torch.Generator(device="cuda").manual_seed(4))
+    b = augment_batch(images, params, torch.Generator(device="cuda").manual_seed(4))
+    assert a.device.type == "cuda" and torch.equal(a, b)
