@@ -1,0 +1,16 @@
+#!/usr/bin/env python3
+"""Export a trained model to TorchScript and ONNX: ``python scripts/export.py --model MODEL``.
+
+A thin entry point: the logic lives in the ``cnn_finetune`` package (``cnn_finetune.export``).
+"""
+
+import sys
+from pathlib import Path
+
+# Let the script run from a source checkout even before `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cnn_finetune.export import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

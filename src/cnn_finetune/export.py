@@ -1,0 +1,300 @@
+"""Export a trained model to TorchScript and ONNX, with its preprocessing metadata, and check both.
+
+Command line (``scripts/export.py`` or ``cnn-export``)::
+
+    python scripts/export.py --model models/cnn_modelo_v2_finetuned/best_model_finetuned.pth [--output-dir DIR]
+
+writes, next to each other (default folder: ``export/`` beside the model file):
+
+* ``<stem>.torchscript.pt``: ``torch.jit.trace`` of the model in eval mode (load with ``torch.jit.load``);
+* ``<stem>.onnx``: the same network in ONNX, with a dynamic batch axis;
+* ``<stem>.preprocessing.json``: what a consumer needs besides the network: class names, mean and
+  standard deviation, input shape and layout, polarity, and the result of the checks below.
+
+Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
+``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
+PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
+(exit 1). ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``); without it only
+TorchScript is written and the output says so. ONNX Runtime checks the ONNX file when installed,
+else ONNX's own reference evaluator does.
+
+Why the TorchScript-based ONNX exporter (``dynamo=False``): in torch 2.13 it needs only ``onnx``,
+takes well under a second for this network and gives a dynamic batch axis directly, whereas the
+default ``torch.export`` exporter also needs ``onnxscript`` and several seconds. The network is five
+convolutions, batch norm, max pooling and a linear layer, which the older exporter handles fully.
+When it is unavailable (a future torch may remove it) the ``torch.export`` path is used if
+``onnxscript`` is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import io
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_json
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UserError
+from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
+
+TOLERANCE = 1e-4
+OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def check_batch(meta: dict[str, Any], n: int = 16, seed: int = 0) -> torch.Tensor:
+    """A reproducible batch of normalised inputs for the agreement checks.
+
+    Random uint8 images (a seeded generator) normalised exactly as in training: every pixel value
+    and every activation path gets exercised, unlike an all-zero batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    return normalise_images(images, meta)
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace ``model`` (eval mode) with ``example`` and write it atomically to ``path``."""
+    model.eval()
+    with torch.no_grad(), quiet_deprecations():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """Load an exported TorchScript file on the CPU."""
+    with quiet_deprecations():
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+@contextlib.contextmanager
+def quiet_deprecations() -> Iterator[None]:
+    """Silence the deprecation notices of TorchScript (``torch.jit``) and of its ONNX exporter.
+
+    torch 2.13 marks both as deprecated in favour of ``torch.export``; they are used on purpose (see
+    the module docstring), and the notices would only alarm the person running the export.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Write ``model`` as ONNX with a dynamic batch axis; returns the exporter used.
+
+    Raises ``RuntimeError`` with the reason when no exporter works here (missing packages).
+    """
+    if importlib.util.find_spec("onnx") is None:
+        raise RuntimeError("the onnx package is not installed (pip install 'cnn-finetune[export]')")
+    model.eval()
+    buf = io.BytesIO()
+    try:
+        with quiet_deprecations():
+            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        exporter = "TorchScript-based (dynamo=False)"
+    except Exception as legacy_err:  # noqa: BLE001 - fall back to the other exporter, else report both
+        if importlib.util.find_spec("onnxscript") is None:
+            raise RuntimeError(f"the TorchScript-based ONNX exporter failed ({type(legacy_err).__name__}: {legacy_err}) "
+                               "and the torch.export-based one needs onnxscript (pip install onnxscript)") from None
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(OPSET, 18),
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+        buf = io.BytesIO()
+        program.save(buf)  # type: ignore[union-attr]
+        exporter = "torch.export-based (dynamo=True)"
+    data = buf.getvalue()
+    import onnx
+
+    onnx.checker.check_model(onnx.load_from_string(data))  # structural validity before writing
+    atomic_write_bytes(path, data)
+    return exporter
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Outputs of the ONNX file on ``x`` and the engine used (ONNX Runtime, else ONNX's reference)."""
+    feed = {INPUT_NAME: x.numpy().astype(np.float32)}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return session.run(None, {name: feed[INPUT_NAME]})[0], f"onnxruntime {ort.__version__}"
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+    name = evaluator.input_names[0]
+    return np.asarray(evaluator.run(None, {name: feed[INPUT_NAME]})[0]), f"onnx {onnx.__version__} reference evaluator"
+
+
+def _max_abs_diff(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
+    a_t = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    if tuple(a_t.shape) != tuple(b.shape):
+        return float("inf")
+    return float((a_t - b.double()).abs().max())
+
+
+def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANCE, onnx: bool = True) -> dict[str, Any]:
+    """Export the model file ``model_path`` into ``out_dir`` and verify the exports.
+
+    Returns the sidecar's content: metadata, ``files`` written, and ``checks`` with the maximum
+    absolute difference of each export against PyTorch (``torchscript_max_abs_diff``,
+    ``onnx_max_abs_diff``), ``passed``, and ``onnx_skipped`` (the reason) when ONNX was not written.
+    Raises ``UserError`` when the model file cannot be used.
+    """
+    model, meta = load_inference_model(model_path, "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(model_path).stem
+    ts_path = out_dir / f"{stem}.torchscript.pt"
+    onnx_path = out_dir / f"{stem}.onnx"
+    sidecar_path = out_dir / f"{stem}.preprocessing.json"
+
+    # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
+    example = check_batch(meta, 2, seed=1)
+    batches = [check_batch(meta, 16, seed=0), check_batch(meta, 1, seed=2)]
+    with torch.no_grad():
+        expected = [model(x).float() for x in batches]
+    checks: dict[str, Any] = {"tolerance": tolerance, "batch_sizes": [int(x.shape[0]) for x in batches]}
+    files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None}
+
+    export_torchscript(model, example, ts_path)
+    loaded = load_torchscript(ts_path)
+    with torch.no_grad():
+        checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
+
+    if onnx:
+        try:
+            checks["onnx_exporter"] = export_onnx(model, example, onnx_path)
+            files["onnx"] = onnx_path.name
+        except Exception as err:  # noqa: BLE001 - ONNX is optional: report why and keep TorchScript
+            checks["onnx_skipped"] = f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err)
+            onnx_path.unlink(missing_ok=True)  # never leave an ONNX file from an earlier export behind
+    else:
+        checks["onnx_skipped"] = "not requested (--no-onnx)"
+        onnx_path.unlink(missing_ok=True)
+    if files["onnx"] is not None:
+        diffs = []
+        for x, e in zip(batches, expected):
+            out, engine = run_onnx(onnx_path, x)
+            diffs.append(_max_abs_diff(out, e))
+        checks["onnx_max_abs_diff"] = max(diffs)
+        checks["onnx_checked_with"] = engine
+    measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
+    checks["passed"] = all(d <= tolerance for d in measured)
+
+    norm = meta["normalization"]
+    sidecar = {
+        "format": "cnn_finetune/export/1",
+        "arch": meta.get("arch", "cnn_v2"),
+        "arch_params": meta.get("arch_params"),
+        "class_names": meta["class_names"],
+        "num_classes": len(meta["class_names"]),
+        "normalization": {"mean": float(norm["mean"]), "std": float(norm["std"])},
+        "input": {
+            "name": INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW",
+            "value": "(pixel / 255 - mean) / std of a uint8 28x28 grayscale image, bright strokes on a dark background",
+        },
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta["class_names"])], "dtype": "float32",
+                   "value": "logits; softmax gives probabilities, in the order of class_names"},
+        "polarity": model_polarity(meta),
+        "preprocessing": (
+            "cnn_finetune.imageprep.load_image_file(path, polarity, light=True): grayscale; invert when the "
+            "background is bright (polarity auto) or always (invert); 28x28 images are then used as they are, "
+            "others are cropped to the strokes, fitted into 20x20 keeping the aspect ratio and centred by mass "
+            "in 28x28 (the MNIST layout)"
+        ),
+        "source_model": {"file": str(model_path), "sha256": hashlib.sha256(Path(model_path).read_bytes()).hexdigest(),
+                         "epoch": meta.get("epoch"), "metrics": meta.get("metrics"),
+                         "data_fingerprint": meta.get("data_fingerprint")},
+        "files": files,
+        "onnx_opset": OPSET if files["onnx"] else None,
+        "checks": checks,
+        "versions": _versions(),
+    }
+    atomic_write_json(sidecar_path, sidecar)
+    sidecar["files"] = {**files, "sidecar": sidecar_path.name}
+    return sidecar
+
+
+def _versions() -> dict[str, str]:
+    found = {"torch": str(torch.__version__)}
+    for name in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(name) is not None:
+            found[name] = str(getattr(__import__(name), "__version__", "?"))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``export.py``."""
+    p = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a trained model to TorchScript and ONNX with a JSON file of its preprocessing, "
+                    "and check that the exports agree with PyTorch.",
+        epilog="Exit codes: 0 exported and verified, 1 an export disagrees with PyTorch, 2 bad input.",
+    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
+    p.add_argument("--output-dir", type=Path, help="where the exports go (default: export/ beside the model file)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest accepted absolute difference of the logits (default: {TOLERANCE})")
+    p.add_argument("--no-onnx", action="store_true", help="export TorchScript only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``export.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.tolerance > 0:
+        raise UserError(f"--tolerance {args.tolerance} must be positive, e.g. 1e-4")
+    out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "export"
+    try:
+        result = export_model(args.model, out_dir, tolerance=args.tolerance, onnx=not args.no_onnx)
+    except OSError as err:
+        raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
+    checks, files = result["checks"], result["files"]
+    tol = checks["tolerance"]
+
+    def verdict(diff: float) -> str:
+        return "ok" if diff <= tol else f"FAILED (above {tol:g})"
+
+    d = checks["torchscript_max_abs_diff"]
+    print(f"TorchScript: {out_dir / files['torchscript']}  max abs difference vs PyTorch {d:.3g}  {verdict(d)}")
+    if files["onnx"]:
+        d = checks["onnx_max_abs_diff"]
+        print(f"ONNX:        {out_dir / files['onnx']}  max abs difference vs PyTorch {d:.3g} "
+              f"({checks['onnx_checked_with']}, {checks['onnx_exporter']} exporter)  {verdict(d)}")
+    else:
+        # On standard output, in order with the other lines: nobody should miss that it is absent.
+        print(f"ONNX:        NOT exported, TorchScript only: {checks['onnx_skipped']}")
+    print(f"metadata:    {out_dir / files['sidecar']} (class names, mean/std, input shape, polarity)")
+    if not checks["passed"]:
+        print("error: an exported model disagrees with the PyTorch model beyond the tolerance; do not use it", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Inference shared by evaluation, prediction and export: one way to load a model, one way to run it.
+
+Every consumer of a trained model goes through ``load_inference_model`` and ``predict_proba``, so
+the normalisation applied here is exactly the one used in training (``augment.to_unit`` and
+``augment.normalize`` with the mean and standard deviation stored in the model file) and the
+three tools cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .augment import normalize, to_unit
+from .config import DEFAULT_OUTPUT_DIR
+from .errors import UserError
+from .model import CNNv2, load_model_file
+
+# What train_finetuned.py writes with its default settings: the tools' default --model.
+DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / "best_model_finetuned.pth"
+
+
+def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CNNv2, dict[str, Any]]:
+    """Load a model file for inference; every problem becomes a ``UserError`` that names the file.
+
+    ``load_model_file`` already turns missing, truncated and tampered files into ``UserError``;
+    this adds the cases it lets through (weights that do not fit their architecture, metadata
+    without class names or normalisation), which would otherwise surface as tracebacks.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--model {path} is a folder; pass the model file inside it, e.g. {path / 'best_model_finetuned.pth'}")
+    if not path.exists():
+        raise UserError(f"model file {path} does not exist; pass --model PATH, or train one first with scripts/train_finetuned.py")
+    try:
+        model, meta = load_model_file(path, device=device)
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"model file {path} cannot be used: its weights do not fit the CNN v2 ({first})") from None
+    names = meta.get("class_names")
+    norm = meta.get("normalization") or {}
+    if not isinstance(names, list) or len(names) != model.num_classes:
+        raise UserError(f"model file {path} has no usable class names (found {names!r} for {model.num_classes} outputs); "
+                        "use best_model_finetuned.pth or a best_epoch*.pth file written by train_finetuned.py")
+    if not isinstance(norm.get("mean"), (int, float)) or not isinstance(norm.get("std"), (int, float)):
+        raise UserError(f"model file {path} lacks the normalisation (mean, std) it was trained with; "
+                        "use best_model_finetuned.pth or a best_epoch*.pth file written by train_finetuned.py")
+    meta = dict(meta)
+    meta["class_names"] = [str(n) for n in names]
+    meta["path"] = str(path)
+    return model, meta
+
+
+def model_polarity(meta: dict[str, Any]) -> str:
+    """The polarity setting the model was trained with (``auto`` for files that predate the field)."""
+    config = meta.get("config") or {}
+    return str(config.get("polarity", "auto"))
+
+
+def normalise_images(images_uint8: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """uint8 ``N x 1 x 28 x 28`` -> the float32 network input, exactly as in training."""
+    norm = meta["normalization"]
+    return normalize(to_unit(images_uint8), float(norm["mean"]), float(norm["std"]))
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
+                   device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Float32 logits (on the CPU) for uint8 images, in batches, with the model in eval mode.
+
+    Inference runs in float32 without autocast: results do not depend on the device's mixed
+    precision, so exported models and predictions on another machine can be compared with it.
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected uint8 images of shape N x 1 x 28 x 28, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    device = torch.device(device)
+    was_training = model.training  # the trainer may pass its live model: give it back as it was
+    model.eval()
+    outputs = []
+    try:
+        for i in range(0, images_uint8.shape[0], batch_size):
+            x = normalise_images(images_uint8[i:i + batch_size].to(device), meta)
+            outputs.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.zeros((0, len(meta["class_names"])), dtype=torch.float32)
+    return torch.cat(outputs)
+
+
+def predict_proba(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
+                  device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Class probabilities (softmax of ``predict_logits``), float32 on the CPU, one row per image."""
+    return torch.softmax(predict_logits(model, meta, images_uint8, device, batch_size), dim=1)

@@ -1,0 +1,204 @@
+"""Predict the classes of image files with a trained model.
+
+Command line (``scripts/predict.py`` or ``cnn-predict``)::
+
+    python scripts/predict.py --model models/cnn_modelo_v2_finetuned/best_model_finetuned.pth \\
+        photo.jpg scans/ [--top-k 3] [--json | --csv]
+
+Images of any size, format and colour go through the preprocessing of training
+(``imageprep.load_image_file`` with the polarity stored in the model's config): 28x28 images only
+get grayscale + polarity (the ``light`` path, as ``processed/`` images in training), larger or
+smaller ones the full MNIST layout (crop to the strokes, fit into 20x20, centre by mass). Folders
+are walked recursively for image files. A file that cannot be read is reported on its own line (an
+``error`` field in JSON and CSV) and the others are still predicted. Exit codes: 0 when at least
+one image was predicted, 2 when none was or the model cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+import numpy as np
+import torch
+
+from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
+from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
+
+
+@dataclass
+class Prediction:
+    """The outcome for one input file: the top classes with probabilities, or why it failed."""
+
+    file: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability), best first
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the JSON output."""
+        return {"file": self.file,
+                "predictions": [{"class": c, "probability": p} for c, p in self.top],
+                "error": self.error}
+
+
+def collect_files(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
+    """Expand the command line's files and folders into ``(file, problem)`` pairs, in a stable order.
+
+    Folders are walked recursively (sorted, hidden entries skipped) for files with an image
+    extension; files named explicitly are taken whatever their extension, so that a mistake shows
+    up as an error line instead of being silently ignored. A path that does not exist is kept with
+    its problem, so it gets an error line too.
+    """
+    found: list[tuple[Path, str | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                        found.append((Path(dirpath) / name, None))
+        elif path.exists():
+            found.append((path, None))
+        else:
+            found.append((path, "file not found"))
+    return found
+
+
+def preprocess_file(path: Path, polarity: str) -> np.ndarray:
+    """One image file -> uint8 28x28, exactly as training preprocesses it; raises ``UnusableImage``.
+
+    ``light=True`` asks ``preprocess_pil`` for the light path, which it only takes for images that
+    are already 28x28; every other size gets the full MNIST layout.
+    """
+    return load_image_file(path, polarity=polarity, light=True)
+
+
+def predict_files(model: torch.nn.Module, meta: dict[str, Any], files: Sequence[tuple[Path, str | None]],
+                  device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256) -> list[Prediction]:
+    """Preprocess and classify ``files`` (from ``collect_files``); one ``Prediction`` per file, in order."""
+    polarity = model_polarity(meta)
+    names = meta["class_names"]
+    k = max(1, min(top_k, len(names)))
+    results: list[Prediction] = []
+    arrays: list[np.ndarray] = []
+    slots: list[int] = []
+    for path, problem in files:
+        results.append(Prediction(str(path), error=problem))
+        if problem is not None:
+            continue
+        try:
+            arrays.append(preprocess_file(path, polarity))
+            slots.append(len(results) - 1)
+        except UnusableImage as err:
+            results[-1].error = str(err)
+        except OSError as err:  # e.g. a folder entry that vanished or a special file
+            results[-1].error = f"cannot read the file: {err.strerror or err}"
+    if arrays:
+        images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+        probs = predict_proba(model, meta, images, device, batch_size)
+        top_p, top_i = probs.topk(k, dim=1)
+        for slot, p_row, i_row in zip(slots, top_p.tolist(), top_i.tolist(), strict=True):
+            results[slot].top = [(names[i], float(p)) for i, p in zip(i_row, p_row)]
+    return results
+
+
+def write_text(results: Sequence[Prediction], out: TextIO) -> None:
+    """One line per file: ``file: 7 (98.1%), 1 (1.2%), ...`` or ``file: error: reason``."""
+    for r in results:
+        if r.error is not None:
+            out.write(f"{r.file}: error: {r.error}\n")
+        else:
+            out.write(f"{r.file}: " + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in r.top) + "\n")
+
+
+def write_json(results: Sequence[Prediction], out: TextIO) -> None:
+    """A JSON list with one object per file: ``file``, ``predictions`` [{class, probability}], ``error``."""
+    json.dump([r.to_dict() for r in results], out, indent=2, ensure_ascii=False)
+    out.write("\n")
+
+
+def write_csv(results: Sequence[Prediction], out: TextIO, top_k: int) -> None:
+    """CSV with columns ``file, class_1, probability_1, ..., class_k, probability_k, error``."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["file"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "probability")] + ["error"])
+    for r in results:
+        cells: list[Any] = []
+        for i in range(top_k):
+            cells += [r.top[i][0], f"{r.top[i][1]:.6f}"] if i < len(r.top) else ["", ""]
+        writer.writerow([r.file] + cells + [r.error or ""])
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``predict.py``."""
+    p = argparse.ArgumentParser(
+        prog="predict.py",
+        description="Predict the classes of images of any size and colour with a trained model "
+                    "(the preprocessing of training is applied). Folders are searched recursively.",
+        epilog="Exit codes: 0 at least one image predicted, 2 none predicted or the model cannot be used.",
+    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="write JSON to standard output")
+    fmt.add_argument("--csv", action="store_true", help="write CSV to standard output")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="cpu (default: start-up is faster than the images take), cuda or auto")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``predict.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cli import resolve_device
+
+    if args.top_k <= 0:
+        raise UserError(f"--top-k {args.top_k} must be at least 1")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 256")
+    device = resolve_device(args.device)
+    model, meta = load_inference_model(args.model, device)
+    files = collect_files(args.inputs)
+    if not files:
+        raise UserError(f"no image files in {', '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    results = predict_files(model, meta, files, device, args.top_k, args.batch_size)
+    k = max(1, min(args.top_k, len(meta["class_names"])))
+    if args.json:
+        write_json(results, sys.stdout)
+    elif args.csv:
+        write_csv(results, sys.stdout, k)
+    else:
+        write_text(results, sys.stdout)
+    sys.stdout.flush()
+    done = sum(r.error is None for r in results)
+    failed = len(results) - done
+    print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else ""), file=sys.stderr)
+    if done == 0:
+        print("error: no image could be predicted", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
