@@ -48,6 +48,9 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
     env.pop("TRAIN_FAULTS", None)
     env["CNN_FINETUNE_CACHE"] = str(tmp / "cache")
     env["PYTHONUNBUFFERED"] = "1"
+    # One thread per run: the tiny test model gains nothing from more, and the suite runs two
+    # tests at a time (pytest -n 2) on two cores without oversubscribing them.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 

@@ -56,7 +56,7 @@ def test_artifacts_and_their_contents(reference_run: Path, tiny_idx: Path):
     from cnn_finetune.model import load_model_file
 
     model, meta = load_model_file(out / "best_model_finetuned.pth")
-    best_epoch = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))
+    best_epoch = min(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))
     assert meta["epoch"] == best_epoch["epoch"]
     assert meta["metrics"]["val_acc"] == pytest.approx(best_epoch["val_acc"])
     assert meta["class_names"] == cfg["class_names"] and meta["arch"] == "cnn_v2"
@@ -72,16 +72,17 @@ def test_best_k_files_rotate_on_disk_and_survive_restarts(tiny_idx: Path, tmp_pa
     proc = run_cli([*args, "--output-dir", "full"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     history = json.loads((tmp_path / "full" / "history.json").read_text())
-    ranked = sorted(history, key=lambda r: (-r["val_acc"], r["epoch"]))
+    ranked = sorted(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))
     expected = {f"best_epoch{r['epoch']:03d}_val_acc{r['val_acc']:.4f}.pth" for r in ranked[:2]}
     on_disk = {p.name for p in (tmp_path / "full").glob("best_epoch*.pth")}
     assert on_disk == expected
     # at least one file was really written and later deleted: more than K epochs entered the top K
     entered, top = 0, []
     for r in history:
-        if len(top) < 2 or r["val_acc"] > min(top):
+        rank = (-r["val_acc"], r["val_loss"], r["epoch"])
+        if len(top) < 2 or rank < max(top):
             entered += 1
-            top = sorted(top + [r["val_acc"]], reverse=True)[:2]
+            top = sorted(top + [rank])[:2]
     assert entered > 2
     best = load_state(tmp_path / "full" / "best_model_finetuned.pth")
     top_file = load_state(tmp_path / "full" / f"best_epoch{ranked[0]['epoch']:03d}_val_acc{ranked[0]['val_acc']:.4f}.pth")

@@ -80,6 +80,13 @@ def test_best_keeper_keeps_top_k_and_reports_the_dropped(tmp_path):
     k2.add(2, 0.8, "b")
     assert [e["epoch"] for e in k2.entries] == [1, 2]
     assert not k2.would_keep(float("nan"))
+    # equal accuracy: the lower validation loss ranks first, then the earlier epoch
+    k3 = BestKeeper(tmp_path, 2, "max", tiebreak_mode="min")
+    k3.add(1, 0.9, "a", tiebreak=0.30)
+    k3.add(2, 0.9, "b", tiebreak=0.20)
+    assert k3.would_keep(0.9, 0.25, 3) and not k3.would_keep(0.9, 0.35, 3)
+    assert k3.add(3, 0.9, "c", tiebreak=0.25) == ["a"]
+    assert [e["epoch"] for e in k3.entries] == [2, 3]
     restored = BestKeeper(tmp_path, 2, "max")
     restored.load_state_dict(k.state_dict())
     assert restored.entries == k.entries

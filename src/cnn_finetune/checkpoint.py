@@ -214,32 +214,46 @@ def is_better(new: float, old: float | None, mode: str, min_delta: float = 0.0) 
 
 
 class BestKeeper:
-    """Keeps the K best epochs as separate files, deleting the (K+1)-th; the list survives restarts."""
+    """Keeps the K best epochs as separate files, deleting the (K+1)-th; the list survives restarts.
+
+    Epochs are ranked by the monitored metric; equal metrics (frequent for accuracy on a small
+    validation set) are ranked by a second metric (``val_loss`` when monitoring ``val_acc``), and
+    then by epoch, the earlier first.
+    """
 
     PATTERN = re.compile(r"^best_epoch(\d{3,})_.*\.pth$")
+    TIEBREAK = {"val_acc": ("val_loss", "min"), "val_loss": ("val_acc", "max")}
 
-    def __init__(self, folder: Path, k: int, mode: str) -> None:
+    def __init__(self, folder: Path, k: int, mode: str, tiebreak_mode: str = "min") -> None:
         self.folder = Path(folder)
         self.k = k
         self.mode = mode
-        self.entries: list[dict[str, Any]] = []  # sorted best first: {"metric", "epoch", "file"}
+        self.tiebreak_mode = tiebreak_mode
+        self.entries: list[dict[str, Any]] = []  # sorted best first: {"metric", "tiebreak", "epoch", "file"}
 
     def file_name(self, epoch: int, metric: float, metric_name: str) -> str:
         """File name of an epoch's checkpoint: ``best_epoch012_val_acc0.9920.pth``."""
         return f"best_epoch{epoch:03d}_{metric_name}{metric:.4f}.pth"
 
-    def would_keep(self, metric: float) -> bool:
+    def _rank(self, metric: float, tiebreak: float | None, epoch: int) -> tuple[float, float, int]:
+        t = 0.0 if tiebreak is None or math.isnan(tiebreak) else (tiebreak if self.tiebreak_mode == "min" else -tiebreak)
+        return (-metric if self.mode == "max" else metric, t, epoch)
+
+    def would_keep(self, metric: float, tiebreak: float | None = None, epoch: int = 1 << 30) -> bool:
         """True when an epoch with this metric enters the top K."""
         if self.k <= 0 or metric is None or math.isnan(metric):
             return False
-        return len(self.entries) < self.k or is_better(metric, self.entries[-1]["metric"], self.mode)
+        if len(self.entries) < self.k:
+            return True
+        last = self.entries[-1]
+        return self._rank(metric, tiebreak, epoch) < self._rank(last["metric"], last.get("tiebreak"), last["epoch"])
 
-    def add(self, epoch: int, metric: float, file: str) -> list[str]:
+    def add(self, epoch: int, metric: float, file: str, tiebreak: float | None = None) -> list[str]:
         """Record an entry already written to ``file``; returns the files that fell out (to delete)."""
         self.entries = [e for e in self.entries if e["epoch"] != epoch]
-        self.entries.append({"metric": float(metric), "epoch": int(epoch), "file": file})
-        # Stable sort: of two equal metrics the earlier epoch stays ahead.
-        self.entries.sort(key=lambda e: (-e["metric"] if self.mode == "max" else e["metric"], e["epoch"]))
+        self.entries.append({"metric": float(metric), "tiebreak": None if tiebreak is None else float(tiebreak),
+                             "epoch": int(epoch), "file": file})
+        self.entries.sort(key=lambda e: self._rank(e["metric"], e.get("tiebreak"), e["epoch"]))
         dropped = [e["file"] for e in self.entries[self.k:]]
         self.entries = self.entries[: self.k]
         return dropped

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,8 +21,9 @@ import torch
 
 from .checkpoint import atomic_write_json, load_newest_valid
 from .config import DEFAULT_BASE_MODEL, DEFAULT_CONFIG_PATH, TrainConfig, build_config, field_help, load_config_file, resume_mismatches
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, TrainingFailed, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, TrainingFailed, UserError
 from .faults import FaultInjector
+from .signals import Terminated
 
 ARTIFACTS = ("best_model_finetuned.pth", "checkpoint_last.pth", "history.json", "config_finetuned.json")
 
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help=f"JSON file of hyper-parameters (default: {DEFAULT_CONFIG_PATH} when it exists)")
     p.add_argument("--data", help="data source: a folder with raw/ and/or processed/ class folders, a plain <class>/ tree, or an IDX images file (default: data/ when it exists, else the built-in MNIST sample)")
     p.add_argument("--val-data", help="explicit validation source instead of a split of --data")
+    p.add_argument("--test-data", help="a test source evaluated with the best model at the end (e.g. ../shared/data/mnist); never used for training or model selection")
     p.add_argument("--output-dir", help="where the artifacts go (default: models/cnn_modelo_v2_finetuned)")
     p.add_argument("--base-model", help=f"weights to fine-tune from ('none': from scratch; default: {DEFAULT_BASE_MODEL} when it exists)")
     p.add_argument("--seed", type=int, help="random seed (default: 42)")
@@ -133,9 +137,16 @@ def move_aside(out: Path) -> Path | None:
     return target
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated("SIGTERM")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``train_finetuned.py``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # Outside the training loop (whose own handlers finish the step and save), a signal stops at
+    # once: nothing half-written can be left, since every file is written atomically.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         return _run(args)
     except UserError as err:
@@ -144,9 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailed as err:
         print(f"training failed: {err}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("\naborted at once by a second interrupt; the last complete checkpoint is kept", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        why = "by a second interrupt" if "second" in str(err) else "by an interrupt"
+        print(f"\naborted at once {why}; the last complete checkpoint is kept. Run the same command to continue.", file=sys.stderr)
         return EXIT_SIGINT
+    except Terminated as err:
+        why = "by a second SIGTERM" if "second" in str(err) else "by SIGTERM"
+        print(f"\nterminated at once {why}; the last complete checkpoint is kept. Run the same command to continue.", file=sys.stderr)
+        return EXIT_SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _say(msg: str) -> None:
@@ -180,6 +199,12 @@ def _run(args: argparse.Namespace) -> int:
         tr, va = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
         train_x, train_y, val_x, val_y = ds.images[tr], ds.labels[tr], ds.images[va], ds.labels[va]
         fingerprint = ds.fingerprint()
+    test_ds = None
+    if args.test_data is not None:
+        test_ds = load_dataset(args.test_data, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
+        from .evaluate import match_classes
+
+        match_classes(test_ds.class_names, ds.class_names, test_ds.source)  # unknown classes: exit 2 now, not after training
     if len(val_y) == 0:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)
@@ -241,7 +266,10 @@ def _run(args: argparse.Namespace) -> int:
     elif resume_state is None and cfg.base_model:
         _say(f"note: no base model at {cfg.base_model}: training from scratch")
 
-    trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose)
+    from .plots import CURVES_PNG, plot_training_curves
+
+    trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose,
+                            on_epoch_end=lambda history: plot_training_curves(history, out / CURVES_PNG, cfg.monitor))
     from .model import count_parameters
 
     _say(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on {device}; {trainer.init_note}")
@@ -251,15 +279,18 @@ def _run(args: argparse.Namespace) -> int:
 
     from .trainer import versions
 
+    run_config = {
+        "config": cfg.to_dict(),
+        "resolved": {"data": data_path or "built-in MNIST sample", "device": str(device), "batch_size": trainer.batch_size,
+                     "steps_per_epoch": trainer.steps_per_epoch,
+                     "init": (resume_state or {}).get("init", trainer.init_note)},
+        "data_fingerprint": fingerprint, "class_names": ds.class_names,
+        "normalization": {"mean": mean, "std": std}, "versions": versions(),
+    }
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "data_report.json", report)
-        atomic_write_json(out / "config_finetuned.json", {
-            "config": cfg.to_dict(), "resolved": {"data": data_path or "built-in MNIST sample", "device": str(device),
-                                                  "batch_size": trainer.batch_size, "steps_per_epoch": trainer.steps_per_epoch},
-            "data_fingerprint": fingerprint, "class_names": ds.class_names,
-            "normalization": {"mean": mean, "std": std}, "versions": versions(),
-        })
+        atomic_write_json(out / "config_finetuned.json", run_config)
     except OSError as err:
         raise UserError(f"cannot write to the output folder {out}: {err.strerror or err}; choose a writable --output-dir") from None
 
@@ -269,10 +300,45 @@ def _run(args: argparse.Namespace) -> int:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
     _say(result.message)
+    if result.status != "already_finished" or not (out / "model_card.md").exists():
+        final_reports(out, trainer, run_config, report, device, test_ds)
     best = result.best
     if best is not None:
         _say(f"best epoch {best['epoch']}: {cfg.monitor} {best['metric']:.4f}; files in {out}/: " + ", ".join(ARTIFACTS))
     return result.exit_code
+
+
+def final_reports(out: Path, trainer: Any, run_config: dict[str, Any], data_report: dict[str, Any],
+                  device: torch.device, test_ds: Any = None) -> None:
+    """After training: final curves, evaluation of the best model on the validation split (and the
+    test data, if given), and the model card. A failure here is reported but loses no training."""
+    from .evaluate import evaluate_arrays, match_classes, write_reports
+    from .model import load_model_file
+    from .model_card import write_model_card
+    from .plots import CURVES_PNG, plot_training_curves
+
+    try:
+        plot_training_curves(trainer.history, out / CURVES_PNG, trainer.cfg.monitor)
+        model, meta = load_model_file(out / "best_model_finetuned.pth", device)
+        meta["path"] = str(out / "best_model_finetuned.pth")
+        val = evaluate_arrays(model, meta, trainer.data.val_images, trainer.data.val_labels, device)
+        val["data"] = {"source": "validation split" if trainer.cfg.val_data is None else str(trainer.cfg.val_data)}
+        write_reports(val, out)
+        test = None
+        if test_ds is not None:
+            labels = match_classes(test_ds.class_names, meta["class_names"], test_ds.source)[test_ds.labels]
+            test = evaluate_arrays(model, meta, test_ds.images, labels, device)
+            test["data"] = {"source": test_ds.source, "num_images": len(test_ds)}
+            write_reports(test, out, prefix="test_")
+        write_model_card(out, config=run_config, data_report=data_report, history=trainer.history,
+                         evaluation=val, test_evaluation=test)
+        line = f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}%"
+        if test is not None:
+            line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
+        _say(line + f"; reports: evaluation.json, confusion_matrix.png, {CURVES_PNG}, model_card.md")
+    except (Exception, UserError) as err:  # noqa: BLE001 - the trained model is safe on disk already
+        print(f"warning: the final reports could not be written ({type(err).__name__}: {err}); "
+              f"the model and checkpoints in {out} are complete", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

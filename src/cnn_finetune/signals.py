@@ -18,6 +18,10 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM
 EXIT_CODES = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 
 
+class Terminated(BaseException):
+    """SIGTERM that must stop the program at once (exit 143), like KeyboardInterrupt for SIGINT."""
+
+
 class SignalGuard:
     """Context manager that turns SIGINT/SIGTERM into a flag the training loop polls."""
 
@@ -42,7 +46,8 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting at once")
+            text = f"second {signal.Signals(signum).name}: aborting at once"
+            raise KeyboardInterrupt(text) if signum == signal.SIGINT else Terminated(text)
         self.received = signum
         msg = f"\n{signal.Signals(signum).name} received: finishing the current step and saving a checkpoint (send it again to abort at once)\n"
         try:

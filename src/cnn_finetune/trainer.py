@@ -131,6 +131,7 @@ class RobustTrainer:
         faults: FaultInjector | None = None,
         log: Callable[[str], None] = print,
         verbose: bool = False,
+        on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -139,6 +140,7 @@ class RobustTrainer:
         self.faults = faults or FaultInjector("")
         self.log = log
         self.verbose = verbose
+        self.on_epoch_end = on_epoch_end  # e.g. refresh the training curves; never stops training
         self.mode = MODE_OF_METRIC[cfg.monitor]
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
@@ -181,7 +183,8 @@ class RobustTrainer:
 
         # Mechanisms with state.
         self.early = EarlyStopping(cfg.patience, cfg.min_delta, self.mode)
-        self.keeper = BestKeeper(self.out, cfg.keep_best, self.mode)
+        self.tiebreak_key, tiebreak_mode = BestKeeper.TIEBREAK[cfg.monitor]
+        self.keeper = BestKeeper(self.out, cfg.keep_best, self.mode, tiebreak_mode)
         self.micro = MicroBatcher(cfg.oom_probe_steps)
         self.nan = NanGuard(cfg.nan_max_consecutive, cfg.nan_lr_factor, cfg.nan_max_rollbacks)
         self.failures: list[str] = []  # this process's retry budget; not restored from checkpoints
@@ -194,8 +197,11 @@ class RobustTrainer:
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # events of the current epoch, attached to its record
         self.finished: dict[str, Any] | None = None
+        # Wall time of the current epoch before this process took over it (timing only).
         self.epoch_elapsed = 0.0
         self.train_elapsed = 0.0
+        self._epoch_t0 = time.monotonic()  # when this process started (or resumed) the current epoch
+        self._train_t0: float | None = None  # start of the running stretch of training steps
         self._reset_accumulators()
         self._last_save_time = time.monotonic()
         self._save_seconds = 0.0
@@ -244,8 +250,9 @@ class RobustTrainer:
             "history": copy.deepcopy(self.history),
             "events": copy.deepcopy(self.events),
             "finished": self.finished,
-            "timing": {"epoch_elapsed": self.epoch_elapsed, "train_elapsed": self.train_elapsed},
+            "timing": {"epoch_elapsed": self._epoch_seconds(), "train_elapsed": self._train_seconds()},
             "seed": self.cfg.seed,
+            "init": self.init_note,
             "config": self.cfg.to_dict(),
             "data_fingerprint": self.data.fingerprint,
             "class_names": list(self.data.class_names),
@@ -270,13 +277,21 @@ class RobustTrainer:
         self.history = copy.deepcopy(state["history"])
         self.events = copy.deepcopy(state["events"])
         self.finished = state["finished"]
+        self.init_note = state.get("init", self.init_note)
         self.epoch_elapsed = float(state["timing"]["epoch_elapsed"])
         self.train_elapsed = float(state["timing"]["train_elapsed"])
+        self._epoch_t0, self._train_t0 = time.monotonic(), None
         if carry_over:
             if kept_micro["parts"] > self.micro.parts:
                 self.micro.load_state_dict(kept_micro)
             if kept_nan["rollbacks"] > self.nan.rollbacks:
                 self.nan.load_state_dict(kept_nan)
+
+    def _epoch_seconds(self) -> float:
+        return self.epoch_elapsed + (time.monotonic() - self._epoch_t0)
+
+    def _train_seconds(self) -> float:
+        return self.train_elapsed + (time.monotonic() - self._train_t0 if self._train_t0 is not None else 0.0)
 
     def checkpoint_paths(self) -> list[Path]:
         """Resume candidates, newest first."""
@@ -440,8 +455,6 @@ class RobustTrainer:
         ``progress``: the save records new training progress, which ends a series of failures.
         """
         t0 = time.perf_counter()
-        self.epoch_elapsed += time.monotonic() - self._epoch_t0
-        self._epoch_t0 = time.monotonic()
         self._write(LAST, lambda: save_checkpoint(self.state_dict(), self.out / LAST, keep_previous=self.out / PREV))
         self._last_save_time = time.monotonic()
         self._save_seconds += time.perf_counter() - t0
@@ -459,6 +472,7 @@ class RobustTrainer:
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "epoch": epoch,
             "metrics": metrics,
+            "init": self.init_note,
             "data_fingerprint": self.data.fingerprint,
             "config": self.cfg.to_dict(),
             "versions": versions(),
@@ -470,13 +484,13 @@ class RobustTrainer:
 
     def _update_best(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Write the epoch's file if it enters the top K, delete the one that falls out; True if best."""
-        metric = metrics[self.cfg.monitor]
-        if not self.keeper.would_keep(metric):
+        metric, tiebreak = metrics[self.cfg.monitor], metrics[self.tiebreak_key]
+        if not self.keeper.would_keep(metric, tiebreak, epoch):
             return False
         name = self.keeper.file_name(epoch, metric, self.cfg.monitor)
         payload = self.model_payload(epoch, metrics)
         self._write(name, lambda: save_checkpoint(payload, self.out / name))
-        for dropped in self.keeper.add(epoch, metric, name):
+        for dropped in self.keeper.add(epoch, metric, name, tiebreak):
             (self.out / dropped).unlink(missing_ok=True)
         if self.keeper.best()["epoch"] != epoch:
             return False
@@ -514,7 +528,6 @@ class RobustTrainer:
 
     def _save_after_recovery(self) -> None:
         # Persist the lowered learning rate / recovery event at once, so a crash does not lose it.
-        self._epoch_t0 = time.monotonic()
         self.save_last(progress=False)
 
     def _check_stop(self) -> None:
@@ -548,7 +561,7 @@ class RobustTrainer:
                 bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                            leave=False, file=sys.stderr, dynamic_ncols=True)
             self._rolled_back = False
-            t_train = time.monotonic()
+            self._train_t0 = time.monotonic()
             while self.step < self.steps_per_epoch:
                 self.faults.before_step(self.global_step)
                 idx = order[self.step * self.batch_size:(self.step + 1) * self.batch_size]
@@ -572,7 +585,8 @@ class RobustTrainer:
                 bar.close()
             if self._rolled_back:
                 continue
-            self.train_elapsed += time.monotonic() - t_train
+            self.train_elapsed = self._train_seconds()
+            self._train_t0 = None
             self._sync(force=True)
             if self._rolled_back:
                 continue
@@ -598,7 +612,7 @@ class RobustTrainer:
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no)
         is_best = self._update_best(epoch_no, {**metrics, "train_loss": train_loss, "train_acc": train_acc})
         self.nan.skipped_total += skipped
-        elapsed = self.epoch_elapsed + (time.monotonic() - self._epoch_t0)
+        elapsed = self._epoch_seconds()
         train_time = max(self.train_elapsed, 1e-9)
         record = {
             "epoch": epoch_no,
@@ -624,12 +638,18 @@ class RobustTrainer:
         self.events = []
         self.epoch_elapsed = 0.0
         self.train_elapsed = 0.0
+        self._epoch_t0 = time.monotonic()
         self._save_seconds = 0.0
         self._reset_accumulators()
         self.write_history()
         self.save_last()
         self.history[-1]["save_seconds"] = round(self._save_seconds, 4)  # includes the end-of-epoch save
         self._save_seconds = 0.0
+        if self.on_epoch_end is not None:
+            try:
+                self.on_epoch_end(self.history)
+            except Exception as err:  # a report must never stop training
+                self.log(f"warning: end-of-epoch report failed: {type(err).__name__}: {err}")
         return stop, reason
 
     def _epoch_line(self, r: dict[str, Any]) -> str:
@@ -713,7 +733,6 @@ class RobustTrainer:
             self.events.append({"type": "resumed", "from": resumed_from or LAST, "epoch": self.epoch + 1,
                                 "step": self.step, "global_step": self.global_step})
         self._preflight()
-        self._epoch_t0 = time.monotonic()
         with SignalGuard() as guard:
             self.guard = guard
             try:
