@@ -161,3 +161,14 @@ def test_runs_on_the_images_device() -> None:
     a = augment_batch(images, params, torch.Generator(device="cuda").manual_seed(4))
     b = augment_batch(images, params, torch.Generator(device="cuda").manual_seed(4))
     assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(7, 28, 28), (3, 17, 40)])
+def test_sampling_grid_equals_affine_grid(shape: tuple[int, int, int]) -> None:
+    from cnn_finetune.augment import AugmentParams, affine_matrices, sampling_grid
+
+    b, h, w = shape
+    g = torch.Generator().manual_seed(5)
+    theta = affine_matrices(b, AugmentParams(rotation=30, translate=0.2, scale=0.3), g, torch.device("cpu"))
+    expected = torch.nn.functional.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    torch.testing.assert_close(sampling_grid(theta, h, w), expected, atol=1e-6, rtol=0)

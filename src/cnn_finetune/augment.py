@@ -49,6 +49,24 @@ def affine_matrices(batch: int, params: AugmentParams, generator: torch.Generato
     return torch.stack([row0, row1], dim=1)
 
 
+def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, H, W), align_corners=False)``, computed by broadcasting.
+
+    A 2-D affine map of the pixel-centre coordinates needs only two broadcast additions; the
+    generic ``affine_grid`` (a batched matrix product over every pixel) was 60% of the augmentation
+    time on the CPU.
+    """
+    dtype, device = theta.dtype, theta.device
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, dtype=dtype, device=device)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, dtype=dtype, device=device)
+    grid = torch.empty(theta.shape[0], height, width, 2, dtype=dtype, device=device)
+    for k in range(2):  # output x, then y
+        along_x = theta[:, k, 0, None] * xs  # (B, W)
+        along_y = theta[:, k, 1, None] * ys + theta[:, k, 2, None]  # (B, H)
+        torch.add(along_x[:, None, :], along_y[:, :, None], out=grid[..., k])
+    return grid
+
+
 def augment_batch(images: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     """Randomly transform a uint8 batch; returns float32 in [0, 1] on the same device.
 
@@ -58,7 +76,7 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, generator: torch.
     x = to_unit(images)
     if params.geometric:
         theta = affine_matrices(x.shape[0], params, generator, x.device)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = sampling_grid(theta, x.shape[2], x.shape[3])
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if params.noise > 0:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -176,6 +176,11 @@ def _run(args: argparse.Namespace) -> int:
     from .data_loader import align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
     from .trainer import Interrupted, RobustTrainer, SplitData
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # Several processes would each write the same files; refuse rather than corrupt a run.
+        raise UserError(f"this run was started as {world} processes (WORLD_SIZE={world}); training uses one process per run: "
+                        "use torchrun --nproc_per_node=1 (for automatic restarts) or plain python")
     faults = FaultInjector.from_env()
     cfg, explicit_base = config_from_args(args)
     device = resolve_device(cfg.device)
