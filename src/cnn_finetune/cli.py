@@ -30,7 +30,8 @@ ARTIFACTS = ("best_model_finetuned.pth", "checkpoint_last.pth", "history.json", 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs test to list the flags)."""
-    helps = field_help()
+    defaults = TrainConfig().to_dict()
+    helps = {k: f"{v} (default: {defaults[k]})" for k, v in field_help().items()}
     p = argparse.ArgumentParser(
         prog="train_finetuned.py",
         description="Fine-tune the CNN v2 on your images (data/raw, data/processed) or on the built-in MNIST sample. "
@@ -214,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)
     data = SplitData(train_x, train_y, val_x, val_y, ds.class_names, mean, std, fingerprint)
+    ds.images = ds.images[:0]  # the split holds its own copies: keep the pixels in memory once
     counts = dict(zip(ds.class_names, torch.bincount(train_y, minlength=len(ds.class_names)).tolist()))
     report.update({"split": {"train": len(train_y), "val": len(val_y), "seed": cfg.seed,
                              "val_fraction": None if cfg.val_data else cfg.val_fraction},

@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
     "scheduler": ("onecycle", "cosine", "constant"),
     "monitor": ("val_acc", "val_loss"),
-    "amp": ("auto", "off", "bf16", "fp16"),
+    "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
 }
 
@@ -53,7 +53,7 @@ class TrainConfig:
     bn_ghost_size: int = 32  # batch-norm statistics per group of this many samples (0: whole batch)
     base_model: str | None = DEFAULT_BASE_MODEL  # weights to fine-tune from (None: from scratch)
     freeze_features_epochs: int = 0  # epochs during which only the classifier head trains
-    feature_lr_scale: float = 1.0  # learning-rate factor of the feature layers when fine-tuning
+    feature_lr_scale: float = 1.0  # learning-rate factor of the feature layers (e.g. 0.1 when fine-tuning)
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 20  # training epochs
     batch_size: int = 128  # samples per optimizer step (the effective batch, also under OOM)
@@ -90,7 +90,7 @@ class TrainConfig:
     # --- runtime ----------------------------------------------------------------------------
     seed: int = 42  # every random draw is a function of (seed, epoch, step)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    amp: str = "auto"  # mixed precision: auto (bf16 on CUDA), off, bf16, fp16
+    amp: str = "auto"  # mixed precision: auto (bf16 on CUDA), off, bf16 (bf16 needs no loss scaling)
     channels_last: str = "auto"  # memory format: auto (on for CUDA), on, off
     compile: bool = False  # torch.compile the model (start-up cost; pays off on long GPU runs)
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
