@@ -44,7 +44,7 @@ from cnn_finetune.data_loader import load_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data.json"
 BATCH = 128
-PARAMS = AugmentParams(rotation=12.0, translate=0.1, scale=0.1, noise=0.05)  # the training defaults
+PARAMS = AugmentParams()  # the training defaults
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist"
 FAST = ["--width", "8", "--batch-size", "64", "--cooldown", "0", "--epochs", "3", "--set", "checkpoint_every_seconds=0"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the longest tests first: with two workers (pytest -n 2) they then overlap the many
+    short ones instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never read or write the user's real data cache."""
@@ -40,6 +46,29 @@ def tiny_idx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_idx(folder / "train-images-idx3-ubyte.gz", ds.images[pick, 0].numpy())
     write_idx(folder / "train-labels-idx1-ubyte.gz", ds.labels[pick].numpy().astype(np.uint8))
     return folder / "train-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and batches: one torch thread is fastest, and immune to a second busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finished_run(args: list[str], factory: pytest.TempPathFactory, name: str) -> Path:
+    """Run the CLI to the end in a fresh folder; returns its output folder."""
+    work = factory.mktemp(name)
+    proc = run_cli([*args, "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "out"
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted FAST run on tiny data: the result every recovered run must reproduce."""
+    return finished_run([*FAST, "--data", str(tiny_idx)], tmp_path_factory, "reference")
 
 
 def cli_env(tmp: Path, **extra: str) -> dict[str, str]:

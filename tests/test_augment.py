@@ -14,13 +14,7 @@ from cnn_finetune.augment import AugmentParams, affine_matrices, augment_batch, 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: one thread is fast enough, and immune to a second busy core (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern() -> np.ndarray:

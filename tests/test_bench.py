@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long
 def test_gpu_benchmark_script_runs_on_the_cpu_path(tmp_path: Path):
     out = tmp_path / "gpu.json"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")

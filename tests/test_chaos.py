@@ -71,6 +71,7 @@ def chaos_run(work: Path, args: list[str], faults: str | None, seed: int) -> dic
     raise AssertionError("the run never finished")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("faults", [None, "oom@4,error@11,nan@17"], ids=["signals", "signals+oom+error+nan"])
 def test_chaos_kills_and_interrupts_until_done(tiny_idx: Path, tmp_path: Path, faults: str | None, capsys):
     args = [*ARGS, "--data", str(tiny_idx), "--output-dir", "out"]

@@ -22,15 +22,6 @@ def digest_tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted 3-epoch run on tiny data; other tests compare against it."""
-    work = tmp_path_factory.mktemp("reference")
-    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "out"
-
-
 def test_artifacts_and_their_contents(reference_run: Path, tiny_idx: Path):
     out = reference_run
     for name in ARTIFACTS + ["checkpoint_prev.pth", "data_report.json"]:

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import FAST, SCRIPT, assert_same_weights, cli_env, load_state, run_cli, stripped_history
+from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, stripped_history
 
 # Longer runs than FAST (batch 32: 12 steps per epoch, 4 epochs) so that outside signals land mid-run.
 SLOW = ["--width", "8", "--batch-size", "32", "--cooldown", "0", "--epochs", "4", "--set", "checkpoint_every_seconds=0"]
@@ -31,20 +31,14 @@ def events(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(reference_run: Path) -> Path:
     """Uninterrupted FAST run: the weights every recovered run must reproduce."""
-    work = tmp_path_factory.mktemp("ref")
-    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "out"
+    return reference_run
 
 
 @pytest.fixture(scope="module")
 def slow_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("slowref")
-    proc = run_cli([*SLOW, "--data", str(tiny_idx), "--output-dir", "out"], cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "out"
+    return finished_run([*SLOW, "--data", str(tiny_idx)], tmp_path_factory, "slowref")
 
 
 def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 class AugmentParams:
     """Strength of each random transform (0 turns it off)."""
 
-    rotation: float = 12.0  # maximum rotation, degrees, uniform in [-rotation, rotation]
-    translate: float = 0.1  # maximum shift along each axis, fraction of the side
-    scale: float = 0.1  # maximum relative zoom, uniform in [1 - scale, 1 + scale]
+    rotation: float = 15.0  # maximum rotation, degrees, uniform in [-rotation, rotation]
+    translate: float = 0.12  # maximum shift along each axis, fraction of the side
+    scale: float = 0.15  # maximum relative zoom, uniform in [1 - scale, 1 + scale]
     noise: float = 0.05  # standard deviation of additive Gaussian noise, pixels in [0, 1]
 
     @property

@@ -49,13 +49,13 @@ class TrainConfig:
     cache_dir: str | None = None  # preprocessed-data cache; None: $XDG_CACHE_HOME/cnn_finetune
     # --- model ------------------------------------------------------------------------------
     arch: str = "cnn_v2"  # architecture name stored with the weights
-    width: int = 32  # channels of the first block; later blocks use 2x and 4x
+    width: int = 24  # channels of the first block; later blocks use 2x and 4x
     bn_ghost_size: int = 32  # batch-norm statistics per group of this many samples (0: whole batch)
     base_model: str | None = DEFAULT_BASE_MODEL  # weights to fine-tune from (None: from scratch)
     freeze_features_epochs: int = 0  # epochs during which only the classifier head trains
     feature_lr_scale: float = 1.0  # learning-rate factor of the feature layers (e.g. 0.1 when fine-tuning)
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = 20  # training epochs
+    epochs: int = 15  # training epochs
     batch_size: int = 128  # samples per optimizer step (the effective batch, also under OOM)
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 5e-4  # decoupled weight decay (not applied to norms and biases)
@@ -66,9 +66,9 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     grad_clip: float = 0.0  # clip the gradient norm to this value (0: off)
     # --- augmentation (batched, on the training device) -------------------------------------
-    aug_rotation: float = 12.0  # maximum rotation, degrees
-    aug_translate: float = 0.1  # maximum translation, fraction of the image side
-    aug_scale: float = 0.1  # maximum relative scale change (0.1: 0.9x to 1.1x)
+    aug_rotation: float = 15.0  # maximum rotation, degrees
+    aug_translate: float = 0.12  # maximum translation, fraction of the image side
+    aug_scale: float = 0.15  # maximum relative scale change (0.15: 0.85x to 1.15x)
     aug_noise: float = 0.05  # standard deviation of Gaussian pixel noise (pixels in [0, 1])
     # --- early stopping and checkpoints -----------------------------------------------------
     patience: int = 8  # epochs without improvement before stopping

@@ -6,6 +6,10 @@ touched), and trouble during training, which the trainer retries or reports (exi
 
 from __future__ import annotations
 
+import argparse
+import sys
+from typing import Callable, Sequence
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -35,3 +39,14 @@ class TrainingFailed(Exception):
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, truncated, corrupt or fails its checksum."""
+
+
+def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments and run a tool; bad input becomes a one-line message and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json
-from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from .errors import EXIT_OK, UserError, run_tool
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_logits
 
 EVALUATION_JSON = "evaluation.json"
@@ -207,12 +207,7 @@ def match_classes(data_names: Sequence[str], model_names: Sequence[str], source:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_tool(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

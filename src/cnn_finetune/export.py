@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UserError
+from .errors import EXIT_FAILED, EXIT_OK, UserError, run_tool
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 
 TOLERANCE = 1e-4
@@ -258,12 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``export.py``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_tool(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 import torch
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError, run_tool
 from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
 
@@ -162,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``predict.py``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_tool(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
