@@ -466,3 +466,18 @@ def test_model_card(trained: SimpleNamespace, tiny_idx: Path, tmp_path: Path) ->
     minimal = write_model_card(tmp_path / "m", config=config["config"], data_report=data_report, history=history,
                                evaluation=None).read_text()
     assert "## Validation" not in minimal and "## Test" not in minimal and f"Best epoch {best['epoch']}" in minimal
+
+
+def test_curve_refresher_redraws_every_epoch_unless_epochs_are_too_short(tmp_path: Path):
+    from cnn_finetune.plots import CurveRefresher
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.5 + e / 100,
+                "best": True, "events": [], "nan_skipped": 0} for e in range(1, 4)]
+    refresh = CurveRefresher(tmp_path / "curves.png", share=0.02)
+    assert refresh(history[:1]) and (tmp_path / "curves.png").stat().st_size > 0
+    # right after a redraw (a "short epoch"), the next one is skipped: it would exceed 2% of the time
+    assert not refresh(history[:2])
+    # after an "epoch" 60x longer than a redraw, it redraws
+    refresh._done_at -= refresh._cost / 0.02 + 0.01
+    assert refresh(history)
+    assert refresh._cost is not None and refresh._cost > 0

@@ -215,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)
     data = SplitData(train_x, train_y, val_x, val_y, ds.class_names, mean, std, fingerprint)
-    ds.images = ds.images[:0]  # the split holds its own copies: keep the pixels in memory once
+    ds.images = torch.empty((0, 1, 28, 28), dtype=torch.uint8)  # the split holds its own copies: free the full set
     counts = dict(zip(ds.class_names, torch.bincount(train_y, minlength=len(ds.class_names)).tolist()))
     report.update({"split": {"train": len(train_y), "val": len(val_y), "seed": cfg.seed,
                              "val_fraction": None if cfg.val_data else cfg.val_fraction},
@@ -259,6 +259,11 @@ def _run(args: argparse.Namespace) -> int:
             if problems:
                 _say(f"using {path.name}: the newer checkpoint is damaged")
             resume_state, resumed_from = state, path.name
+    if resume_state is not None:
+        # Continue with the normalisation the run started with, whatever computes it today.
+        norm = resume_state["normalization"]
+        data.mean, data.std = mean, std = float(norm["mean"]), float(norm["std"])
+        report["normalization"] = {"mean": mean, "std": std}
     if args.no_resume:
         moved = move_aside(out)
         if moved is not None:
@@ -273,10 +278,10 @@ def _run(args: argparse.Namespace) -> int:
     elif resume_state is None and cfg.base_model:
         _say(f"note: no base model at {cfg.base_model}: training from scratch")
 
-    from .plots import CURVES_PNG, plot_training_curves
+    from .plots import CURVES_PNG, CurveRefresher
 
     trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose,
-                            on_epoch_end=lambda history: plot_training_curves(history, out / CURVES_PNG, cfg.monitor))
+                            on_epoch_end=CurveRefresher(out / CURVES_PNG, cfg.monitor))
     from .model import count_parameters
 
     _say(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on {device}; {trainer.init_note}")
