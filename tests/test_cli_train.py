@@ -270,3 +270,50 @@ def test_fine_tuning_from_a_base_model_with_other_classes(tiny_idx: Path, tmp_pa
     assert tuned["head.weight"].shape == (4, 32)
     assert not torch.equal(tuned["head.weight"][0], base["head.weight"][3])  # the head did train
     shutil.rmtree(tmp_path / "ft")
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Class 9 kept at 8 of 40 images; and a separate validation set as a PNG folder."""
+    from PIL import Image
+
+    from cnn_finetune.data_loader import read_idx, write_idx
+
+    imgs, labels = read_idx(tiny_idx), read_idx(tiny_idx.with_name("train-labels-idx1-ubyte.gz"))
+    keep = [i for i in range(len(labels)) if labels[i] != 9 or i % 5 == 0]
+    folder = tmp_path_factory.mktemp("imbalanced")
+    write_idx(folder / "train-images-idx3-ubyte.gz", imgs[keep])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels[keep])
+    val = folder / "val"
+    for i in range(0, len(labels), 10):
+        (val / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(imgs[i]).save(val / str(labels[i]) / f"{i}.png")
+    return folder / "train-images-idx3-ubyte.gz", val
+
+
+@pytest.mark.parametrize("balance", ["sampler", "weighted_loss"])
+def test_class_balancing_runs_and_resumes_exactly(imbalanced, tmp_path: Path, balance: str):
+    train, val = imbalanced
+    args = [*FAST, "--data", str(train), "--val-data", str(val), "--balance", balance, "--epochs", "2"]
+    proc = run_cli([*args, "--output-dir", "full", "--verbose"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "9: 8  [imbalanced: largest/smallest = 5.0; see --balance]" in proc.stdout
+    assert "epoch 1/2" in proc.stderr  # the --verbose progress bar
+    report = json.loads((tmp_path / "full" / "data_report.json").read_text())
+    assert report["split"]["val"] == 40 and report["val_source"]["kind"] == "folder"
+    assert report["train_class_counts"]["9"] == 8 and report["split"]["train"] == 368
+    assert run_cli([*args, "--output-dir", "cut"], cwd=tmp_path, faults="sigint@7").returncode == 130
+    assert run_cli([*args, "--output-dir", "cut"], cwd=tmp_path).returncode == 0
+    assert_same_weights(tmp_path / "full" / "checkpoint_last.pth", tmp_path / "cut" / "checkpoint_last.pth")
+
+
+def test_test_data_is_evaluated_with_the_best_model(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--test-data", str(tiny_idx)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    test = json.loads((tmp_path / "out" / "test_evaluation.json").read_text())
+    assert test["num_samples"] == 400 and sum(map(sum, test["confusion_matrix"])) == 400
+    assert f"test accuracy {100 * test['accuracy']:.2f}% on 400 images" in proc.stdout
+    assert (tmp_path / "out" / "test_confusion_matrix.png").stat().st_size > 1000
+    assert "Test accuracy" in (tmp_path / "out" / "model_card.md").read_text()
+    # --test-data never influences training: the weights equal a run without it
+    assert_same_weights(reference_run / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")

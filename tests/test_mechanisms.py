@@ -156,3 +156,29 @@ def test_fault_spec_parsing():
     with pytest.raises(RuntimeError, match="injected fault: error at step 30"):
         f.before_step(30)
     f.before_step(30)  # at most once per process
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler", "weighted_loss"])
+def test_balancing_changes_what_the_rare_class_weighs(tmp_path, balance):
+    import torch
+
+    from cnn_finetune.config import TrainConfig
+    from cnn_finetune.trainer import RobustTrainer, SplitData
+
+    labels = torch.tensor([0] * 450 + [1] * 50)
+    images = torch.zeros((500, 1, 28, 28), dtype=torch.uint8)
+    data = SplitData(images, labels, images[:10], labels[:10], ["a", "b"], 0.1, 0.3, "x")
+    cfg = TrainConfig(width=8, balance=balance, output_dir=str(tmp_path), base_model=None)
+    trainer = RobustTrainer(cfg, data, torch.device("cpu"), log=lambda s: None)
+    order = trainer.epoch_order(0)
+    share_of_rare = float((labels[order] == 1).float().mean())
+    assert torch.equal(order, trainer.epoch_order(0))  # a function of (seed, epoch)
+    if balance == "sampler":
+        assert 0.42 < share_of_rare < 0.58  # drawn as often as the frequent class
+        assert trainer.class_weights is None
+    else:
+        assert share_of_rare == pytest.approx(0.1) and sorted(order.tolist()) == list(range(500))
+    if balance == "weighted_loss":
+        assert trainer.class_weights.tolist() == pytest.approx([500 / 900, 500 / 100])
+    elif balance == "none":
+        assert trainer.class_weights is None
