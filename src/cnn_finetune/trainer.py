@@ -342,7 +342,8 @@ class RobustTrainer:
         yb = self.y_train[idx]
         batch = yb.shape[0]
         # The loss is normalised by the whole batch, so micro-batches add up to the same gradient.
-        denom = self.class_weights[yb].sum() if self.class_weights is not None else torch.tensor(float(batch), device=self.device)
+        # (A Python float, not a device tensor: copying it to a GPU would synchronise every step.)
+        denom = self.class_weights[yb].sum() if self.class_weights is not None else float(batch)
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -366,15 +367,13 @@ class RobustTrainer:
                 break
             except torch.OutOfMemoryError as err:
                 self._recover_from_oom(err, batch, len(sizes))
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) if params else torch.zeros((), device=self.device)
+        grad_norm = self._grad_norm()
         bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
         self.optimizer.step()
         acc = self.acc
         good = ~bad
-        acc["loss_sum"] += torch.where(good, loss_sum.double() / denom.double() * batch, 0.0)
+        acc["loss_sum"] += torch.where(good, loss_sum.double() / denom * batch, 0.0)
         acc["correct"] += torch.where(good, correct, 0)
         acc["seen"] += torch.where(good, batch, 0)
         acc["nonfinite"] += bad.long()
@@ -382,6 +381,18 @@ class RobustTrainer:
         acc["max_streak"] = torch.maximum(acc["max_streak"], acc["streak"])
         if self.micro.on_success():
             self.events.append({"type": "oom_probe", "global_step": self.global_step, "micro_batches": self.micro.parts})
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Total gradient norm (clipped to ``grad_clip`` when set), computed on the device."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: no rescaling pass
+        if total_norm is None:
+            return torch.nn.utils.clip_grad_norm_(params, float("inf"), foreach=True)
+        return total_norm([p.grad for p in params], foreach=True)
 
     def _recover_from_oom(self, err: BaseException, batch: int, parts_now: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
