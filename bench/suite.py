@@ -62,7 +62,9 @@ from cnn_finetune.mechanisms import lr_at  # noqa: E402
 from cnn_finetune.model import build_model  # noqa: E402
 from cnn_finetune.trainer import RobustTrainer, SplitData  # noqa: E402
 
-MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
+MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
+MNIST_DIRS += [ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"]
+MNIST_TEST = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").exists()), MNIST_DIRS[0]) / "t10k-images-idx3-ubyte.gz"
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 SECTIONS = ("overhead", "data", "tta", "checkpoint", "memory")
 

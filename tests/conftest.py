@@ -17,7 +17,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
-MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def _find_mnist_test() -> Path:
+    """The official MNIST test set: $MNIST_TEST_DIR, else ../shared/data/mnist beside the checkout,
+    else shared/data/mnist inside it (read from there, never copied into the repository)."""
+    candidates = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
+    candidates += [ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"]
+    return next((c for c in candidates if (c / "t10k-images-idx3-ubyte.gz").exists()), candidates[0])
+
+
+MNIST_TEST = _find_mnist_test()
 
 # Small and fast: 400 images, 8-channel model, batch 64 -> 6 steps per epoch.
 FAST = ["--width", "8", "--batch-size", "64", "--cooldown", "0", "--epochs", "3", "--set", "checkpoint_every_seconds=0"]

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MNIST_TEST
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.long
+@pytest.mark.skipif(not (MNIST_TEST / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"the official MNIST test set is not at {MNIST_TEST} (set MNIST_TEST_DIR)")
 def test_gpu_benchmark_script_runs_on_the_cpu_path(tmp_path: Path):
     out = tmp_path / "gpu.json"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", MNIST_TEST_DIR=str(MNIST_TEST))
     proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "cpu", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

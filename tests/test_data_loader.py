@@ -31,9 +31,9 @@ from cnn_finetune.data_loader import (
     write_idx,
 )
 from cnn_finetune.errors import EXIT_BAD_INPUT, DataError, UserError
+from conftest import MNIST_TEST
 from cnn_finetune.imageprep import preprocess_pil
 
-MNIST_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
