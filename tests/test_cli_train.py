@@ -317,3 +317,14 @@ def test_test_data_is_evaluated_with_the_best_model(reference_run: Path, tiny_id
     assert "Test accuracy" in (tmp_path / "out" / "model_card.md").read_text()
     # --test-data never influences training: the weights equal a run without it
     assert_same_weights(reference_run / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+
+
+def test_time_based_checkpoints_bound_what_a_crash_loses(tiny_idx: Path, tmp_path: Path):
+    # A save is due after every step once 1 ms has passed; the kill after step 3 strikes inside the
+    # save of step 3, so the checkpoint on disk must be the one written after step 2 (global step 3).
+    # The previous-checkpoint link was already updated to it when the killed write began.
+    args = [*FAST[:-2], "--data", str(tiny_idx), "--output-dir", "out", "--checkpoint-every-seconds", "0.001"]
+    assert FAST[-2:] == ["--set", "checkpoint_every_seconds=0"]
+    assert run_cli(args, cwd=tmp_path, faults="kill@3").returncode == -9
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["position"]["global_step"] == 3
+    assert load_state(tmp_path / "out" / "checkpoint_prev.pth")["position"]["global_step"] == 3
