@@ -18,8 +18,9 @@ import torch
 
 from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, stripped_history
 
-# Longer runs than FAST (batch 32: 12 steps per epoch, 4 epochs) so that outside signals land mid-run.
-SLOW = ["--width", "8", "--batch-size", "32", "--cooldown", "0", "--epochs", "4", "--set", "checkpoint_every_seconds=0"]
+# Longer runs than FAST (batch 32: 12 steps per epoch, 10 epochs) so that a signal sent or a disk
+# filled from outside, once training has started, lands well before the end even on a slow machine.
+SLOW = ["--width", "8", "--batch-size", "32", "--cooldown", "0", "--epochs", "10", "--set", "checkpoint_every_seconds=0"]
 
 
 def history(out: Path) -> list[dict]:
