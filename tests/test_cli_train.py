@@ -328,3 +328,22 @@ def test_time_based_checkpoints_bound_what_a_crash_loses(tiny_idx: Path, tmp_pat
     assert run_cli(args, cwd=tmp_path, faults="kill@3").returncode == -9
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["position"]["global_step"] == 3
     assert load_state(tmp_path / "out" / "checkpoint_prev.pth")["position"]["global_step"] == 3
+
+
+def test_no_resume_with_an_unusable_base_model_moves_nothing(finished_run: Path, tiny_idx: Path):
+    before = digest_tree(finished_run / "out")
+    (finished_run / "garbage.pth").write_bytes(b"not a model")
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--no-resume", "--base-model", "garbage.pth"],
+                   cwd=finished_run)
+    assert proc.returncode == 2 and "base model cannot be used" in proc.stderr
+    assert digest_tree(finished_run / "out") == before
+    assert not [p for p in finished_run.iterdir() if p.name.startswith("out.old-")]
+
+
+def test_a_folder_with_foreign_reports_but_no_checkpoint_is_not_overwritten(tiny_idx: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_card.md").write_text("my notes")
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path)
+    assert proc.returncode == 2 and "model_card.md" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["model_card.md"]

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import atomic_write_json, load_newest_valid
+from .checkpoint import TMP_MARK, atomic_write_json, load_newest_valid
 from .config import DEFAULT_BASE_MODEL, DEFAULT_CONFIG_PATH, TrainConfig, build_config, field_help, load_config_file, resume_mismatches
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, TrainingFailed, UserError
 from .faults import FaultInjector
@@ -242,8 +242,10 @@ def _run(args: argparse.Namespace) -> int:
         if state is None and problems:
             raise UserError(f"no valid checkpoint in {out} to resume from; start afresh with --no-resume (the damaged files are moved aside, not deleted)")
         if state is None:
-            leftovers = [n for n in ARTIFACTS if (out / n).exists() and n != "config_finetuned.json"] + \
-                [p.name for p in out.glob("best_epoch*.pth")]
+            # Without a checkpoint, only the two files a run writes before its first checkpoint may be
+            # replaced; anything else (a model, a history, reports) belongs to someone: never overwrite it.
+            leftovers = [p.name for p in out.iterdir() if p.name not in ("config_finetuned.json", "data_report.json")
+                         and TMP_MARK not in p.name]
             if leftovers:
                 raise UserError(f"{out} holds files of an earlier run ({', '.join(sorted(leftovers)[:4])}) but no checkpoint to resume from; "
                                 "use --no-resume to move them aside and start afresh, or choose another --output-dir")
@@ -264,11 +266,6 @@ def _run(args: argparse.Namespace) -> int:
         norm = resume_state["normalization"]
         data.mean, data.std = mean, std = float(norm["mean"]), float(norm["std"])
         report["normalization"] = {"mean": mean, "std": std}
-    if args.no_resume:
-        moved = move_aside(out)
-        if moved is not None:
-            _say(f"--no-resume: the earlier run in {out} was moved to {moved}")
-
     # --- base model (only used when starting afresh: a checkpoint has its own weights) ----------
     base_loader = None
     if resume_state is None and base is not None:
@@ -282,6 +279,13 @@ def _run(args: argparse.Namespace) -> int:
 
     trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose,
                             on_epoch_end=CurveRefresher(out / CURVES_PNG, cfg.monitor))
+    if args.no_resume:  # only now: every check that could refuse the run (base model included) has passed
+        try:
+            moved = move_aside(out)
+        except OSError as err:
+            raise UserError(f"--no-resume cannot move the earlier run in {out} aside: {err.strerror or err}") from None
+        if moved is not None:
+            _say(f"--no-resume: the earlier run in {out} was moved to {moved}")
     from .model import count_parameters
 
     _say(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on {device}; {trainer.init_note}")
