@@ -347,3 +347,15 @@ def test_a_folder_with_foreign_reports_but_no_checkpoint_is_not_overwritten(tiny
     proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path)
     assert proc.returncode == 2 and "model_card.md" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["model_card.md"]
+
+
+def test_base_model_none_trains_from_scratch_even_when_the_default_exists(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+    default = tmp_path / "models" / "cnn_modelo_v2"
+    default.mkdir(parents=True)
+    shutil.copy(reference_run / "best_model_finetuned.pth", default / "best_model.pth")
+    args = [*FAST, "--data", str(tiny_idx), "--epochs", "1"]
+    proc = run_cli([*args, "--output-dir", "a"], cwd=tmp_path)
+    assert proc.returncode == 0 and "fine-tuning from models/cnn_modelo_v2/best_model.pth: all layers loaded" in proc.stdout
+    proc = run_cli([*args, "--output-dir", "b", "--base-model", "none"], cwd=tmp_path)
+    assert proc.returncode == 0 and "; training from scratch" in proc.stdout and "fine-tuning" not in proc.stdout
+    assert load_state(tmp_path / "b" / "best_model_finetuned.pth")["init"] == "training from scratch"

@@ -60,8 +60,13 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 def test_file_then_overrides(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"epochs": 7, "lr": 0.01}))
-    cfg = build_config(f, {"lr": 0.02, "seed": None})
+    cfg = build_config(f, {"lr": 0.02})
     assert (cfg.epochs, cfg.lr, cfg.seed) == (7, 0.02, 42)
+    # an explicit null on the command line clears a value of the file (e.g. --base-model none)
+    f.write_text(json.dumps({"base_model": "base.pth", "val_data": "v"}))
+    assert build_config(f, {"base_model": None}).base_model is None and build_config(f, {}).val_data == "v"
+    with pytest.raises(ConfigError, match="seed must not be null"):
+        build_config(f, {"seed": None})
     f.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         build_config(f, {})

@@ -357,3 +357,35 @@ def test_read_only_output_folder_at_start_is_bad_input(tiny_idx: Path, tmp_path:
         proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", str(disk / "out")], cwd=tmp_path)
         assert proc.returncode == 2
         assert f"cannot write to the output folder {disk / 'out'}: Read-only file system" in proc.stderr
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_trains(tiny_idx: Path, tmp_path: Path):
+    args = [*SLOW, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "500", "--patience", "0"]  # stopped by SIGINT below
+    first = start_cli(args, tmp_path)
+    wait_for_training(tmp_path / "out", first)
+    for extra in ([], ["--no-resume"]):
+        second = run_cli([*args, *extra], cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "another training run is using out" in second.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]  # --no-resume moved nothing
+    first.send_signal(signal.SIGINT)  # the refused runs changed nothing: the first one stops and saves normally
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 130, err[-3000:]
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["finished"] is None
+
+
+def test_a_checkpoint_saved_during_a_nan_streak_leads_to_one_rollback_not_a_loop(tiny_idx: Path, tmp_path: Path):
+    # The streak (steps 1-3) is only read every 5 steps, and a checkpoint is written after step 3 with
+    # the streak inside: the rollback to it must start counting afresh.
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "sync_every=5", "--checkpoint-every-steps", "4"]
+    proc = run_cli(args, cwd=tmp_path, faults="nan@1-3")
+    assert proc.returncode == 0, proc.stderr
+    rollbacks = [e for e in events(tmp_path / "out") if e["type"] == "nan_rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["global_step"] == 4
+
+
+def test_without_ghost_batch_norm_an_oom_stops_instead_of_changing_the_math(tiny_idx: Path, tmp_path: Path):
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "bn_ghost_size=0"], cwd=tmp_path,
+                   faults="oom@4")
+    assert proc.returncode == 1
+    assert "out of memory even with micro-batches of 64 sample(s)" in proc.stderr

@@ -156,15 +156,21 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: Path | Non
     payload = {"format": FORMAT, "state": state}
     payload["sha256"] = content_digest(payload["state"])
     if keep_previous is not None and path.exists():
-        link_tmp = keep_previous.with_name(f"{keep_previous.name}{TMP_MARK}{os.getpid()}")
-        try:
-            if link_tmp.exists():
-                link_tmp.unlink()
-            os.link(path, link_tmp)
-        except OSError:  # file systems without hard links: copy instead
-            link_tmp.write_bytes(path.read_bytes())
-        os.replace(link_tmp, keep_previous)
+        link_or_copy(path, keep_previous)
     return atomic_torch_save(payload, path)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a second name of ``src``: a hard link, or a fsync'ed copy on file
+    systems without hard links. Costs no second write where links work."""
+    tmp = dst.with_name(f"{dst.name}{TMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_write_bytes(tmp, src.read_bytes())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -269,7 +275,7 @@ class BestKeeper:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for the checkpoint."""
-        return {"k": self.k, "mode": self.mode, "entries": [dict(e) for e in self.entries]}
+        return {"mode": self.mode, "entries": [dict(e) for e in self.entries]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the list saved by ``state_dict``."""

@@ -20,12 +20,14 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import TMP_MARK, atomic_write_json, load_newest_valid
+from .trainer import LAST, PREV
 from .config import DEFAULT_BASE_MODEL, DEFAULT_CONFIG_PATH, TrainConfig, build_config, field_help, load_config_file, resume_mismatches
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, TrainingFailed, UserError
 from .faults import FaultInjector
 from .signals import Terminated
 
 ARTIFACTS = ("best_model_finetuned.pth", "checkpoint_last.pth", "history.json", "config_finetuned.json")
+LOCK = ".lock"  # held by the run that writes the folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +87,9 @@ FLAG_TO_KEY = {
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """Resolve the config (defaults < file < flags); returns it and whether the base model was explicit."""
-    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_TO_KEY.items()}
+    # Only the flags actually given: None from argparse means "not given", while None set on purpose
+    # (--base-model none, --set val_data=null) must reach the config.
+    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_TO_KEY.items() if getattr(args, flag) is not None}
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep:
@@ -155,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingFailed as err:
         print(f"training failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except torch.OutOfMemoryError as err:  # before training could start (moving the data, the first check)
+        print(f"training failed: out of memory before training could start ({str(err).splitlines()[0][:200]}); "
+              "free GPU memory or use --device cpu", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as err:
         why = "by a second interrupt" if "second" in str(err) else "by an interrupt"
@@ -236,7 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     resume_state = None
     resumed_from = None
     if not args.no_resume and out.exists():
-        state, path, problems = load_newest_valid([out / "checkpoint_last.pth", out / "checkpoint_prev.pth"])
+        state, path, problems = load_newest_valid([out / LAST, out / PREV])
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
         if state is None and problems:
@@ -245,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
             # Without a checkpoint, only the two files a run writes before its first checkpoint may be
             # replaced; anything else (a model, a history, reports) belongs to someone: never overwrite it.
             leftovers = [p.name for p in out.iterdir() if p.name not in ("config_finetuned.json", "data_report.json")
-                         and TMP_MARK not in p.name]
+                         and TMP_MARK not in p.name and p.name != LOCK]
             if leftovers:
                 raise UserError(f"{out} holds files of an earlier run ({', '.join(sorted(leftovers)[:4])}) but no checkpoint to resume from; "
                                 "use --no-resume to move them aside and start afresh, or choose another --output-dir")
@@ -279,9 +287,10 @@ def _run(args: argparse.Namespace) -> int:
 
     trainer = RobustTrainer(cfg, data, device, base_weights=base_loader, faults=faults, log=_say, verbose=args.verbose,
                             on_epoch_end=CurveRefresher(out / CURVES_PNG, cfg.monitor))
-    if args.no_resume:  # only now: every check that could refuse the run (base model included) has passed
+    if args.no_resume and out.exists():  # only now: every check that could refuse the run has passed
         try:
-            moved = move_aside(out)
+            with lock_output(out):  # never move a folder that a running training writes to
+                moved = move_aside(out)
         except OSError as err:
             raise UserError(f"--no-resume cannot move the earlier run in {out} aside: {err.strerror or err}") from None
         if moved is not None:
@@ -305,11 +314,43 @@ def _run(args: argparse.Namespace) -> int:
     }
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock = lock_output(out)
         atomic_write_json(out / "data_report.json", report)
         atomic_write_json(out / "config_finetuned.json", run_config)
     except OSError as err:
         raise UserError(f"cannot write to the output folder {out}: {err.strerror or err}; choose a writable --output-dir") from None
 
+    with lock:
+        return _train_and_report(trainer, out, resume_state, resumed_from, run_config, report, device, test_ds)
+
+
+def lock_output(out: Path) -> Any:
+    """Hold an exclusive lock on ``out/.lock`` (released when the returned file is closed).
+
+    Two runs writing the same folder would overwrite each other's checkpoints: the second one
+    is refused (exit 2). Where ``fcntl`` does not exist (Windows) no lock is taken.
+    """
+    # Read-only: an open write handle would keep the folder's file system from being remounted
+    # read-only, and the lock needs none.
+    fh = os.fdopen(os.open(out / LOCK, os.O_RDONLY | os.O_CREAT, 0o644), "r")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise UserError(f"another training run is using {out} (it holds {out / LOCK}); wait for it to finish, "
+                        "or choose another --output-dir") from None
+    return fh
+
+
+def _train_and_report(trainer: Any, out: Path, resume_state: dict[str, Any] | None, resumed_from: str | None,
+                      run_config: dict[str, Any], report: dict[str, Any], device: torch.device, test_ds: Any) -> int:
+    from .trainer import Interrupted
+
+    cfg = trainer.cfg
     try:
         result = trainer.fit(resume_state, resumed_from=resumed_from)
     except Interrupted as stop:
@@ -352,7 +393,7 @@ def final_reports(out: Path, trainer: Any, run_config: dict[str, Any], data_repo
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
         _say(line + f"; reports: evaluation.json, confusion_matrix.png, {CURVES_PNG}, model_card.md")
-    except (Exception, UserError) as err:  # noqa: BLE001 - the trained model is safe on disk already
+    except Exception as err:  # noqa: BLE001 - the trained model is safe on disk already
         print(f"warning: the final reports could not be written ({type(err).__name__}: {err}); "
               f"the model and checkpoints in {out} are complete", file=sys.stderr)
 

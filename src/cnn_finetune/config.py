@@ -112,7 +112,7 @@ class TrainConfig:
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
             "aug_translate", "aug_scale", "aug_noise", "min_delta", "checkpoint_every_steps",
             "checkpoint_every_seconds", "max_retries", "cooldown_min", "cooldown_max",
-            "freeze_features_epochs", "bn_ghost_size", "oom_probe_steps", "sync_every",
+            "freeze_features_epochs", "bn_ghost_size", "oom_probe_steps", "sync_every", "patience",
             "num_threads", "nan_max_rollbacks",
         )
         if self.lr == 0:
@@ -207,7 +207,7 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
         source = str(file_path)
         cfg_from_file = TrainConfig.from_dict(dict(values), source=source)  # names the file on errors
         values = cfg_from_file.to_dict()
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(overrides)
     return TrainConfig.from_dict(values, source=source if not overrides else f"{source} + command line")
 
 

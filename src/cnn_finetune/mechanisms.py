@@ -90,7 +90,6 @@ class NanGuard:
         self.max_rollbacks = max_rollbacks
         self.lr_scale = 1.0
         self.rollbacks = 0
-        self.skipped_total = 0
 
     def needs_rollback(self, streak: int) -> bool:
         """True when ``streak`` skipped steps in a row call for a rollback."""
@@ -108,13 +107,12 @@ class NanGuard:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for the checkpoint."""
-        return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "skipped_total": self.skipped_total}
+        return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by ``state_dict``."""
         self.lr_scale = float(state["lr_scale"])
         self.rollbacks = int(state["rollbacks"])
-        self.skipped_total = int(state["skipped_total"])
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_fraction: float) -> float:

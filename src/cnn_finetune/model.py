@@ -165,7 +165,9 @@ def split_for_micro_batches(model: nn.Module, batch: int, parts: int) -> list[in
     Returns fewer than ``parts`` sizes when the batch has fewer groups than that.
     """
     bn = next((m for m in unwrap(model).modules() if isinstance(m, GhostBatchNorm2d)), None)
-    groups = bn.group_sizes(batch) if bn is not None and bn.ghost_size > 0 else [1] * batch
+    # Without ghost groups (bn_ghost_size 0) batch norm sees the whole batch: any split would change
+    # its statistics, so the batch is one indivisible group (and an OOM stops with a clear message).
+    groups = bn.group_sizes(batch) if bn is not None else [1] * batch
     parts = min(parts, len(groups))
     sizes = []
     start = 0

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import shutil
 import sys
 import time
 import traceback
@@ -37,10 +35,9 @@ from . import __version__
 from .augment import AugmentParams, augment_batch, normalize, to_unit
 from .checkpoint import (
     MODE_OF_METRIC,
-    TMP_MARK,
     BestKeeper,
     atomic_write_json,
-    fsync_dir,
+    link_or_copy,
     load_newest_valid,
     remove_stale_temporaries,
     save_checkpoint,
@@ -94,18 +91,6 @@ class Interrupted(Exception):
 
 class ArtifactWriteError(TrainingFailed):
     """An artifact could not be written (disk full, read-only folder): stop, never go on without it."""
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Atomically make ``dst`` a second name of ``src`` (a copy where hard links are not supported)."""
-    tmp = dst.with_name(f"{dst.name}{TMP_MARK}{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
 
 
 def versions() -> dict[str, str]:
@@ -329,6 +314,11 @@ class RobustTrainer:
     # -------------------------------------------------------------------------------------------
     # One step
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the network's input: normalised, in the model's memory format."""
+        x = normalize(x, self.data.mean, self.data.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, weight=self.class_weights, reduction="none",
                                label_smoothing=self.cfg.label_smoothing)
@@ -336,9 +326,7 @@ class RobustTrainer:
     def _train_step(self, idx: torch.Tensor) -> None:
         """Forward, backward and update for one batch; OOM redoes the same step as micro-batches."""
         self._seed_step(self.epoch, self.step)
-        xb = normalize(augment_batch(self.x_train[idx], self.augment, self.generator), self.data.mean, self.data.std)
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = self._prepare(augment_batch(self.x_train[idx], self.augment, self.generator))
         yb = self.y_train[idx]
         batch = yb.shape[0]
         # The loss is normalised by the whole batch, so micro-batches add up to the same gradient.
@@ -424,9 +412,7 @@ class RobustTrainer:
                     preds = []
                     for i in range(0, len(labels), self.eval_batch):
                         self.faults.on_eval_forward(epoch, self.eval_batch, self.cfg.eval_batch_size)
-                        x = normalize(to_unit(images[i:i + self.eval_batch]), self.data.mean, self.data.std)
-                        if self.channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
+                        x = self._prepare(to_unit(images[i:i + self.eval_batch]))
                         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
                             logits = self.net(x)
                         loss_sum += F.cross_entropy(logits.float(), labels[i:i + self.eval_batch], reduction="sum").double()
@@ -493,21 +479,29 @@ class RobustTrainer:
         """Atomically rewrite ``history.json`` from the in-memory records."""
         self._write(HISTORY, lambda: atomic_write_json(self.out / HISTORY, self.history))
 
-    def _update_best(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Write the epoch's file if it enters the top K, delete the one that falls out; True if best."""
+    def _update_best(self, epoch: int, metrics: dict[str, float]) -> tuple[bool, list[str]]:
+        """Write the epoch's file if it enters the top K; returns (is the new best, files that fell out).
+
+        The files that fell out are deleted by the caller only after the checkpoint that no longer
+        lists them is saved, so a crash in between never leaves the checkpoint naming a missing file.
+        """
         metric, tiebreak = metrics[self.cfg.monitor], metrics[self.tiebreak_key]
         if not self.keeper.would_keep(metric, tiebreak, epoch):
-            return False
+            return False, []
         name = self.keeper.file_name(epoch, metric, self.cfg.monitor)
         payload = self.model_payload(epoch, metrics)
         self._write(name, lambda: save_checkpoint(payload, self.out / name))
-        for dropped in self.keeper.add(epoch, metric, name, tiebreak):
-            (self.out / dropped).unlink(missing_ok=True)
+        dropped = self.keeper.add(epoch, metric, name, tiebreak)
         if self.keeper.best()["epoch"] != epoch:
-            return False
-        # The same bytes under the contract's name: a hard link costs no second write.
-        self._write(BEST, lambda: _link_or_copy(self.out / name, self.out / BEST))
-        return True
+            return False, dropped
+        self._link_best()
+        return True, dropped
+
+    def _link_best(self) -> None:
+        """Make best_model_finetuned.pth the best-K file of the best epoch (a hard link: no second write)."""
+        best = self.keeper.best()
+        if best is not None and (self.out / best["file"]).exists():
+            self._write(BEST, lambda: link_or_copy(self.out / best["file"], self.out / BEST))
 
     # -------------------------------------------------------------------------------------------
     # The loop
@@ -530,6 +524,10 @@ class RobustTrainer:
         if state is None:
             raise TrainingFailed("NaN rollback impossible: no valid checkpoint (" + "; ".join(problems) + ")")
         self.load_state_dict(state, carry_over=True)
+        # The checkpoint may have been saved during this very streak (on a GPU the streak is read only
+        # every sync_every steps): start counting afresh, or every later check would roll back again.
+        self.acc["streak"].zero_()
+        self.acc["max_streak"].zero_()
         scale = self.nan.roll_back()
         self.events.append({"type": "nan_rollback", "global_step": self.global_step, "lr_scale": scale,
                             "rollback": self.nan.rollbacks})
@@ -621,8 +619,7 @@ class RobustTrainer:
         val_loss, val_acc, _ = self.evaluate(self.x_val, self.y_val, epoch=epoch_no)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no)
-        is_best = self._update_best(epoch_no, {**metrics, "train_loss": train_loss, "train_acc": train_acc})
-        self.nan.skipped_total += skipped
+        is_best, dropped = self._update_best(epoch_no, {**metrics, "train_loss": train_loss, "train_acc": train_acc})
         elapsed = self._epoch_seconds()
         train_time = max(self.train_elapsed, 1e-9)
         record = {
@@ -654,6 +651,8 @@ class RobustTrainer:
         self._reset_accumulators()
         self.write_history()
         self.save_last()
+        for name in dropped:
+            (self.out / name).unlink(missing_ok=True)
         self.history[-1]["save_seconds"] = round(self._save_seconds, 4)  # includes the end-of-epoch save
         self._save_seconds = 0.0
         if self.on_epoch_end is not None:
@@ -675,9 +674,7 @@ class RobustTrainer:
         probe.train()
         n = min(4, len(self.y_train))
         try:
-            x = normalize(to_unit(self.x_train[:n]), self.data.mean, self.data.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._prepare(to_unit(self.x_train[:n]))
             loss = F.cross_entropy(probe(self.faults.mangle_input(self.global_step, x)).float(), self.y_train[:n])
             loss.backward()
         except torch.OutOfMemoryError:
@@ -697,7 +694,7 @@ class RobustTrainer:
         while time.monotonic() < end:
             if self.guard is not None and self.guard.stop_requested:
                 raise Interrupted(self.guard.exit_code, f"{self.guard.name} during the cool-down: exiting; {self.out / LAST} holds the last saved state. Run the same command to continue.")
-            time.sleep(min(0.1, end - time.monotonic()) if end > time.monotonic() else 0)
+            time.sleep(max(0.0, min(0.1, end - time.monotonic())))
 
     def _recover(self, err: Exception) -> None:
         """Log, cool down, reload the newest valid checkpoint; raise when the retry budget is spent."""
@@ -741,6 +738,7 @@ class RobustTrainer:
                                  "Use --no-resume to train again (the old run is moved aside).", self.keeper.best())
             for stray in self.keeper.stray_files():
                 stray.unlink(missing_ok=True)  # written by an epoch the checkpoint had not recorded yet
+            self._link_best()  # the best model as the checkpoint knows it, whatever a killed epoch left
             self.events.append({"type": "resumed", "from": resumed_from or LAST, "epoch": self.epoch + 1,
                                 "step": self.step, "global_step": self.global_step})
         self._preflight()
@@ -760,6 +758,10 @@ class RobustTrainer:
                     except (Interrupted, UserError, TrainingFailed, KeyboardInterrupt):
                         raise
                     except Exception as err:  # noqa: BLE001 - the fault model: retry anything else
+                        if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                            # torch.compile fails the same way every time: not worth a retry.
+                            raise UserError(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                                            "run without --compile") from None
                         self._recover(err)
             finally:
                 self.guard = None
