@@ -23,7 +23,6 @@ Prints a table and writes ``bench/results/data.json``. Needs only the project's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

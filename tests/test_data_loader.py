@@ -7,7 +7,6 @@ the shared data folder (never copied).
 from __future__ import annotations
 
 import ctypes
-import gzip
 import json
 import os
 import subprocess

@@ -179,14 +179,19 @@ def assert_features_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
             assert torch.equal(sa[k], sb[k]), k
 
 
+def save_base(base: torch.nn.Module, folder: Path, saved_as: str) -> Path:
+    """A digits base model as this program saves it ("checkpoint") or as a plain state dict."""
+    if saved_as == "checkpoint":
+        return save_as_checkpoint(base, folder / "best_model.pth", DIGITS)
+    path = folder / "weights.pth"
+    torch.save(base.state_dict(), path)
+    return path
+
+
 @pytest.mark.parametrize("saved_as", ["checkpoint", "state_dict"])
 def test_same_classes_keep_the_head(tmp_path: Path, saved_as: str) -> None:
     base = base_model()
-    if saved_as == "checkpoint":
-        path = save_as_checkpoint(base, tmp_path / "best_model.pth", DIGITS)
-    else:
-        path = tmp_path / "weights.pth"
-        torch.save(base.state_dict(), path)
+    path = save_base(base, tmp_path, saved_as)
     model = fresh(10)
     message = load_base_model(model, path, DIGITS)
     assert "all layers loaded" in message and str(path) in message
@@ -198,11 +203,7 @@ def test_same_classes_keep_the_head(tmp_path: Path, saved_as: str) -> None:
 def test_other_class_count_replaces_the_head_keeps_features(tmp_path: Path, saved_as: str) -> None:
     base = base_model(10)
     letters = list("ABCDEFGHIJKL")
-    if saved_as == "checkpoint":
-        path = save_as_checkpoint(base, tmp_path / "best_model.pth", DIGITS)
-    else:
-        path = tmp_path / "weights.pth"
-        torch.save(base.state_dict(), path)
+    path = save_base(base, tmp_path, saved_as)
     model = fresh(12)
     untouched_head = fresh(12).head.weight.detach().clone()
     message = load_base_model(model, path, letters)

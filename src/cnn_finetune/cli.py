@@ -183,7 +183,7 @@ def _say(msg: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .data_loader import align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
-    from .trainer import Interrupted, RobustTrainer, SplitData
+    from .trainer import RobustTrainer, SplitData
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
@@ -202,10 +202,13 @@ def _run(args: argparse.Namespace) -> int:
 
     # --- data (bad input fails here, before any file is touched) ------------------------------
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
-    ds = load_dataset(data_path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
+    def load(path: str | None) -> Any:
+        return load_dataset(path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
+
+    ds = load(data_path)
     report = {"train_source": ds.report()}
     if cfg.val_data is not None:
-        val_ds = align_classes(load_dataset(cfg.val_data, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache), ds.class_names)
+        val_ds = align_classes(load(cfg.val_data), ds.class_names)
         train_x, train_y, val_x, val_y = ds.images, ds.labels, val_ds.images, val_ds.labels
         report["val_source"] = val_ds.report()
         fingerprint = ds.fingerprint() + ":" + val_ds.fingerprint()
@@ -215,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         fingerprint = ds.fingerprint()
     test_ds = None
     if args.test_data is not None:
-        test_ds = load_dataset(args.test_data, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=not args.no_cache)
+        test_ds = load(args.test_data)
         from .evaluate import match_classes
 
         match_classes(test_ds.class_names, ds.class_names, test_ds.source)  # unknown classes: exit 2 now, not after training

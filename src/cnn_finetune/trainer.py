@@ -319,6 +319,10 @@ class RobustTrainer:
         x = normalize(x, self.data.mean, self.data.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _autocast(self) -> Any:
+        """bf16 autocast where configured (CUDA by default), else nothing."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
     def _loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, weight=self.class_weights, reduction="none",
                                label_smoothing=self.cfg.label_smoothing)
@@ -335,7 +339,6 @@ class RobustTrainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         while True:
             sizes = split_for_micro_batches(self.model, batch, self.micro.parts)
             try:
@@ -345,7 +348,7 @@ class RobustTrainer:
                 with deferred_bn_stats(self.model):
                     for xs, ys in zip(xb.split(sizes), yb.split(sizes)):
                         self.faults.on_forward(self.global_step, xs.shape[0], batch)
-                        with amp:
+                        with self._autocast():
                             logits = self.net(self.faults.mangle_input(self.global_step, xs))
                         part = self._loss_terms(logits, ys).sum()
                         part = self.faults.poison_loss(self.global_step, part)
@@ -413,7 +416,7 @@ class RobustTrainer:
                     for i in range(0, len(labels), self.eval_batch):
                         self.faults.on_eval_forward(epoch, self.eval_batch, self.cfg.eval_batch_size)
                         x = self._prepare(to_unit(images[i:i + self.eval_batch]))
-                        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+                        with self._autocast():
                             logits = self.net(x)
                         loss_sum += F.cross_entropy(logits.float(), labels[i:i + self.eval_batch], reduction="sum").double()
                         preds.append(logits.argmax(1))
