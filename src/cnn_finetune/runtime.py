@@ -1,0 +1,69 @@
+"""Runtime helpers shared by every tool: the device, CPU threads, software versions, tool entry points.
+
+Training, evaluation, prediction and export all pick their device here, so ``--device`` means the
+same everywhere, and none of them imports another tool's command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+from . import __version__
+from .errors import UserError
+from .log import logger
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an unavailable CUDA request is bad input (exit 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = torch.version.cuda or "none (a CPU-only build)"
+            raise UserError(f"--device {name} was requested but CUDA is not available here (torch {torch.__version__}, "
+                            f"CUDA build: {build}); use --device cpu or --device auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    return torch.device("cpu")
+
+
+def check_single_process() -> None:
+    """Training runs in one process: several (``WORLD_SIZE`` > 1) would each write the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(f"this run was started as {world} processes (WORLD_SIZE={world}); training uses one process per "
+                        "run: use torchrun --nproc_per_node=1 (for automatic restarts) or plain python")
+
+
+def configure_threads(num_threads: int) -> None:
+    """Use ``num_threads`` CPU threads for torch (0: leave torch's default)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a run."""
+    import numpy
+    import PIL
+
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(numpy.__version__),
+            "pillow": str(PIL.__version__), "cnn_finetune": __version__}
+
+
+def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments and run a tool; bad input becomes a one-line message and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        logger.error(f"error: {err}")
+        return err.exit_code
