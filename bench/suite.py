@@ -162,6 +162,7 @@ def robust_run(cfg: TrainConfig, data: SplitData, device: torch.device, on_epoch
         trainer = RobustTrainer(run_cfg, data, device, log=lambda s: None, on_epoch_end=on_epoch_end)
         sync(device)
         t0 = time.perf_counter()
+        trainer.begin()  # the first checkpoint, as the CLI writes it before training
         trainer.fit()
         sync(device)
         seconds = time.perf_counter() - t0
@@ -271,6 +272,7 @@ def ours_to_accuracy(cfg: TrainConfig, data: SplitData, test: tuple[torch.Tensor
         t_start[0] = time.perf_counter()
         trainer = RobustTrainer(run_cfg, data, device, log=lambda s: None, on_epoch_end=on_epoch_end)
         trainer_ref.append(trainer)
+        trainer.begin()
         trainer.fit()
         total = time.perf_counter() - t_start[0] - excluded[0]
         from cnn_finetune.model import load_model_file

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from cnn_finetune.checkpoint import BestKeeper, is_better
+from cnn_finetune.checkpoint_manager import BestKeeper
+from cnn_finetune.mechanisms import is_better
 from cnn_finetune.faults import FaultInjector
 from cnn_finetune.errors import UserError
 from cnn_finetune.mechanisms import EarlyStopping, MicroBatcher, NanGuard, lr_at, mix_seed

@@ -1,9 +1,13 @@
 """One typed configuration for a training run.
 
-Defaults live here and in ``configs/finetune.json`` (kept equal by a test); the command line
-overrides both. Values are validated once, in ``__post_init__``, with messages that name the
-field, the bad value and what would be right. The config travels as plain data (``asdict``) in
-every checkpoint and in ``config_finetuned.json``, never as a pickled object.
+Every field of ``TrainConfig`` carries its help text, whether it has a command-line flag, and
+whether it may change when a run is resumed (``dataclasses.field(metadata=...)``): the parser,
+``--help`` and the resume check are derived from it. Values are validated once, in
+``__post_init__``, with messages that name the field, the bad value and what would be right. The
+default config ships inside the package (``default_config.json``, equal to the dataclass defaults;
+``configs/finetune.json`` in a checkout is the copy users edit). The config travels as plain data
+(``asdict``) in every checkpoint and in ``config_finetuned.json``, never as a pickled object.
+Relative paths in a config (data, output folder, base model, cache) are relative to the current folder.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .rundir import LAST
 
-DEFAULT_CONFIG_PATH = Path("configs/finetune.json")
+DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable copy, used when present
+PACKAGED_CONFIG_PATH = Path(__file__).with_name("default_config.json")
 DEFAULT_OUTPUT_DIR = "models/cnn_modelo_v2_finetuned"
 DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
 
@@ -35,78 +41,86 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "channels_last": ("auto", "on", "off"),
 }
 
+FIXED, FREE = "fixed", "free"  # may the value change when a run is resumed?
+
+
+def _f(default: Any, help: str, *, flag: bool | str = False, resume: str = FIXED) -> Any:
+    """A config field with its metadata: help text, command-line flag (True: ``--field-name``), resume rule."""
+    return field(default=default, metadata={"help": help, "flag": flag, "resume": resume})
+
 
 @dataclass
 class TrainConfig:
     """Every hyper-parameter and run setting of one training run."""
 
     # --- data -------------------------------------------------------------------------------
-    data: str | None = None  # data source; None: ./data if it exists, else the built-in MNIST sample
-    val_data: str | None = None  # explicit validation source; None: split off val_fraction
-    val_fraction: float = 0.1  # share of each class held out for validation
-    polarity: str = "auto"  # raw images: auto-detect from the border, invert, or keep
-    balance: str = "none"  # class imbalance: none, weighted_loss or sampler
-    cache_dir: str | None = None  # preprocessed-data cache; None: $XDG_CACHE_HOME/cnn_finetune
+    data: str | None = _f(None, "data source: a folder with raw/ and/or processed/ class folders, a plain <class>/ tree, or an IDX "
+                                "images file (default: data/ when it exists, else the built-in MNIST sample)", flag=True, resume=FREE)
+    val_data: str | None = _f(None, "explicit validation source instead of a split of --data", flag=True, resume=FREE)
+    test_data: str | None = _f(None, "a test source evaluated with the best model at the end (e.g. ../shared/data/mnist); "
+                                     "never used for training or model selection", flag=True, resume=FREE)
+    val_fraction: float = _f(0.1, "share of each class held out for validation", flag=True)
+    polarity: str = _f("auto", "raw images: auto-detect from the border, invert, or keep", flag=True)
+    balance: str = _f("none", "class imbalance: none, weighted_loss or sampler", flag=True)
+    cache_dir: str | None = _f(None, "preprocessed-data cache; None: $CNN_FINETUNE_CACHE, else $XDG_CACHE_HOME/cnn_finetune", resume=FREE)
+    cache: bool = _f(True, "read and write the preprocessed-data cache", flag="--no-cache", resume=FREE)
     # --- model ------------------------------------------------------------------------------
-    arch: str = "cnn_v2"  # architecture name stored with the weights
-    width: int = 24  # channels of the first block; later blocks use 2x and 4x
-    bn_ghost_size: int = 32  # batch-norm statistics per group of this many samples (0: whole batch)
-    base_model: str | None = DEFAULT_BASE_MODEL  # weights to fine-tune from (None: from scratch)
-    freeze_features_epochs: int = 0  # epochs during which only the classifier head trains
-    feature_lr_scale: float = 1.0  # learning-rate factor of the feature layers (e.g. 0.1 when fine-tuning)
+    arch: str = _f("cnn_v2", "architecture name stored with the weights")
+    width: int = _f(24, "channels of the first block; later blocks use 2x and 4x", flag=True)
+    bn_ghost_size: int = _f(32, "batch-norm statistics per group of this many samples (0: whole batch)")
+    base_model: str | None = _f(DEFAULT_BASE_MODEL, f"weights to fine-tune from ('none': from scratch; the default {DEFAULT_BASE_MODEL} "
+                                                    "is used when it exists)", flag=True, resume=FREE)
+    freeze_features_epochs: int = _f(0, "epochs during which only the classifier head trains", flag=True)
+    feature_lr_scale: float = _f(1.0, "learning-rate factor of the feature layers (e.g. 0.1 when fine-tuning)", flag=True)
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = 15  # training epochs
-    batch_size: int = 128  # samples per optimizer step (the effective batch, also under OOM)
-    lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 5e-4  # decoupled weight decay (not applied to norms and biases)
-    optimizer: str = "adamw"  # adamw or sgd (Nesterov momentum)
-    momentum: float = 0.9  # SGD momentum / Adam beta1
-    scheduler: str = "onecycle"  # onecycle (warm-up then cosine), cosine or constant
-    warmup_fraction: float = 0.25  # share of the steps spent warming up (onecycle)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    grad_clip: float = 0.0  # clip the gradient norm to this value (0: off)
+    epochs: int = _f(15, "training epochs", flag=True)
+    batch_size: int = _f(128, "samples per optimizer step (the effective batch, also under OOM)", flag=True)
+    lr: float = _f(3e-3, "peak learning rate", flag=True)
+    weight_decay: float = _f(5e-4, "decoupled weight decay (not applied to norms and biases)")
+    optimizer: str = _f("adamw", "adamw or sgd (Nesterov momentum)")
+    momentum: float = _f(0.9, "SGD momentum / Adam beta1")
+    scheduler: str = _f("onecycle", "onecycle (warm-up then cosine), cosine or constant")
+    warmup_fraction: float = _f(0.25, "share of the steps spent warming up (onecycle)")
+    label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     # --- augmentation (batched, on the training device) -------------------------------------
-    aug_rotation: float = 15.0  # maximum rotation, degrees
-    aug_translate: float = 0.12  # maximum translation, fraction of the image side
-    aug_scale: float = 0.15  # maximum relative scale change (0.15: 0.85x to 1.15x)
-    aug_noise: float = 0.05  # standard deviation of Gaussian pixel noise (pixels in [0, 1])
+    aug_rotation: float = _f(15.0, "maximum rotation, degrees")
+    aug_translate: float = _f(0.12, "maximum translation, fraction of the image side")
+    aug_scale: float = _f(0.15, "maximum relative scale change (0.15: 0.85x to 1.15x)")
+    aug_noise: float = _f(0.05, "standard deviation of Gaussian pixel noise (pixels in [0, 1])")
     # --- early stopping and checkpoints -----------------------------------------------------
-    patience: int = 8  # epochs without improvement before stopping
-    min_delta: float = 0.0  # smallest change of the monitored metric that counts as improvement
-    monitor: str = "val_acc"  # metric for early stopping and the best checkpoints
-    keep_best: int = 3  # number of best epochs kept as separate files (at least 1: the best)
-    checkpoint_every_steps: int = 0  # also save checkpoint_last.pth every N steps (0: off)
-    checkpoint_every_seconds: float = 120.0  # also save it after this many seconds (0: off)
+    patience: int = _f(8, "epochs without improvement before early stopping (0 turns it off)", flag=True, resume=FREE)
+    min_delta: float = _f(0.0, "smallest change of the monitored metric that counts as improvement", flag=True, resume=FREE)
+    monitor: str = _f("val_acc", "metric for early stopping and the best checkpoints")
+    keep_best: int = _f(3, "best epochs kept as separate files (at least 1: the best)", flag=True, resume=FREE)
+    checkpoint_every_steps: int = _f(0, f"also save {LAST} every N steps (0: off)", flag=True, resume=FREE)
+    checkpoint_every_seconds: float = _f(120.0, "also save it after this many seconds (0: off)", flag=True, resume=FREE)
+    resume: bool = _f(True, "continue the run in the output folder; off: start afresh, an earlier run is moved aside, "
+                            "never deleted", flag="--no-resume", resume=FREE)
     # --- robustness -------------------------------------------------------------------------
-    max_retries: int = 5  # recovery attempts after failures in training
-    cooldown_min: float = 5.0  # cool-down before a retry: random between min and max seconds,
-    cooldown_max: float = 10.0  # doubled for each consecutive failure
-    nan_max_consecutive: int = 3  # skipped non-finite steps in a row before a rollback
-    nan_lr_factor: float = 0.5  # learning-rate factor applied at each NaN rollback
-    nan_max_rollbacks: int = 3  # rollbacks before giving up
-    oom_probe_steps: int = 200  # clean steps before trying fewer micro-batches after an OOM
-    eval_batch_size: int = 1000  # validation batch size (halved on out-of-memory)
-    sync_every: int = 0  # host-device syncs for NaN checks/logging every N steps (0: auto)
+    max_retries: int = _f(5, "recovery attempts after failures in training", flag=True, resume=FREE)
+    cooldown_min: float = _f(5.0, "cool-down before a retry: random between min and max seconds, doubled per consecutive failure",
+                             resume=FREE)
+    cooldown_max: float = _f(10.0, "upper end of the cool-down", resume=FREE)
+    nan_max_consecutive: int = _f(3, "skipped non-finite steps in a row before a rollback")
+    nan_lr_factor: float = _f(0.5, "learning-rate factor applied at each NaN rollback")
+    nan_max_rollbacks: int = _f(3, "rollbacks before giving up")
+    oom_probe_steps: int = _f(200, "clean steps before trying fewer micro-batches after an OOM", resume=FREE)
+    eval_batch_size: int = _f(1000, "validation batch size (halved on out-of-memory)", resume=FREE)
+    sync_every: int = _f(0, "host-device syncs for NaN checks/logging every N steps (0: auto)", resume=FREE)
     # --- runtime ----------------------------------------------------------------------------
-    seed: int = 42  # every random draw is a function of (seed, epoch, step)
-    device: str = "auto"  # auto, cpu, cuda or cuda:N
-    amp: str = "auto"  # mixed precision: auto (bf16 on CUDA), off, bf16 (bf16 needs no loss scaling)
-    channels_last: str = "auto"  # memory format: auto (on for CUDA), on, off
-    compile: bool = False  # torch.compile the model (start-up cost; pays off on long GPU runs)
-    num_threads: int = 0  # CPU threads for torch (0: torch's default)
-    output_dir: str = DEFAULT_OUTPUT_DIR  # where the artifacts go
+    seed: int = _f(42, "random seed: every random draw is a function of (seed, epoch, step)", flag=True)
+    device: str = _f("auto", "auto picks CUDA when present; cpu; cuda (or cuda:N through --set)", flag=True, resume=FREE)
+    amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA), off, bf16 (bf16 needs no loss scaling)")
+    channels_last: str = _f("auto", "memory format: auto (on for CUDA), on, off")
+    compile: bool = _f(False, "torch.compile the model (start-up cost; pays off on long GPU runs)", flag=True, resume=FREE)
+    num_threads: int = _f(0, "CPU threads for torch (0: torch's default)", flag=True, resume=FREE)
+    output_dir: str = _f(DEFAULT_OUTPUT_DIR, "where the artifacts go", flag=True, resume=FREE)
+    verbose: bool = _f(False, "a per-step progress bar", flag=True, resume=FREE)
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if name == "device" and (value.startswith("cuda:") and value[5:].isdigit()):
-                continue
-            if value not in allowed:
-                raise ConfigError(
-                    f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}"
-                    + (" (or cuda:N)" if name == "device" else "")
-                )
+        _check_choices(self)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "width", "keep_best")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
@@ -115,38 +129,8 @@ class TrainConfig:
             "freeze_features_epochs", "bn_ghost_size", "oom_probe_steps", "sync_every", "patience",
             "num_threads", "nan_max_rollbacks",
         )
-        if self.lr == 0:
-            raise ConfigError("lr=0 would never change the weights; use a positive value such as 3e-3")
-        if not 0.0 < self.val_fraction < 1.0 and self.val_data is None:
-            raise ConfigError(
-                f"val_fraction={self.val_fraction} must be between 0 and 1 (e.g. 0.1 for 10%), "
-                "or give an explicit validation folder with --val-data"
-            )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ConfigError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1), e.g. 0.25")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum={self.momentum} must be in [0, 1), e.g. 0.9")
-        if self.aug_translate >= 0.5:
-            raise ConfigError(f"aug_translate={self.aug_translate} would move digits out of the image; use < 0.5 (e.g. 0.1)")
-        if self.aug_scale >= 1.0:
-            raise ConfigError(f"aug_scale={self.aug_scale} must be < 1 (0.1 means 0.9x to 1.1x)")
-        if self.aug_rotation > 180:
-            raise ConfigError(f"aug_rotation={self.aug_rotation} degrees is more than half a turn; use 0-180")
-        if self.cooldown_max < self.cooldown_min:
-            raise ConfigError(
-                f"cooldown_max={self.cooldown_max} is below cooldown_min={self.cooldown_min}; "
-                "set cooldown_max >= cooldown_min (or --cooldown SECONDS for a fixed value)"
-            )
-        if self.nan_max_consecutive < 1:
-            raise ConfigError(f"nan_max_consecutive={self.nan_max_consecutive} must be at least 1")
-        if not 0.0 < self.nan_lr_factor < 1.0:
-            raise ConfigError(f"nan_lr_factor={self.nan_lr_factor} must be in (0, 1), e.g. 0.5")
-        if self.feature_lr_scale < 0:
-            raise ConfigError(f"feature_lr_scale={self.feature_lr_scale} must be >= 0 (1.0: same as the head)")
-        if self.arch != "cnn_v2":
-            raise ConfigError(f"arch={self.arch!r} is not known; the only architecture is 'cnn_v2'")
+        for problem in _range_problems(self):
+            raise ConfigError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data."""
@@ -169,16 +153,36 @@ class TrainConfig:
             raise ConfigError(f"{source}: {err}") from None
 
 
-def field_help() -> dict[str, str]:
-    """One-line description of each field, read from the comments above (for --help and docs)."""
-    import inspect
-    import re
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    """Cross-field and range checks, each a message that says what would be right."""
+    checks = [
+        (cfg.lr == 0, "lr=0 would never change the weights; use a positive value such as 3e-3"),
+        (not 0.0 < cfg.val_fraction < 1.0 and cfg.val_data is None,
+         f"val_fraction={cfg.val_fraction} must be between 0 and 1 (e.g. 0.1 for 10%), or give an explicit validation folder with --val-data"),
+        (not 0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing={cfg.label_smoothing} must be in [0, 1), e.g. 0.1"),
+        (not 0.0 <= cfg.warmup_fraction < 1.0, f"warmup_fraction={cfg.warmup_fraction} must be in [0, 1), e.g. 0.25"),
+        (not 0.0 <= cfg.momentum < 1.0, f"momentum={cfg.momentum} must be in [0, 1), e.g. 0.9"),
+        (cfg.aug_translate >= 0.5, f"aug_translate={cfg.aug_translate} would move digits out of the image; use < 0.5 (e.g. 0.1)"),
+        (cfg.aug_scale >= 1.0, f"aug_scale={cfg.aug_scale} must be < 1 (0.1 means 0.9x to 1.1x)"),
+        (cfg.aug_rotation > 180, f"aug_rotation={cfg.aug_rotation} degrees is more than half a turn; use 0-180"),
+        (cfg.cooldown_max < cfg.cooldown_min, f"cooldown_max={cfg.cooldown_max} is below cooldown_min={cfg.cooldown_min}; "
+                                              "set cooldown_max >= cooldown_min (or --cooldown SECONDS for a fixed value)"),
+        (cfg.nan_max_consecutive < 1, f"nan_max_consecutive={cfg.nan_max_consecutive} must be at least 1"),
+        (not 0.0 < cfg.nan_lr_factor < 1.0, f"nan_lr_factor={cfg.nan_lr_factor} must be in (0, 1), e.g. 0.5"),
+        (cfg.feature_lr_scale < 0, f"feature_lr_scale={cfg.feature_lr_scale} must be >= 0 (1.0: same as the head)"),
+        (cfg.arch != "cnn_v2", f"arch={cfg.arch!r} is not known; the only architecture is 'cnn_v2'"),
+    ]
+    return [message for failed, message in checks if failed]
 
-    src = inspect.getsource(TrainConfig)
-    out: dict[str, str] = {}
-    for match in re.finditer(r"^\s{4}(\w+): [^=]+= .*?#\s*(.*)$", src, re.M):
-        out[match.group(1)] = match.group(2).strip()
-    return out
+
+def field_help() -> dict[str, str]:
+    """One-line description of each field (for --help and the docs), from the field metadata."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+
+
+def resume_free_keys() -> frozenset[str]:
+    """Settings that do not change the trajectory of training: they may differ on resume."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] == FREE)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -186,16 +190,21 @@ def load_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; pass an existing file with --config or omit the flag") from None
+        raise ConfigError(f"config file {path} does not exist; pass an existing file with --config or omit the flag", path=str(path)) from None
     except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}", path=str(path)) from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+        raise ConfigError(f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", path=str(path)) from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of key: value pairs, not {type(values).__name__}")
+        raise ConfigError(f"config file {path} must hold a JSON object of key: value pairs, not {type(values).__name__}", path=str(path))
     return values
+
+
+def default_config_file() -> Path:
+    """``configs/finetune.json`` of the current folder when it exists (a checkout), else the packaged default."""
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else PACKAGED_CONFIG_PATH
 
 
 def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -204,15 +213,38 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
     source = "command line"
     if file_path is not None:
         values.update(load_config_file(file_path))
-        source = str(file_path)
+        source = "defaults" if file_path == PACKAGED_CONFIG_PATH else str(file_path)
         cfg_from_file = TrainConfig.from_dict(dict(values), source=source)  # names the file on errors
         values = cfg_from_file.to_dict()
     values.update(overrides)
     return TrainConfig.from_dict(values, source=source if not overrides else f"{source} + command line")
 
 
+def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Human-readable list of settings that differ in a way that forbids resuming."""
+    now = current.to_dict()
+    free = resume_free_keys()
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key in free:
+            continue
+        if saved.get(key) != now.get(key):
+            out.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {now.get(key)!r}")
+    return out
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if name == "device" and (value.startswith("cuda:") and value[5:].isdigit()):
+            continue
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}"
+                              + (" (or cuda:N)" if name == "device" else ""))
 
 
 def _check_types(cfg: TrainConfig) -> None:
@@ -258,26 +290,3 @@ def _non_negative(cfg: TrainConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must not be negative")
-
-
-# Settings that do not change the trajectory of training: they may differ between a run and its
-# resumption. Everything else must match, or resuming would silently mix two different runs.
-RESUME_FREE_KEYS = frozenset({
-    "device", "max_retries", "cooldown_min", "cooldown_max", "checkpoint_every_steps",
-    "checkpoint_every_seconds", "eval_batch_size", "num_threads", "output_dir", "cache_dir",
-    "patience", "min_delta", "keep_best", "sync_every", "compile", "data", "val_data", "base_model",
-    "oom_probe_steps",
-})
-
-
-def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Human-readable list of settings that differ in a way that forbids resuming."""
-    now = current.to_dict()
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUME_FREE_KEYS:
-            continue
-        if saved.get(key) != now.get(key):
-            out.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {now.get(key)!r}")
-    return out
-

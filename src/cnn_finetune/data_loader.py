@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .log import logger
 from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 
 CACHE_VERSION = 2  # bump when preprocessing changes, so old caches are not reused
@@ -81,6 +81,20 @@ class Dataset:
             "ignored_files": self.ignored_files,
             "cache": self.cache,
         }
+
+
+@dataclass
+class SplitData:
+    """Training and validation tensors (uint8 images on any device) with what travels with the model."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    class_names: list[str]
+    mean: float
+    std: float
+    fingerprint: str
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +171,7 @@ def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
             ds.cache = "hit"
             return ds
         except Exception as err:  # a damaged cache only costs a rebuild
-            print(f"warning: data cache {file} is unreadable ({type(err).__name__}); rebuilding it", file=sys.stderr)
+            logger.warning(f"data cache {file} is unreadable ({type(err).__name__}); rebuilding it")
     ds = build()
     ds.cache = "miss"
     try:
@@ -168,7 +182,7 @@ def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
                                             "skipped", "dropped_classes", "ignored_files")}
         atomic_torch_save(blob, file)
     except OSError as err:  # an unwritable cache folder must not stop training
-        print(f"warning: cannot write data cache in {cache_dir}: {err.strerror or err}", file=sys.stderr)
+        logger.warning(f"cannot write data cache in {cache_dir}: {err.strerror or err}")
     return ds
 
 

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json
-from .errors import EXIT_OK, UserError, run_tool
+from .errors import EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_logits
+from .log import logger
+from .rundir import CONFUSION, EVALUATION
+from .runtime import resolve_device, run_tool
 
-EVALUATION_JSON = "evaluation.json"
-CONFUSION_PNG = "confusion_matrix.png"
 TOP_CONFUSED = 10
 
 
@@ -130,8 +131,8 @@ def write_reports(report: dict[str, Any], out_dir: Path, prefix: str = "") -> li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{prefix}{EVALUATION_JSON}"
-    png_path = out_dir / f"{prefix}{CONFUSION_PNG}"
+    json_path = out_dir / f"{prefix}{EVALUATION}"
+    png_path = out_dir / f"{prefix}{CONFUSION}"
     atomic_write_json(json_path, report)
     source = (report.get("data") or {}).get("source")
     title = "Confusion matrix" + (f" - {source}" if source else "")
@@ -178,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evaluate.py",
         description="Evaluate a trained model on labelled data: accuracy, per-class precision/recall/F1, "
-                    "the most confused classes, evaluation.json and confusion_matrix.png.",
+                    f"the most confused classes, {EVALUATION} and {CONFUSION}.",
         epilog="Exit codes: 0 done, 2 bad input (model or data missing or unusable).",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
     p.add_argument("--data", help="labelled data: a folder of class folders (raw/ and processed/ too), an IDX images file; "
                                   "omitted: the built-in MNIST sample")
-    p.add_argument("--output-dir", type=Path, help="where evaluation.json and confusion_matrix.png go (default: evaluation/ beside the model file)")
+    p.add_argument("--output-dir", type=Path, help=f"where {EVALUATION} and {CONFUSION} go (default: evaluation/ beside the model file)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present (default: auto)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-data cache")
@@ -211,7 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .cli import resolve_device
     from .data_loader import load_dataset
 
     if args.batch_size <= 0:
@@ -221,11 +221,11 @@ def _run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache)
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
-    print(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
-    print(f"data:  {ds.source}: {len(ds)} images, {len(ds.class_names)} classes")
+    logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
+    logger.info(f"data:  {ds.source}: {len(ds)} images, {len(ds.class_names)} classes")
     if ds.skipped:
-        print(f"warning: skipped {len(ds.skipped)} unusable file(s), e.g. {ds.skipped[0]['path']}: {ds.skipped[0]['reason']} "
-              "(all listed in evaluation.json)", file=sys.stderr)
+        logger.warning(f"skipped {len(ds.skipped)} unusable file(s), e.g. {ds.skipped[0]['path']}: {ds.skipped[0]['reason']} "
+                       f"(all listed in {EVALUATION})")
     report = evaluate_arrays(model, meta, ds.images, labels, device, batch_size=args.batch_size)
     report["data"] = {"source": ds.source, "kind": ds.kind, "num_images": len(ds),
                       "class_names": list(ds.class_names), "skipped": list(ds.skipped)}

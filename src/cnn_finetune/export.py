@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .errors import EXIT_FAILED, EXIT_OK, UserError, run_tool
+from .errors import EXIT_FAILED, EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
+from .runtime import run_tool
 
 TOLERANCE = 1e-4
 OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
@@ -158,8 +159,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     model, meta = load_inference_model(model_path, "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(model_path).stem
-    ts_path = out_dir / f"{stem}.torchscript.pt"
-    onnx_path = out_dir / f"{stem}.onnx"
+    ts_path, onnx_path = out_dir / f"{stem}.torchscript.pt", out_dir / f"{stem}.onnx"
     sidecar_path = out_dir / f"{stem}.preprocessing.json"
 
     # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
@@ -174,29 +174,42 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     loaded = load_torchscript(ts_path)
     with torch.no_grad():
         checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
-
-    if onnx:
-        try:
-            checks["onnx_exporter"] = export_onnx(model, example, onnx_path)
-            files["onnx"] = onnx_path.name
-        except Exception as err:  # noqa: BLE001 - ONNX is optional: report why and keep TorchScript
-            checks["onnx_skipped"] = f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err)
-            onnx_path.unlink(missing_ok=True)  # never leave an ONNX file from an earlier export behind
-    else:
-        checks["onnx_skipped"] = "not requested (--no-onnx)"
-        onnx_path.unlink(missing_ok=True)
-    if files["onnx"] is not None:
-        diffs = []
-        for x, e in zip(batches, expected):
-            out, engine = run_onnx(onnx_path, x)
-            diffs.append(_max_abs_diff(out, e))
-        checks["onnx_max_abs_diff"] = max(diffs)
-        checks["onnx_checked_with"] = engine
+    if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
+        files["onnx"] = onnx_path.name
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
     checks["passed"] = all(d <= tolerance for d in measured)
+    sidecar = export_sidecar(model_path, meta, files, checks)
+    atomic_write_json(sidecar_path, sidecar)
+    sidecar["files"] = {**files, "sidecar": sidecar_path.name}
+    return sidecar
 
+
+def _export_and_check_onnx(model: torch.nn.Module, example: torch.Tensor, onnx_path: Path, batches: list[torch.Tensor],
+                           expected: list[torch.Tensor], checks: dict[str, Any], *, requested: bool) -> bool:
+    """Write and verify the ONNX file, recording the outcome in ``checks``; returns whether it was written."""
+    if not requested:
+        checks["onnx_skipped"] = "not requested (--no-onnx)"
+        onnx_path.unlink(missing_ok=True)
+        return False
+    try:
+        checks["onnx_exporter"] = export_onnx(model, example, onnx_path)
+    except Exception as err:  # noqa: BLE001 - ONNX is optional: report why and keep TorchScript
+        checks["onnx_skipped"] = f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err)
+        onnx_path.unlink(missing_ok=True)  # never leave an ONNX file from an earlier export behind
+        return False
+    diffs = []
+    for x, e in zip(batches, expected):
+        out, engine = run_onnx(onnx_path, x)
+        diffs.append(_max_abs_diff(out, e))
+    checks["onnx_max_abs_diff"] = max(diffs)
+    checks["onnx_checked_with"] = engine
+    return True
+
+
+def export_sidecar(model_path: Path, meta: dict[str, Any], files: dict[str, str | None], checks: dict[str, Any]) -> dict[str, Any]:
+    """The ``<stem>.preprocessing.json`` content: what a consumer needs besides the network."""
     norm = meta["normalization"]
-    sidecar = {
+    return {
         "format": "cnn_finetune/export/1",
         "arch": meta.get("arch", "cnn_v2"),
         "arch_params": meta.get("arch_params"),
@@ -224,9 +237,6 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
         "checks": checks,
         "versions": _versions(),
     }
-    atomic_write_json(sidecar_path, sidecar)
-    sidecar["files"] = {**files, "sidecar": sidecar_path.name}
-    return sidecar
 
 
 def _versions() -> dict[str, str]:

@@ -18,8 +18,11 @@ checkpoint. Each fault fires at most once per process, so a restarted run gets p
   runs), for tests that need interruption at an exact step;
 * ``sigint2@N``: SIGINT after step N, and a second SIGINT half-way through the save it causes.
 
-``kind@A-B`` covers steps A to B. Under ``torchrun`` faults are injected only in the first attempt
-(``TORCHELASTIC_RESTART_COUNT`` = 0) so that the restarted worker gets past them.
+``kind@A-B`` covers steps A to B. The trainer meets the injector in three places only: the model it
+trains is wrapped by ``wrap`` (out-of-memory, wrong shapes, NaN, validation out-of-memory), and
+``before_step``/``after_step`` bracket each step (crashes, signals, kills). Under ``torchrun`` faults
+are injected only in the first attempt (``TORCHELASTIC_RESTART_COUNT`` = 0) so that the restarted
+worker gets past them.
 """
 
 from __future__ import annotations
@@ -27,13 +30,26 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
 from . import checkpoint
 from .errors import UserError
+from .rundir import LAST
 
 KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sigint2")
+
+
+class _Position(Protocol):
+    epoch: int
+    global_step: int
+
+
+class _Validator(Protocol):
+    batch_size: int
+    configured: int
 
 
 class FaultInjector:
@@ -42,6 +58,7 @@ class FaultInjector:
     def __init__(self, spec: str = "") -> None:
         self.planned: dict[str, set[int]] = {k: set() for k in KINDS}
         self.fired: set[tuple[str, int]] = set()
+        self.batch = 0  # samples of the current step (set by before_step)
         for item in filter(None, (s.strip() for s in spec.split(","))):
             kind, sep, where = item.partition("@")
             if not sep or kind not in KINDS:
@@ -69,8 +86,19 @@ class FaultInjector:
             return True
         return False
 
-    def before_step(self, step: int) -> None:
-        """Raise the injected crash of this step, if any."""
+    def wrap(self, model: nn.Module, position: _Position, validator: _Validator | None = None,
+             only: tuple[str, ...] = KINDS) -> nn.Module:
+        """``model`` with the planned faults of ``only`` injected into its forward passes (itself when none).
+
+        ``position``: the trainer's (``epoch``, ``global_step``); ``validator``: its ``batch_size`` and
+        ``configured`` batch size, for the validation out-of-memory fault."""
+        if not any(self.planned[k] for k in only):
+            return model
+        return _FaultyModel(model, self, position, validator, only)
+
+    def before_step(self, step: int, batch: int = 0) -> None:
+        """Raise the injected crash of this step, if any; ``batch``: the step's number of samples."""
+        self.batch = batch
         if self._take("error", step):
             raise RuntimeError(f"injected fault: error at step {step}")
 
@@ -89,20 +117,17 @@ class FaultInjector:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault at step {step}, micro-batch of {micro_batch})")
 
     def on_eval_forward(self, epoch: int, eval_batch: int, configured: int) -> None:
-        """Simulate an out-of-memory error in validation for large evaluation batches."""
-        if epoch in self.planned["valoom"] and ("valoom", epoch) not in self.fired and eval_batch > configured / 2:
+        """Simulate an out-of-memory error in validation for large evaluation batches.
+
+        Once the trainer has lowered its evaluation batch to half, the fault no longer strikes."""
+        if epoch in self.planned["valoom"] and eval_batch > configured / 2:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected fault in validation of epoch {epoch}, batch {eval_batch})")
 
-    def after_validation(self, epoch: int) -> None:
-        """The validation of ``epoch`` got through: its fault does not strike again."""
-        if epoch in self.planned["valoom"]:
-            self.fired.add(("valoom", epoch))
-
-    def poison_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """The loss, or NaN where a fault is planned."""
+    def poison(self, step: int, output: torch.Tensor) -> torch.Tensor:
+        """The network's output, or NaN where a fault is planned (the step's loss becomes NaN)."""
         if self._take("nan", step):
-            return loss * float("nan")
-        return loss
+            return output * float("nan")
+        return output
 
     def after_step(self, step: int, save_due: bool) -> None:
         """Send the planned signal; a kill with a save due waits to strike inside the save."""
@@ -123,8 +148,31 @@ class FaultInjector:
     @staticmethod
     def _strike_mid_save(sig: int) -> None:
         def hook(target: Path) -> None:
-            if target.name == "checkpoint_last.pth":
+            if target.name == LAST:
                 checkpoint.set_write_hook(None)
                 os.kill(os.getpid(), sig)
 
         checkpoint.set_write_hook(hook)
+
+
+class _FaultyModel(nn.Module):
+    """The trained model with injected faults in its forward pass: the trainer's code stays free of them."""
+
+    def __init__(self, inner: nn.Module, faults: FaultInjector, position: _Position, validator: _Validator | None,
+                 only: tuple[str, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.faults, self.position, self.validator, self.only = faults, position, validator, only
+
+    def forward(self, x: torch.Tensor) -> Any:  # noqa: D102 (nn.Module API)
+        f, step = self.faults, self.position.global_step
+        if not torch.is_grad_enabled():  # validation (the trainer evaluates under no_grad)
+            if "valoom" in self.only and self.validator is not None:
+                f.on_eval_forward(self.position.epoch + 1, self.validator.batch_size, self.validator.configured)
+            return self.inner(x)
+        if "oom" in self.only or "oomall" in self.only:
+            f.on_forward(step, x.shape[0], f.batch or x.shape[0])
+        if "shape" in self.only:
+            x = f.mangle_input(step, x)
+        out = self.inner(x)
+        return f.poison(step, out) if "nan" in self.only else out

@@ -17,9 +17,10 @@ from .augment import normalize, to_unit
 from .config import DEFAULT_OUTPUT_DIR
 from .errors import UserError
 from .model import CNNv2, load_model_file
+from .rundir import BEST
 
 # What train_finetuned.py writes with its default settings: the tools' default --model.
-DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / "best_model_finetuned.pth"
+DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / BEST
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CNNv2, dict[str, Any]]:
@@ -31,7 +32,7 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--model {path} is a folder; pass the model file inside it, e.g. {path / 'best_model_finetuned.pth'}")
+        raise UserError(f"--model {path} is a folder; pass the model file inside it, e.g. {path / BEST}")
     if not path.exists():
         raise UserError(f"model file {path} does not exist; pass --model PATH, or train one first with scripts/train_finetuned.py")
     try:
@@ -45,10 +46,10 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
     norm = meta.get("normalization") or {}
     if not isinstance(names, list) or len(names) != model.num_classes:
         raise UserError(f"model file {path} has no usable class names (found {names!r} for {model.num_classes} outputs); "
-                        "use best_model_finetuned.pth or a best_epoch*.pth file written by train_finetuned.py")
+                        f"use {BEST} or a best_epoch*.pth file written by train_finetuned.py")
     if not isinstance(norm.get("mean"), (int, float)) or not isinstance(norm.get("std"), (int, float)):
         raise UserError(f"model file {path} lacks the normalisation (mean, std) it was trained with; "
-                        "use best_model_finetuned.pth or a best_epoch*.pth file written by train_finetuned.py")
+                        f"use {BEST} or a best_epoch*.pth file written by train_finetuned.py")
     meta = dict(meta)
     meta["class_names"] = [str(n) for n in names]
     meta["path"] = str(path)

@@ -1,15 +1,40 @@
-"""The small stateful mechanisms of the trainer, each with ``state_dict``/``load_state_dict``.
+"""The small mechanisms of the trainer, each with ``state_dict``/``load_state_dict`` where it has state.
 
-Resuming is "load every state": early stopping, micro-batching after out-of-memory errors, and the
-NaN guard all keep what they know in plain data that goes into the checkpoint.
+Resuming is "load every state": the position, the epoch's running metrics, early stopping,
+micro-batching after out-of-memory errors, the NaN guard and the timing all keep what they know in
+plain data that goes into the checkpoint. The retry budget is the one mechanism that is not
+restored: it belongs to one run of the command. Pure functions of the position (``lr_at``,
+``mix_seed``) replace scheduler and RNG state.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import operator
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
-from .checkpoint import is_better
+import torch
+
+from .errors import TrainingFailed
+
+# ------------------------------------------------------------------------------------------------
+# Metric comparison shared by early stopping, the best-K keeper and the plots
+
+MODE_OF_METRIC = {"val_acc": "max", "val_loss": "min"}
+_BETTER = {"max": operator.gt, "min": operator.lt}
+
+
+def is_better(new: float, old: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """``new`` improves on ``old`` by more than ``min_delta``; NaN is never better, anything beats None/NaN."""
+    if new is None or (isinstance(new, float) and math.isnan(new)):
+        return False
+    if old is None or (isinstance(old, float) and math.isnan(old)):
+        return True
+    delta = min_delta if mode == "max" else -min_delta
+    return _BETTER[mode](new - delta, old)
 
 
 class EarlyStopping:
@@ -61,6 +86,18 @@ class MicroBatcher:
         self.clean_steps = 0
         return self.parts
 
+    def split_after_oom(self, split: Callable[[int], list[int]], advice: str) -> list[int]:
+        """Double the split after an OOM; returns the new micro-batch sizes, ``split(parts)``.
+
+        Raises ``TrainingFailed`` (with ``advice``) when the batch cannot be cut any finer.
+        """
+        before = split(self.parts)
+        sizes = split(self.on_oom())
+        if len(sizes) <= len(before):
+            raise TrainingFailed(f"out of memory even with micro-batches of {min(before)} sample(s) (one batch-norm group): "
+                                 + advice)
+        return sizes
+
     def on_success(self) -> bool:
         """Count a clean step; returns True when the split was just reduced (a probe)."""
         if self.parts == 1:
@@ -105,6 +142,14 @@ class NanGuard:
         self.lr_scale *= self.lr_factor
         return self.lr_scale
 
+    def start_rollback(self, streak: int, base_lr: float) -> float:
+        """``roll_back``, or ``TrainingFailed`` when no rollback is left."""
+        if not self.can_roll_back():
+            raise TrainingFailed(
+                f"the loss stayed NaN/Inf ({streak} steps in a row) after {self.rollbacks} rollbacks that lowered the "
+                f"learning rate to {base_lr * self.lr_scale:.3g}; check the data for broken images and lower --lr")
+        return self.roll_back()
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for the checkpoint."""
         return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
@@ -143,3 +188,181 @@ def mix_seed(*parts: int) -> int:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------
+# Position, running metrics, timing, retries
+
+
+@dataclass
+class Position:
+    """Where training is: 0-based epoch, step within the epoch, and global optimizer step."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        self.global_step += 1
+
+    def next_epoch(self) -> None:
+        """The epoch is done: the next one starts at its step 0."""
+        self.epoch += 1
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain-data state for the checkpoint."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by ``state_dict`` (extra keys are ignored)."""
+        self.epoch, self.step, self.global_step = int(state["epoch"]), int(state["step"]), int(state["global_step"])
+
+
+class EpochMetrics:
+    """The epoch's running sums, kept on the training device: no host-device sync per step.
+
+    A step whose loss or gradient is not finite adds nothing but counts as skipped, and extends the
+    streak of non-finite steps that the NaN guard reads.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every sum (a new epoch)."""
+        def z(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros((), dtype=dtype, device=self.device)
+
+        self.sums = {"loss_sum": z(torch.float64), "correct": z(torch.int64), "seen": z(torch.int64),
+                     "nonfinite": z(torch.int64), "streak": z(torch.int64), "max_streak": z(torch.int64)}
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, batch: int, denom: float, bad: torch.Tensor) -> None:
+        """Account one step: ``loss_sum`` of (weighted) per-sample losses, ``bad``: not finite."""
+        s, good = self.sums, ~bad
+        s["loss_sum"] += torch.where(good, loss_sum.double() / denom * batch, 0.0)
+        s["correct"] += torch.where(good, correct, 0)
+        s["seen"] += torch.where(good, batch, 0)
+        s["nonfinite"] += bad.long()
+        s["streak"] = (s["streak"] + 1) * bad.long()
+        s["max_streak"] = torch.maximum(s["max_streak"], s["streak"])
+
+    def clear_streak(self) -> None:
+        """Start counting non-finite steps afresh (after a rollback)."""
+        self.sums["streak"].zero_()
+        self.sums["max_streak"].zero_()
+
+    def max_streak(self) -> int:
+        """Longest run of non-finite steps so far (reads the device)."""
+        return int(self.sums["max_streak"])
+
+    def summary(self) -> tuple[float, float, int, int]:
+        """``(train_loss, train_acc, images seen, skipped steps)`` of the epoch (reads the device)."""
+        seen = int(self.sums["seen"])
+        loss = float(self.sums["loss_sum"]) / seen if seen else float("nan")
+        acc = int(self.sums["correct"]) / seen if seen else float("nan")
+        return loss, acc, seen, int(self.sums["nonfinite"])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain-data state for the checkpoint (CPU copies of the sums)."""
+        return {k: v.detach().cpu().clone() for k, v in self.sums.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the state saved by ``state_dict``."""
+        self.sums = {k: v.to(self.device) for k, v in state.items()}
+
+
+class Clock:
+    """Wall time of the current epoch and of its training steps, carried across restarts (timing only)."""
+
+    def __init__(self) -> None:
+        self.epoch_before = 0.0  # seconds of this epoch spent by earlier processes
+        self.train_before = 0.0
+        self.epoch_t0 = time.monotonic()
+        self.train_t0: float | None = None
+
+    def start_epoch(self) -> None:
+        """The current epoch (re)starts in this process now."""
+        self.epoch_t0 = time.monotonic()
+
+    def start_training(self) -> None:
+        """A stretch of training steps starts."""
+        self.train_t0 = time.monotonic()
+
+    def stop_training(self) -> None:
+        """The stretch of training steps ends (validation follows)."""
+        self.train_before = self.train_seconds()
+        self.train_t0 = None
+
+    def epoch_seconds(self) -> float:
+        """Seconds spent on the current epoch, across processes."""
+        return self.epoch_before + (time.monotonic() - self.epoch_t0)
+
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps of the current epoch, across processes."""
+        return self.train_before + (time.monotonic() - self.train_t0 if self.train_t0 is not None else 0.0)
+
+    def new_epoch(self) -> None:
+        """Zero the counters for the next epoch."""
+        self.epoch_before = self.train_before = 0.0
+        self.train_t0 = None
+        self.start_epoch()
+
+    def state_dict(self) -> dict[str, float]:
+        """Plain-data state for the checkpoint."""
+        return {"epoch_elapsed": self.epoch_seconds(), "train_elapsed": self.train_seconds()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the state saved by ``state_dict``."""
+        self.epoch_before = float(state["epoch_elapsed"])
+        self.train_before = float(state["train_elapsed"])
+        self.train_t0 = None
+        self.start_epoch()
+
+
+class RetryBudget:
+    """At most ``max_retries`` recoveries per run of the command, with a growing cool-down.
+
+    Not part of the checkpoint: every run of the command gets the whole budget again. The cool-down
+    is random between ``cooldown_min`` and ``cooldown_max`` seconds, doubled for each failure since
+    the last checkpoint that recorded new progress (at most 300 s).
+    """
+
+    def __init__(self, max_retries: int, cooldown_min: float, cooldown_max: float) -> None:
+        self.max_retries = max_retries
+        self.cooldown_min, self.cooldown_max = cooldown_min, cooldown_max
+        self.failures: list[str] = []
+        self.consecutive = 0
+
+    def record(self, where: str, err: BaseException) -> None:
+        """Count a failure; raises ``TrainingFailed`` listing all of them when the budget is spent."""
+        self.failures.append(f"{where}: {type(err).__name__}: {err}")
+        self.consecutive += 1
+        if len(self.failures) > self.max_retries:
+            raise TrainingFailed(
+                f"training failed {len(self.failures)} times, more than --max-retries {self.max_retries}:\n  "
+                + "\n  ".join(self.failures)
+            )
+
+    def progress(self) -> None:
+        """A checkpoint recorded new progress: the next failure cools down from the start again."""
+        self.consecutive = 0
+
+    def cooldown_seconds(self) -> float:
+        """How long to wait before the next retry."""
+        return min(300.0, random.uniform(self.cooldown_min, self.cooldown_max) * 2 ** max(0, self.consecutive - 1))
+
+    def cool_down(self, stop_requested: Callable[[], bool], log: Callable[[str], None]) -> bool:
+        """Wait before a retry, polling ``stop_requested``; returns False when a stop cut the wait short."""
+        seconds = self.cooldown_seconds()
+        if seconds > 0:
+            log(f"cooling down {seconds:.1f}s before retrying")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if stop_requested():
+                return False
+            time.sleep(max(0.0, min(0.1, end - time.monotonic())))
+        return True

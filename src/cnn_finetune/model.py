@@ -118,6 +118,14 @@ class CNNv2(nn.Module):
         """Logits for a ``(B, 1, 28, 28)`` batch of normalised images."""
         return self.head(self.features(x))
 
+    def train_mode(self, frozen_features: bool = False) -> None:
+        """Training mode; with ``frozen_features`` only the head learns, and the feature layers keep their
+        weights and batch-norm statistics."""
+        self.features.requires_grad_(not frozen_features)
+        self.train()
+        if frozen_features:
+            self.features.eval()
+
     def arch_params(self) -> dict[str, int]:
         """What is needed to rebuild this model: stored with its weights."""
         return {"num_classes": self.num_classes, "width": self.width, "bn_ghost_size": self.bn_ghost_size}
@@ -126,6 +134,35 @@ class CNNv2(nn.Module):
 def build_model(num_classes: int, width: int = 32, bn_ghost_size: int = 32) -> CNNv2:
     """A freshly initialised CNN v2."""
     return CNNv2(num_classes, width=width, bn_ghost_size=bn_ghost_size)
+
+
+def make_optimizer(model: CNNv2, *, name: str, lr: float, momentum: float, weight_decay: float,
+                   feature_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW or SGD over parameter groups: features/head (``lr_scale``), weights/norms+biases (decay)."""
+    groups: list[dict[str, Any]] = []
+    for part, scale in ((model.features, feature_lr_scale), (model.head, 1.0)):
+        decay = [p for p in part.parameters() if p.ndim > 1]
+        no_decay = [p for p in part.parameters() if p.ndim <= 1]  # norms and biases
+        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": scale})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": scale})
+    # Fused kernels accept a device-side "found_inf" flag: a non-finite step is skipped without a
+    # host-device synchronisation.
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=True)
+
+
+def grad_norm(model: nn.Module, clip: float = 0.0) -> torch.Tensor:
+    """Total gradient norm (clipped to ``clip`` when positive), computed on the device: no sync."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros((), device=next(model.parameters()).device)
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: no rescaling pass
+    if total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, float("inf"), foreach=True)
+    return total_norm([p.grad for p in params], foreach=True)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import atomic_write_bytes
-from .plots import CURVES_PNG, best_record
-
-MODEL_CARD = "model_card.md"
-BEST_MODEL = "best_model_finetuned.pth"
+from .plots import best_record
+from .rundir import BEST as BEST_MODEL
+from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, HISTORY, MODEL_CARD
 SKIPPED_SHOWN = 20  # skipped files listed in the card; all of them are in data_report.json
 CONFUSED_SHOWN = 5
 
@@ -87,7 +86,7 @@ def _data_section(data_report: dict[str, Any]) -> list[str]:
         skipped = src.get("skipped") or []
         if skipped:
             lines.append(f"**{len(skipped)} unusable file(s) skipped** in the {label} data"
-                         + (f" (first {SKIPPED_SHOWN} shown; all in `data_report.json`)" if len(skipped) > SKIPPED_SHOWN else "") + ":")
+                         + (f" (first {SKIPPED_SHOWN} shown; all in `{DATA_REPORT}`)" if len(skipped) > SKIPPED_SHOWN else "") + ":")
             lines.append("")
             lines += [f"- `{s.get('path')}`: {s.get('reason')}" for s in skipped[:SKIPPED_SHOWN]]
             lines.append("")
@@ -115,7 +114,7 @@ def _recipe_section(cfg: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
         if k in resolved and (k != "batch_size" or resolved[k] != cfg.get("batch_size")):
             rows.append([f"{k} (resolved)", resolved[k]])
     lines += _table(["setting", "value"], rows)
-    lines += ["", "Every setting is in `config_finetuned.json`.", ""]
+    lines += ["", f"Every setting is in `{CONFIG}`.", ""]
     return lines
 
 
@@ -132,7 +131,7 @@ def _training_section(history: Sequence[dict[str, Any]], cfg: dict[str, Any], ou
     if best is not None:
         lines.append(f"- **Best epoch:** {best.get('epoch')} ({monitor}): validation accuracy {_pct(best.get('val_acc'))}, "
                      f"validation loss {_num(best.get('val_loss'))}, training accuracy {_pct(best.get('train_acc'))} "
-                     "(on augmented images). Its weights are in `best_model_finetuned.pth`.")
+                     f"(on augmented images). Its weights are in `{BEST_MODEL}`.")
     last = history[-1]
     lines.append(f"- **Last epoch:** {last.get('epoch')}: validation accuracy {_pct(last.get('val_acc'))}, "
                  f"validation loss {_num(last.get('val_loss'))}")
@@ -145,12 +144,12 @@ def _training_section(history: Sequence[dict[str, Any]], cfg: dict[str, Any], ou
     nan_steps = sum(int(r.get("nan_skipped") or 0) for r in history)
     if counts or nan_steps:
         parts = [f"{k} x{v}" for k, v in sorted(counts.items())] + ([f"{nan_steps} NaN/Inf step(s) skipped"] if nan_steps else [])
-        lines.append("- **Events:** " + ", ".join(parts) + " (details per epoch in `history.json`)")
+        lines.append("- **Events:** " + ", ".join(parts) + f" (details per epoch in `{HISTORY}`)")
     else:
         lines.append("- **Events:** none: no interruption, retry, out-of-memory or NaN")
     lines.append("")
-    if (out_dir / CURVES_PNG).exists():
-        lines += [f"![training curves]({CURVES_PNG})", ""]
+    if (out_dir / CURVES).exists():
+        lines += [f"![training curves]({CURVES})", ""]
     return lines
 
 
@@ -250,9 +249,9 @@ def write_model_card(out_dir: Path, *, config: dict[str, Any], data_report: dict
     lines += _recipe_section(cfg, resolved)
     lines += _training_section(history, cfg, out_dir)
     if evaluation is not None:
-        lines += _evaluation_section("Validation", evaluation, out_dir, "confusion_matrix.png")
+        lines += _evaluation_section("Validation", evaluation, out_dir, CONFUSION)
     if test_evaluation is not None:
-        lines += _evaluation_section("Test", test_evaluation, out_dir, "test_confusion_matrix.png")
+        lines += _evaluation_section("Test", test_evaluation, out_dir, f"test_{CONFUSION}")
     lines += _usage_section(out_dir, cfg)
     if versions:
         lines += ["## Software", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import MODE_OF_METRIC, atomic_write_bytes, is_better
+from .checkpoint import atomic_write_bytes
+from .mechanisms import MODE_OF_METRIC, is_better
+from .rundir import CURVES as CURVES_PNG
 
 # How each kind of history event is drawn: (colour, marker, legend text). Unknown kinds get OTHER.
 EVENT_STYLE: dict[str, tuple[str, str, str]] = {
@@ -27,7 +29,6 @@ EVENT_STYLE: dict[str, tuple[str, str, str]] = {
 }
 OTHER_EVENT = ("tab:gray", "d", "other event")
 TRAIN_COLOUR, VAL_COLOUR, BEST_COLOUR = "tab:blue", "tab:orange", "tab:green"
-CURVES_PNG = "training_curves.png"  # the file name the trainer and the model card use
 
 
 def _num(value: Any) -> float:
@@ -149,27 +150,54 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, monitor: str
         Line2D([], [], color=TRAIN_COLOUR, lw=1.6, label="train"),
         Line2D([], [], color=VAL_COLOUR, lw=1.6, label="validation"),
     ]
-    best = best_record(history, monitor)
     title = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
-    if best is not None:
-        b_epoch = _num(best.get("epoch"))
-        metric = _num(best.get(monitor))
-        if math.isnan(metric):
-            text = "n/a"
-        else:
-            text = f"{100 * metric:.2f}%" if monitor.endswith("acc") else f"{metric:.4f}"
-        for ax, key, scale, _ in panels:
-            ax.axvline(b_epoch, color=BEST_COLOUR, ls="--", lw=1.2, alpha=0.9)
-            # The star sits on the monitored curve (validation), where the decision was made.
-            ax.plot([b_epoch], [_num(best.get(f"val_{key}")) * scale], marker="*", ms=14,
-                    color=BEST_COLOUR, mec="black", mew=0.6, zorder=5)
-        best_label = f"best epoch {int(b_epoch)} ({monitor} {text})"
-        handles.append(Line2D([], [], color=BEST_COLOUR, ls="--", marker="*", ms=10, mec="black", mew=0.6, label=best_label))
+    best_label = _mark_best(panels, history, monitor, handles)
+    if best_label:
         title += f"; {best_label}"
+    _mark_events((ax_loss, ax_acc), history, handles)
+
+    ax_loss.set_title("loss", fontsize=11)
+    ax_acc.set_title("accuracy", fontsize=11)
+    fig.suptitle(f"Training curves: {title}", fontsize=11)
+    ncol = min(len(handles), 4)
+    rows = math.ceil(len(handles) / ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8.5, frameon=False)
+    # Fixed margins instead of a layout engine: cheaper, and the layout does not jump between epochs.
+    fig.subplots_adjust(left=0.065, right=0.985, top=0.87, bottom=0.2 + 0.045 * (rows - 1), wspace=0.22)
+    atomic_write_bytes(Path(path), render_png(fig, dpi=100))
+
+
+def _mark_best(panels: Sequence[tuple[Any, str, float, str]], history: list[dict[str, Any]], monitor: str,
+               handles: list[Any]) -> str:
+    """A green line and star at the best epoch on every panel; returns its legend text ('' when none)."""
+    from matplotlib.lines import Line2D
+
+    best = best_record(history, monitor)
+    if best is None:
+        return ""
+    b_epoch = _num(best.get("epoch"))
+    metric = _num(best.get(monitor))
+    if math.isnan(metric):
+        text = "n/a"
+    else:
+        text = f"{100 * metric:.2f}%" if monitor.endswith("acc") else f"{metric:.4f}"
+    for ax, key, scale, _ in panels:
+        ax.axvline(b_epoch, color=BEST_COLOUR, ls="--", lw=1.2, alpha=0.9)
+        # The star sits on the monitored curve (validation), where the decision was made.
+        ax.plot([b_epoch], [_num(best.get(f"val_{key}")) * scale], marker="*", ms=14,
+                color=BEST_COLOUR, mec="black", mew=0.6, zorder=5)
+    best_label = f"best epoch {int(b_epoch)} ({monitor} {text})"
+    handles.append(Line2D([], [], color=BEST_COLOUR, ls="--", marker="*", ms=10, mec="black", mew=0.6, label=best_label))
+    return best_label
+
+
+def _mark_events(axes: Sequence[Any], history: list[dict[str, Any]], handles: list[Any]) -> None:
+    """A dotted line and a marker at each epoch with events (resumed, retry, oom, ...), with counts."""
+    from matplotlib.lines import Line2D
 
     events = _event_points(history)
     if events:  # headroom for the strip of event markers, so they do not sit on the curves
-        for ax in (ax_loss, ax_acc):
+        for ax in axes:
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, hi + 0.12 * (hi - lo))
     for kind, points in events.items():
@@ -177,7 +205,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, monitor: str
         if kind not in EVENT_STYLE:
             label = kind.replace("_", " ")
         total = sum(c for _, c in points)
-        for ax in (ax_loss, ax_acc):
+        for ax in axes:
             for x, count in points:
                 ax.axvline(x, color=colour, ls=":", lw=1.2, alpha=0.8)
                 # Marker in a strip along the top of the axes (x in data, y in axes coordinates),
@@ -189,16 +217,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, monitor: str
                                 textcoords="offset points", fontsize=7, color=colour)
         handles.append(Line2D([], [], color=colour, ls=":", marker=marker, ms=7, mec="black", mew=0.4,
                               label=f"{label} ({total})"))
-
-    ax_loss.set_title("loss", fontsize=11)
-    ax_acc.set_title("accuracy", fontsize=11)
-    fig.suptitle(f"Training curves: {title}", fontsize=11)
-    ncol = min(len(handles), 4)
-    rows = math.ceil(len(handles) / ncol)
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8.5, frameon=False)
-    # Fixed margins instead of a layout engine: cheaper, and the layout does not jump between epochs.
-    fig.subplots_adjust(left=0.065, right=0.985, top=0.87, bottom=0.2 + 0.045 * (rows - 1), wspace=0.22)
-    atomic_write_bytes(Path(path), render_png(fig, dpi=100))
 
 
 def confusion_figure_geometry(num_classes: int) -> dict[str, float]:
@@ -226,7 +244,8 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
 
     Each row shows where the images of one true class went, as a share of that class; rows of classes
     without samples are grey. A square-root colour scale makes small confusions visible next to a
-    bright diagonal. Figure size, fonts and cell annotations scale with the number of classes.
+    bright diagonal. Figure size, fonts and cell annotations scale with the number of classes. Class
+    names are drawn as plain text (a name like ``$^$`` is not read as math markup).
     """
     import numpy as np
     from matplotlib import colormaps
@@ -241,22 +260,42 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     with np.errstate(invalid="ignore", divide="ignore"):
         share = counts / support[:, None]  # rows without samples become NaN: drawn grey
     geo = confusion_figure_geometry(n)
-    side = geo["side"]
     long_label = max((len(str(c)) for c in class_names), default=1)
-    with_support = n <= 30
-    label_in = geo["tick_pt"] / 72 * 0.62 * (long_label + (8 if with_support else 0)) + 0.6
-    fig = Figure(figsize=(side + label_in + 1.8, side + label_in + 1.0), layout="constrained")
+    label_in = geo["tick_pt"] / 72 * 0.62 * (long_label + (8 if n <= 30 else 0)) + 0.6
+    fig = Figure(figsize=(geo["side"] + label_in + 1.8, geo["side"] + label_in + 1.0), layout="constrained")
     ax = fig.subplots()
     cmap = colormaps["Blues"].with_extremes(bad="#d9d9d9")
     image = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
                       interpolation="nearest", aspect="equal")
-    ticks = range(n)
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.set_xticklabels([str(c) for c in class_names], fontsize=geo["tick_pt"],
+    _confusion_labels(ax, class_names, support, geo, long_label)
+    if geo["annotate"]:
+        _annotate_cells(ax, share, counts, geo)
+    total = counts.sum()
+    accuracy = f"{100 * np.trace(counts) / total:.2f}%" if total else "n/a"
+    notes = ["numbers: % of the true class"] if geo["annotate"] else []
+    if (support == 0).any():
+        notes.append("grey rows: no images of that class")
+    fig.suptitle(f"{title}\n{int(total)} images, accuracy {accuracy}" + ("; " if notes else "") + "; ".join(notes),
+                 fontsize=geo["title_pt"], parse_math=False)
+    bar = fig.colorbar(image, ax=ax, fraction=0.035 if n > 30 else 0.046, pad=0.04 if n > 30 else 0.02, shrink=0.6 if n > 30 else 1.0)
+    bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0])
+    bar.set_ticklabels(["0%", "1%", "5%", "10%", "25%", "50%", "75%", "100%"])
+    bar.ax.tick_params(labelsize=geo["label_pt"] - 2)
+    bar.set_label("share of the true class (row), square-root scale", fontsize=geo["label_pt"] - 1)
+    atomic_write_bytes(Path(path), render_png(fig, dpi=100))
+
+
+def _confusion_labels(ax: Any, class_names: Sequence[str], support: Any, geo: dict[str, float], long_label: int) -> None:
+    """Class names on both axes (plain text), with the number of images per true class on small matrices."""
+    import numpy as np
+
+    n = len(class_names)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels([str(c) for c in class_names], fontsize=geo["tick_pt"], parse_math=False,
                        rotation=0 if long_label * geo["tick_pt"] * 0.62 <= geo["cell"] * 72 else 90)
-    ylabels = [f"{c} (n={int(s)})" if with_support else str(c) for c, s in zip(class_names, support)]
-    ax.set_yticklabels(ylabels, fontsize=geo["tick_pt"])
+    ylabels = [f"{c} (n={int(s)})" if n <= 30 else str(c) for c, s in zip(class_names, support)]
+    ax.set_yticklabels(ylabels, fontsize=geo["tick_pt"], parse_math=False)
     ax.set_xlabel("predicted class", fontsize=geo["label_pt"])
     ax.set_ylabel("true class", fontsize=geo["label_pt"])
     ax.tick_params(length=2)
@@ -268,25 +307,18 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
         ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
         ax.grid(which="minor", color="white", lw=0.3)
         ax.tick_params(which="minor", length=0)
-    if geo["annotate"]:
-        for i in range(n):
-            for j in range(n):
-                value = share[i, j]
-                if not np.isfinite(value) or counts[i, j] == 0:
-                    continue  # blank zero cells: the eye goes to the confusions that exist
-                text = f"{100 * value:.0f}" if value >= 0.005 else "<1"
-                ax.text(j, i, text, ha="center", va="center", fontsize=geo["annot_pt"],
-                        color="white" if value > 0.3 else "black")
-    total = counts.sum()
-    accuracy = f"{100 * np.trace(counts) / total:.2f}%" if total else "n/a"
-    notes = ["numbers: % of the true class"] if geo["annotate"] else []
-    if (support == 0).any():
-        notes.append("grey rows: no images of that class")
-    fig.suptitle(f"{title}\n{int(total)} images, accuracy {accuracy}" + ("; " if notes else "") + "; ".join(notes),
-                 fontsize=geo["title_pt"])
-    bar = fig.colorbar(image, ax=ax, fraction=0.035 if n > 30 else 0.046, pad=0.04 if n > 30 else 0.02, shrink=0.6 if n > 30 else 1.0)
-    bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0])
-    bar.set_ticklabels(["0%", "1%", "5%", "10%", "25%", "50%", "75%", "100%"])
-    bar.ax.tick_params(labelsize=geo["label_pt"] - 2)
-    bar.set_label("share of the true class (row), square-root scale", fontsize=geo["label_pt"] - 1)
-    atomic_write_bytes(Path(path), render_png(fig, dpi=100))
+
+
+def _annotate_cells(ax: Any, share: Any, counts: Any, geo: dict[str, float]) -> None:
+    """The share of each non-empty cell, in percent."""
+    import numpy as np
+
+    n = share.shape[0]
+    for i in range(n):
+        for j in range(n):
+            value = share[i, j]
+            if not np.isfinite(value) or counts[i, j] == 0:
+                continue  # blank zero cells: the eye goes to the confusions that exist
+            text = f"{100 * value:.0f}" if value >= 0.005 else "<1"
+            ax.text(j, i, text, ha="center", va="center", fontsize=geo["annot_pt"],
+                    color="white" if value > 0.3 else "black")

@@ -28,9 +28,10 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 import torch
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError, run_tool
+from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
+from .runtime import resolve_device, run_tool
 
 
 @dataclass
@@ -166,8 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .cli import resolve_device
-
     if args.top_k <= 0:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
     if args.batch_size <= 0:

@@ -1,8 +1,12 @@
-"""Graceful stop on Ctrl+C / SIGTERM: the handler only sets a flag; the loop acts between steps.
+"""Ctrl+C, SIGTERM and SIGHUP: the handler only sets a flag; the training loop acts on it between steps.
 
-A second signal while the first is being handled (for example during the final save) raises
-``KeyboardInterrupt`` at once: the atomic writer then removes its temporary file and the previous
-checkpoint stays the valid one. The previous handlers are restored when the guard ends.
+``SignalGuard`` is installed for a whole run. Outside the training loop a signal stops the run at
+once (``Interrupted``): nothing half-written can be left, since every file is written atomically.
+Inside ``deferring()`` (the loop) the first signal only sets a flag: the loop finishes the current
+step, saves, and raises ``Interrupted`` itself. A second signal while the first is being handled
+(for example during that save) raises at once: the atomic writer then removes its temporary file
+and the previous checkpoint stays the valid one. SIGHUP (the terminal or SSH session closed) is
+handled like SIGTERM. The previous handlers are restored when the guard ends.
 """
 
 from __future__ import annotations
@@ -10,33 +14,42 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Iterator
 
-from .errors import EXIT_SIGINT, EXIT_SIGTERM
+from .errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 
 EXIT_CODES = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    EXIT_CODES[signal.SIGHUP] = EXIT_SIGHUP
 
 
-class Terminated(BaseException):
-    """SIGTERM that must stop the program at once (exit 143), like KeyboardInterrupt for SIGINT."""
+def abort_message(name: str, second: bool) -> str:
+    """What the user reads when a signal ended the run at once."""
+    if name == "SIGINT":
+        why = "by a second interrupt" if second else "by an interrupt"
+        return f"aborted at once {why}; the last complete checkpoint is kept. Run the same command to continue."
+    return f"terminated at once by {'a second ' if second else ''}{name}; the last complete checkpoint is kept. " \
+           "Run the same command to continue."
 
 
 class SignalGuard:
-    """Context manager that turns SIGINT/SIGTERM into a flag the training loop polls."""
+    """Context manager that turns stop signals into ``Interrupted`` or, while deferring, into a flag."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._deferring = False
         self._previous: dict[int, Any] = {}
 
     @property
     def stop_requested(self) -> bool:
-        """True once a stop signal arrived."""
+        """True once a stop signal arrived while deferring."""
         return self.received is not None
 
     @property
     def exit_code(self) -> int:
-        """130 for SIGINT, 143 for SIGTERM."""
+        """130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
         return EXIT_CODES.get(self.received or signal.SIGINT, EXIT_SIGINT)
 
     @property
@@ -44,16 +57,35 @@ class SignalGuard:
         """Name of the received signal, e.g. 'SIGINT'."""
         return signal.Signals(self.received).name if self.received else ""
 
+    def request_stop(self, signum: int) -> None:
+        """Act as if ``signum`` had arrived while deferring (e.g. a stop decided by another process)."""
+        if self.received is None:
+            self.received = signum
+
+    def stopped(self, message: str) -> Interrupted:
+        """The exception that ends the run after the state was saved at the requested stop."""
+        return Interrupted(message, signal_name=self.name, exit_code=self.exit_code, saved=True)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
-            text = f"second {signal.Signals(signum).name}: aborting at once"
-            raise KeyboardInterrupt(text) if signum == signal.SIGINT else Terminated(text)
+        name = signal.Signals(signum).name
+        if not self._deferring or self.received is not None:
+            second = self.received is not None
+            raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[signum], second=second)
         self.received = signum
-        msg = f"\n{signal.Signals(signum).name} received: finishing the current step and saving a checkpoint (send it again to abort at once)\n"
+        msg = f"\n{name} received: finishing the current step and saving a checkpoint (send it again to abort at once)\n"
         try:
             os.write(2, msg.encode())  # print() is not safe inside a signal handler
         except OSError:
             pass
+
+    @contextmanager
+    def deferring(self) -> Iterator["SignalGuard"]:
+        """Inside, the first signal only sets the flag that the training loop polls."""
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
 
     def __enter__(self) -> "SignalGuard":
         if threading.current_thread() is threading.main_thread():

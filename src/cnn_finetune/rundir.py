@@ -1,0 +1,195 @@
+"""The run folder (``models/cnn_modelo_v2_finetuned/`` by default) as one object.
+
+``RunDir`` owns every artifact name, the lock that keeps two runs out of one folder, moving an
+earlier run aside (``--no-resume``), telling our files from a user's, removing the temporary files a
+killed run left, and the list of checkpoints a run may resume from. No other module writes a file
+name of the run folder out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+LAST = "checkpoint_last.pth"
+PREV = "checkpoint_prev.pth"
+BEST = "best_model_finetuned.pth"
+HISTORY = "history.json"
+CONFIG = "config_finetuned.json"
+DATA_REPORT = "data_report.json"
+CURVES = "training_curves.png"
+EVALUATION = "evaluation.json"
+CONFUSION = "confusion_matrix.png"
+MODEL_CARD = "model_card.md"
+LOCK = ".lock"
+TMP_MARK = ".tmp-"  # atomic writes go through "<name>.tmp-<pid>"
+# The four files of the original training guide, in its order.
+GUIDE_ARTIFACTS = (BEST, LAST, HISTORY, CONFIG)
+# Written before the first checkpoint: a folder holding only these may be reused by a new run.
+BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG, DATA_REPORT, LOCK})
+BEST_EPOCH_PATTERN = re.compile(r"^best_epoch\d{3,}_.*\.pth$")
+DAMAGED_PATTERN = re.compile(r"^checkpoint_(last|prev)\.pth\.damaged-[0-9-]+$")
+_TEMPORARY = re.compile(r"^(?P<target>.+)" + re.escape(TMP_MARK) + r"(?P<pid>\d+)$")
+
+
+def temporary_name(target: Path) -> Path:
+    """The temporary file an atomic write of ``target`` goes through (this process's own)."""
+    return target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
+
+
+def best_epoch_name(epoch: int, metric: float, monitor: str) -> str:
+    """File name of a best-K epoch: ``best_epoch012_val_acc0.9920.pth``."""
+    return f"best_epoch{epoch:03d}_{monitor}{metric:.4f}.pth"
+
+
+def is_best_epoch_name(name: str) -> bool:
+    """True for the names ``best_epoch_name`` makes."""
+    return bool(BEST_EPOCH_PATTERN.match(name))
+
+
+def is_our_name(name: str) -> bool:
+    """True for a file name this program writes into a run folder."""
+    ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION,
+            f"test_{EVALUATION}", f"test_{CONFUSION}"}
+    return name in ours or is_best_epoch_name(name) or bool(DAMAGED_PATTERN.match(name))
+
+
+class RunDir:
+    """One run folder: artifact paths, lock, move-aside, leftovers and resume candidates."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def last(self) -> Path:
+        """``checkpoint_last.pth``: the newest full training state."""
+        return self.path / LAST
+
+    @property
+    def prev(self) -> Path:
+        """``checkpoint_prev.pth``: the one before it (the fallback)."""
+        return self.path / PREV
+
+    @property
+    def best(self) -> Path:
+        """``best_model_finetuned.pth``: the model of the best epoch."""
+        return self.path / BEST
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints a run may continue from, newest first."""
+        return [self.last, self.prev]
+
+    def has_files(self) -> bool:
+        """True when the folder exists and holds anything."""
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def foreign_files(self) -> list[str]:
+        """Files a new run must not overwrite when there is no checkpoint: everything but what a run
+        writes before its first checkpoint and our own temporary files."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in BEFORE_FIRST_CHECKPOINT and not self._is_our_temporary(p.name))
+
+    def best_epoch_files(self) -> list[Path]:
+        """Best-K files on disk."""
+        return sorted(p for p in self.path.glob("best_epoch*.pth") if is_best_epoch_name(p.name)) if self.path.is_dir() else []
+
+    @staticmethod
+    def _is_our_temporary(name: str) -> bool:
+        match = _TEMPORARY.match(name)
+        return bool(match) and is_our_name(match.group("target"))
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of our own artifacts left by a process killed while writing.
+
+        Only names of the exact form ``<artifact>.tmp-<pid>`` are removed, so a user's file that happens
+        to contain ``.tmp-`` is never touched.
+        """
+        removed = []
+        if self.path.is_dir():
+            for p in self.path.iterdir():
+                if self._is_our_temporary(p.name) and p.is_file():
+                    try:
+                        p.unlink()
+                        removed.append(p)
+                    except OSError:
+                        pass
+        return removed
+
+    def create(self) -> None:
+        """Create the folder; a folder that cannot be created is bad input (exit 2)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot write to the output folder {self.path}: {err.strerror or err}; "
+                            "choose a writable --output-dir", path=str(self.path)) from None
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``<folder>/.lock`` while the block runs.
+
+        Two runs writing the same folder would overwrite each other's checkpoints: the second one is
+        refused (exit 2). Where ``fcntl`` does not exist (Windows) no lock is taken.
+        """
+        # Read-only: an open write handle would keep the folder's file system from being remounted
+        # read-only, and the lock needs none.
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to the output folder {self.path}: {err.strerror or err}; "
+                            "choose a writable --output-dir", path=str(self.path)) from None
+        try:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows
+                fcntl = None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise UserError(f"another training run is using {self.path} (it holds {self.path / LOCK}); wait for it "
+                                    "to finish, or choose another --output-dir", path=str(self.path)) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def damaged_name(self, path: Path) -> Path:
+        """Where a damaged checkpoint is moved aside: ``<name>.damaged-<time>`` (never deleted)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+            n += 1
+        return target
+
+    def move_aside(self) -> Path | None:
+        """Rename a non-empty folder to ``<name>.old-<timestamp>`` (under its lock); returns the new path."""
+        if not self.has_files():
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.old-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
+            n += 1
+        try:
+            with self.lock():  # never move a folder that a running training writes to
+                self.path.rename(target)
+        except OSError as err:
+            raise UserError(f"--no-resume cannot move the earlier run in {self.path} aside: {err.strerror or err}",
+                            path=str(self.path)) from None
+        return target
