@@ -96,12 +96,46 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], cwd: Path, faults: str | None = None, timeout: float = 300,
             script: Path = SCRIPT, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``scripts/train_finetuned.py`` for real and wait for it."""
+    """Run ``scripts/train_finetuned.py`` for real and wait for it.
+
+    Runs that inject no fault call the command line in this process (``cli.main``, the same code
+    path as the script, minus the interpreter start-up); runs with faults, which signal or kill the
+    process, run in a subprocess. ``CLI_SUBPROCESS=1`` sends every run to a subprocess.
+    """
     extra = dict(env)
     if faults:
         extra["TRAIN_FAULTS"] = faults
+    if not extra and script == SCRIPT and os.environ.get("CLI_SUBPROCESS") != "1":
+        return run_cli_in_process(args, cwd)
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(cwd, **extra),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cli.main(args)`` in ``cwd`` with the environment of ``cli_env``, one torch thread, output captured."""
+    import contextlib
+    import io
+
+    from cnn_finetune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    os.environ.clear()
+    os.environ.update(cli_env(cwd))
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 gives a subprocess: the same arithmetic, bit for bit
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # argparse on a bad flag
+                code = stop.code if isinstance(stop.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess(["cli.main", *args], code, out.getvalue(), err.getvalue())
 
 
 def load_state(path: Path) -> dict:
