@@ -261,7 +261,7 @@ def ours_to_accuracy(cfg: TrainConfig, data: SplitData, test: tuple[torch.Tensor
 
     def on_epoch_end(history: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
-        acc = accuracy(trainer_ref[0].model, *test, data.mean, data.std, device, trainer_ref[0].amp_dtype)
+        acc = accuracy(trainer_ref[0].model, *test, data.mean, data.std, device, trainer_ref[0].steps.amp_dtype)
         curve.append({"epoch": history[-1]["epoch"], "seconds": t0 - t_start[0] - excluded[0], "test_acc": acc,
                       "val_acc": history[-1]["val_acc"]})
         excluded[0] += time.perf_counter() - t0

@@ -24,9 +24,19 @@ from .log import logger
 from .signals import abort_message
 
 
+def _int_or_auto(text: str) -> int | str:
+    """``--epochs 30`` or ``--epochs auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a number, or auto)") from None
+
+
 def _flag_type(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return _int_or_auto if set(args) == {int, str} else args[0]
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -49,7 +59,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         if kind is bool:  # --verbose sets True, --no-cache sets False
             p.add_argument(name, dest=f.name, action="store_const", const=not name.startswith("--no-"), help=text)
         else:
-            p.add_argument(name, dest=f.name, help=text, choices=CHOICES.get(f.name), type=None if kind is str else kind)
+            p.add_argument(name, dest=f.name, help=text, choices=CHOICES.get(f.name), type=None if kind is str else kind,
+                           metavar="N|auto" if kind is _int_or_auto else None)
     p.add_argument("--config", type=Path, help=f"JSON file of hyper-parameters (default: {DEFAULT_CONFIG_PATH} when it exists, "
                                               "else the defaults shipped with the package)")
     p.add_argument("--cooldown", type=float, metavar="SECONDS",

@@ -29,6 +29,9 @@ DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable cop
 PACKAGED_CONFIG_PATH = Path(__file__).with_name("default_config.json")
 DEFAULT_OUTPUT_DIR = "models/cnn_modelo_v2_finetuned"
 DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
+# The MNIST base model shipped in the package (scripts/make_base_model.py): the default base when the
+# user has no DEFAULT_BASE_MODEL of their own.
+PACKAGED_BASE_MODEL = Path(__file__).with_name("base_models") / "cnn_v2_mnist5k.pth"
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
@@ -70,10 +73,16 @@ class TrainConfig:
     bn_ghost_size: int = _f(32, "batch-norm statistics per group of this many samples (0: whole batch)")
     base_model: str | None = _f(DEFAULT_BASE_MODEL, f"weights to fine-tune from ('none': from scratch; the default {DEFAULT_BASE_MODEL} "
                                                     "is used when it exists)", flag=True, resume=FREE)
-    freeze_features_epochs: int = _f(0, "epochs during which only the classifier head trains", flag=True)
-    feature_lr_scale: float = _f(1.0, "learning-rate factor of the feature layers (e.g. 0.1 when fine-tuning)", flag=True)
+    freeze_features_epochs: int | None = _f(None, "epochs during which only the classifier head trains (default: chosen "
+                                                  "for fine-tuning when a base model is used, 0 from scratch)", flag=True)
+    feature_lr_scale: float | None = _f(None, "learning-rate factor of the feature layers (default: chosen for fine-tuning "
+                                              "when a base model is used, 1.0 from scratch)", flag=True)
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = _f(15, "training epochs", flag=True)
+    epochs: int | str = _f("auto", "training epochs, or auto: enough optimizer updates for the data (at least "
+                                   "budget_updates, within budget_min_epochs and budget_max_epochs)", flag=True, resume=FREE)
+    budget_updates: int = _f(800, "epochs auto: at least this many optimizer updates", resume=FREE)
+    budget_min_epochs: int = _f(15, "epochs auto: at least this many epochs", resume=FREE)
+    budget_max_epochs: int = _f(300, "epochs auto: at most this many epochs", resume=FREE)
     batch_size: int = _f(128, "samples per optimizer step (the effective batch, also under OOM)", flag=True)
     lr: float = _f(3e-3, "peak learning rate", flag=True)
     weight_decay: float = _f(5e-4, "decoupled weight decay (not applied to norms and biases)")
@@ -89,7 +98,8 @@ class TrainConfig:
     aug_scale: float = _f(0.15, "maximum relative scale change (0.15: 0.85x to 1.15x)")
     aug_noise: float = _f(0.05, "standard deviation of Gaussian pixel noise (pixels in [0, 1])")
     # --- early stopping and checkpoints -----------------------------------------------------
-    patience: int = _f(8, "epochs without improvement before early stopping (0 turns it off)", flag=True, resume=FREE)
+    patience: int | None = _f(None, "epochs without improvement before early stopping (0 turns it off; default: 8, "
+                                    "scaled with runs longer than 15 epochs: 8 x epochs / 15)", flag=True, resume=FREE)
     min_delta: float = _f(0.0, "smallest change of the monitored metric that counts as improvement", flag=True, resume=FREE)
     monitor: str = _f("val_acc", "metric for early stopping and the best checkpoints")
     keep_best: int = _f(3, "best epochs kept as separate files (at least 1: the best)", flag=True, resume=FREE)
@@ -121,7 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_choices(self)
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "width", "keep_best")
+        _positive(self, "batch_size", "eval_batch_size", "width", "keep_best", "budget_updates", "budget_min_epochs",
+                  "budget_max_epochs")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
             "aug_translate", "aug_scale", "aug_noise", "min_delta", "checkpoint_every_steps",
@@ -169,7 +180,13 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
                                               "set cooldown_max >= cooldown_min (or --cooldown SECONDS for a fixed value)"),
         (cfg.nan_max_consecutive < 1, f"nan_max_consecutive={cfg.nan_max_consecutive} must be at least 1"),
         (not 0.0 < cfg.nan_lr_factor < 1.0, f"nan_lr_factor={cfg.nan_lr_factor} must be in (0, 1), e.g. 0.5"),
-        (cfg.feature_lr_scale < 0, f"feature_lr_scale={cfg.feature_lr_scale} must be >= 0 (1.0: same as the head)"),
+        (cfg.feature_lr_scale is not None and cfg.feature_lr_scale < 0,
+         f"feature_lr_scale={cfg.feature_lr_scale} must be >= 0 (1.0: same as the head)"),
+        (isinstance(cfg.epochs, str) and cfg.epochs != "auto",
+         f"epochs={cfg.epochs!r} has the wrong type: expected int or \"auto\""),
+        (isinstance(cfg.epochs, int) and cfg.epochs <= 0, f"epochs={cfg.epochs} must be a positive number (or \"auto\")"),
+        (cfg.budget_max_epochs < cfg.budget_min_epochs,
+         f"budget_max_epochs={cfg.budget_max_epochs} is below budget_min_epochs={cfg.budget_min_epochs}"),
         (cfg.arch != "cnn_v2", f"arch={cfg.arch!r} is not known; the only architecture is 'cnn_v2'"),
     ]
     return [message for failed, message in checks if failed]
@@ -200,6 +217,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object of key: value pairs, not {type(values).__name__}", path=str(path))
     return values
+
+
+def packaged_base_model() -> Path | None:
+    """The base model shipped in the package, when the installation has it."""
+    return PACKAGED_BASE_MODEL if PACKAGED_BASE_MODEL.is_file() else None
 
 
 def default_config_file() -> Path:
@@ -247,37 +269,39 @@ def _check_choices(cfg: TrainConfig) -> None:
                               + (" (or cuda:N)" if name == "device" else ""))
 
 
+def _matches(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def _check_types(cfg: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         expected = hints[f.name]
-        args = typing.get_args(expected)
-        optional = type(None) in args and (typing.get_origin(expected) in (typing.Union, types.UnionType))
-        base = next((a for a in args if a is not type(None)), expected) if optional else expected
+        union = typing.get_origin(expected) in (typing.Union, types.UnionType)
+        kinds = [a for a in typing.get_args(expected) if a is not type(None)] if union else [expected]
+        optional = union and type(None) in typing.get_args(expected)
         if value is None:
             if optional:
                 continue
-            raise ConfigError(f"{f.name} must not be null; expected a {_type_name(base)}")
-        ok = False
-        if base is bool:
-            ok = isinstance(value, bool)
-        elif base is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif base is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                value = float(value)
-                if not math.isfinite(value):
-                    raise ConfigError(f"{f.name}={value} must be a finite number")
-                setattr(cfg, f.name, value)
-        elif base is str:
-            ok = isinstance(value, str)
-        if not ok:
+            raise ConfigError(f"{f.name} must not be null; expected a {_type_name(kinds[0])}")
+        kind = next((k for k in kinds if _matches(value, k)), None)
+        if kind is None:
             raise ConfigError(
-                f"{f.name}={value!r} has the wrong type: expected {_type_name(base)}"
+                f"{f.name}={value!r} has the wrong type: expected {' or '.join(_type_name(k) for k in kinds)}"
                 + (" or null" if optional else "") + f", got {type(value).__name__}"
             )
+        if kind is float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value} must be a finite number")
+            setattr(cfg, f.name, value)
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:
@@ -288,5 +312,5 @@ def _positive(cfg: TrainConfig, *names: str) -> None:
 
 def _non_negative(cfg: TrainConfig, *names: str) -> None:
     for name in names:
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must not be negative")

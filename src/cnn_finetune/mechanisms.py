@@ -38,20 +38,33 @@ def is_better(new: float, old: float | None, mode: str, min_delta: float = 0.0) 
 
 
 class EarlyStopping:
-    """Stop after ``patience`` epochs without an improvement larger than ``min_delta`` (0: off)."""
+    """Stop after ``patience`` epochs without an improvement larger than ``min_delta`` (0: off).
 
-    def __init__(self, patience: int, min_delta: float = 0.0, mode: str = "max") -> None:
+    With ``min_delta`` 0, an epoch that equals the best metric and beats it on the second metric
+    (``tiebreak``, in ``tiebreak_mode``) improves too: the ranking of the best-K keeper. A validation
+    accuracy stuck at 100% on a small validation set then does not stop a run whose loss still falls.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0, mode: str = "max", tiebreak_mode: str = "min") -> None:
         self.patience = patience
         self.min_delta = min_delta
-        self.mode = mode
+        self.mode, self.tiebreak_mode = mode, tiebreak_mode
         self.best: float | None = None
+        self.best_tiebreak: float | None = None
         self.best_epoch: int | None = None
         self.wait = 0
 
-    def update(self, metric: float, epoch: int) -> tuple[bool, str]:
-        """Record one epoch's metric; returns ``(should_stop, reason)``. NaN never improves."""
+    def _improves(self, metric: float, tiebreak: float | None) -> bool:
         if is_better(metric, self.best, self.mode, self.min_delta):
+            return True
+        return (self.min_delta == 0 and tiebreak is not None and metric == self.best
+                and is_better(tiebreak, self.best_tiebreak, self.tiebreak_mode))
+
+    def update(self, metric: float, epoch: int, tiebreak: float | None = None) -> tuple[bool, str]:
+        """Record one epoch's metric (and second metric); returns ``(should_stop, reason)``. NaN never improves."""
+        if self._improves(metric, tiebreak):
             self.best, self.best_epoch, self.wait = float(metric), epoch, 0
+            self.best_tiebreak = None if tiebreak is None else float(tiebreak)
         else:
             self.wait += 1
         if self.patience > 0 and self.wait >= self.patience:
@@ -61,11 +74,12 @@ class EarlyStopping:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state for the checkpoint."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {"best": self.best, "best_tiebreak": self.best_tiebreak, "best_epoch": self.best_epoch, "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by ``state_dict``."""
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.best_tiebreak = state.get("best_tiebreak")
 
 
 class MicroBatcher:

@@ -19,6 +19,7 @@ or notebook calls ``train`` directly. A signal ends ``train`` with ``Interrupted
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,13 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from .augment import to_unit
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, load_checkpoint
 from .checkpoint_manager import CheckpointManager, load_latest
-from .config import DEFAULT_BASE_MODEL, TrainConfig, resume_mismatches
+from .config import DEFAULT_BASE_MODEL, TrainConfig, packaged_base_model, resume_mismatches
 from .data_loader import Dataset, SplitData, align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
 from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .faults import FaultInjector
 from .log import logger
+from .recipe import resolve
 from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, EVALUATION, GUIDE_ARTIFACTS, MODEL_CARD, RunDir
 from .runtime import check_single_process, configure_threads, resolve_device, versions
 from .signals import SignalGuard
@@ -65,17 +67,21 @@ class PreparedData:
 
 @dataclass
 class ResumePlan:
-    """Stage 2's decision: the checkpoint to continue from (None: start afresh) and what to tidy."""
+    """Stage 2's decision: the resolved config, the checkpoint to continue from (None: start afresh),
+    whether to extend it, and what to tidy."""
 
+    config: TrainConfig  # every automatic setting resolved; epochs: the run's plan before any extension
     state: dict[str, Any] | None = None
     source: str | None = None  # file name of the checkpoint
     damaged: list[Path] = field(default_factory=list)  # damaged newer checkpoints, moved aside in stage 4
     move_aside: bool = False  # --no-resume on a folder that holds an earlier run
+    extend_to: int | None = None  # a larger --epochs than the run's plan: train on to this many epochs
+    notes: dict[str, str] = field(default_factory=dict)  # why each automatic setting got its value
 
     @property
     def finished(self) -> bool:
-        """The checkpoint is of a run that already ended."""
-        return self.state is not None and self.state.get("finished") is not None
+        """The checkpoint is of a run that already ended and is not extended."""
+        return self.state is not None and self.state.get("finished") is not None and self.extend_to is None
 
 
 @dataclass
@@ -108,17 +114,19 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
         device = resolve_device(cfg.device)
         configure_threads(cfg.num_threads)
         run = RunDir(cfg.output_dir)
-        base = resolve_base_model(cfg)
         data = prepare_data(cfg)
-        plan = plan_resume(cfg, run, data)
+        base, base_note = resolve_base_model(cfg, data)
+        plan = plan_resume(cfg, run, data, fine_tuning=base is not None)
         if plan.finished:
-            return already_finished(cfg, run, plan, data, device)
+            return already_finished(plan.config, run, plan, data, device)
+        cfg = plan.config
         try:
-            trainer = build_trainer(cfg, data, plan, base, device, run, faults, guard)
+            trainer = build_trainer(cfg, data, plan, base, base_note, device, run, faults, guard)
         except torch.OutOfMemoryError as err:
             raise TrainingFailed(f"out of memory before training could start ({str(err).splitlines()[0][:200]}); "
                                  "free GPU memory or use --device cpu") from None
-        run_config = manifest(cfg, data, device, trainer.init_note)
+        cfg = trainer.cfg  # with the extension's epochs, if any
+        run_config = manifest(cfg, data, device, trainer.init_note, plan.notes)
         with open_run(cfg, run, plan, data, trainer, run_config):
             fit = trainer.fit()
             logger.info(fit.message)
@@ -128,17 +136,32 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
         return result
 
 
-def resolve_base_model(cfg: TrainConfig) -> Path | None:
-    """The base model file to fine-tune from; a missing file is an error unless it is the default path."""
+def resolve_base_model(cfg: TrainConfig, data: PreparedData) -> tuple[Path | None, str | None]:
+    """The base model file to fine-tune from (None: from scratch) and a note on the choice.
+
+    A missing explicit file is an error. In place of the default path, when the user has no file
+    there, the MNIST base model shipped in the package is used, unless it cannot serve: another
+    width, or the very data it was trained on (the built-in sample).
+    """
     if cfg.base_model is None:
-        return None
+        return None, None
     path = Path(cfg.base_model)
     if path.is_file():
-        return path
+        return path, None
     if cfg.base_model != DEFAULT_BASE_MODEL:
         raise UserError(f"base model {path} does not exist; pass an existing file with --base-model, or --base-model none "
                         "to train from scratch", path=str(path))
-    return None
+    shipped = packaged_base_model()
+    missing = f"no base model at {cfg.base_model}"
+    if shipped is None:
+        return None, f"{missing}: training from scratch"
+    meta = load_checkpoint(shipped)
+    if meta["arch_params"]["width"] != cfg.width or meta["arch_params"]["bn_ghost_size"] != cfg.bn_ghost_size:
+        return None, (f"{missing}: training from scratch (the MNIST base model shipped with the package has width "
+                      f"{meta['arch_params']['width']}, this run {cfg.width})")
+    if meta.get("data_fingerprint") == data.split.fingerprint:
+        return None, f"{missing}: training from scratch (the MNIST base model shipped with the package was trained on this very data)"
+    return shipped, f"{missing}: fine-tuning from the MNIST base model shipped with the package"
 
 
 # --- stage 1 ----------------------------------------------------------------------------------------
@@ -193,36 +216,66 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 # --- stage 2 ----------------------------------------------------------------------------------------
 
 
-def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData) -> ResumePlan:
+def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool) -> ResumePlan:
     """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--output-dir {run.path} is a file, not a folder; choose a folder for the run's files", path=str(run.path))
+    _, steps = data.batch_and_steps(cfg.batch_size)
+    fresh = resolve(cfg, steps, fine_tuning)
     if not cfg.resume:
         if run.has_files() and Path.cwd().resolve().is_relative_to(run.path.resolve()):
             raise UserError(f"--no-resume cannot move {run.path} aside: it is (or contains) the current folder; choose "
                             "another --output-dir, e.g. a sub-folder", path=str(run.path))
-        return ResumePlan(move_aside=run.has_files())
-    if not run.path.is_dir():
-        return ResumePlan()
-    loaded = load_latest(run)
-    for problem in loaded.problems:
+        return ResumePlan(fresh.config, move_aside=run.has_files(), notes=fresh.notes)
+    loaded = load_latest(run) if run.path.is_dir() else None
+    for problem in loaded.problems if loaded else []:
         logger.warning(problem)
-    if loaded.state is None and loaded.problems:
+    if loaded is not None and loaded.state is None and loaded.problems:
         raise UserError(f"no valid checkpoint in {run} to resume from; start afresh with --no-resume (the damaged files are "
                         "moved aside, not deleted)", path=str(run.path))
-    if loaded.state is None:
+    if loaded is None or loaded.state is None:
         # Without a checkpoint, only the files a run writes before its first checkpoint may be replaced;
         # anything else (a model, a history, reports) belongs to someone: never overwrite it.
         foreign = run.foreign_files()
         if foreign:
             raise UserError(f"{run} holds files of an earlier run ({', '.join(foreign[:4])}) but no checkpoint to resume from; "
                             "use --no-resume to move them aside and start afresh, or choose another --output-dir", path=str(run.path))
-        return ResumePlan()
-    check_resumable(cfg, run, loaded.state, data)
+        return ResumePlan(fresh.config, notes=fresh.notes)
+    plan = plan_continuation(cfg, run, loaded.state, data, steps)
     if loaded.problems:
         logger.info(f"using {loaded.path.name}: the newer checkpoint is damaged")
-    data.use_normalization(loaded.state["normalization"])
-    return ResumePlan(loaded.state, loaded.path.name, loaded.damaged)
+    plan.source, plan.damaged = loaded.path.name, loaded.damaged
+    return plan
+
+
+def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: PreparedData, steps: int) -> ResumePlan:
+    """Continue a checkpoint: the same resolved settings as when it started, and its plan, perhaps extended."""
+    started_from_base = str(state.get("init", "")).startswith("fine-tuning")
+    resolved = resolve(cfg, steps, bool(state.get("fine_tuning", started_from_base)))
+    planned = int(state["config"]["epochs"])
+    finished = state.get("finished")
+    done = int(finished["epoch"]) if finished else int(state["position"]["epoch"])
+    extend_to = epochs_to_train(cfg, resolved.config.epochs, planned, done, run)
+    config = dataclasses.replace(resolved.config, epochs=planned)
+    check_resumable(config, run, state, data)
+    data.use_normalization(state["normalization"])
+    if extend_to is not None:
+        resolved.notes["epochs"] = f"extended from {planned} to {extend_to} epochs ({done} done)"
+    return ResumePlan(config, state, extend_to=extend_to, notes=resolved.notes)
+
+
+def epochs_to_train(cfg: TrainConfig, requested: int, planned: int, done: int, run: RunDir) -> int | None:
+    """None: continue the run's plan; else the larger number of epochs to extend it to. A number of
+    epochs smaller than the plan is refused ("auto" keeps the plan unless it resolves to more)."""
+    if cfg.epochs == "auto":
+        requested = max(requested, planned)
+    if requested < done:
+        raise UserError(f"--epochs {requested} is fewer than the {done} epochs the run in {run} has already done; use a "
+                        "larger --epochs to train it further, or --no-resume to start afresh")
+    if requested < planned:
+        raise UserError(f"--epochs {requested} is fewer than the {planned} epochs the run in {run} was planned with; use "
+                        f"--epochs {planned} to continue it, a larger value to extend it, or --no-resume to start afresh")
+    return requested if requested > planned else None
 
 
 def check_resumable(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: PreparedData) -> None:
@@ -245,8 +298,8 @@ def check_resumable(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: 
 # --- stage 3 ----------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: Path | None, device: torch.device,
-                  run: RunDir, faults: FaultInjector, guard: SignalGuard) -> RobustTrainer:
+def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: Path | None, base_note: str | None,
+                  device: torch.device, run: RunDir, faults: FaultInjector, guard: SignalGuard) -> RobustTrainer:
     """The trainer with its model: from the checkpoint, the base model, or the seed; checked on a copy."""
     from .model import load_base_model
     from .plots import CurveRefresher
@@ -255,12 +308,14 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: 
     if plan.state is None and base is not None:
         def init(model: Any) -> str:
             return load_base_model(model, base, data.split.class_names)
-    elif plan.state is None and cfg.base_model:
-        logger.info(f"note: no base model at {cfg.base_model}: training from scratch")
+    if plan.state is None and base_note:
+        logger.info(f"note: {base_note}")
     trainer = RobustTrainer(cfg, data.split, device, checkpoints=CheckpointManager.for_config(run, cfg), init=init,
                             faults=faults, guard=guard, on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor))
     if plan.state is not None:
         trainer.load_state_dict(plan.state)
+    if plan.extend_to is not None:
+        trainer.extend_to(plan.extend_to)
     one_step_check(trainer)
     return trainer
 
@@ -278,12 +333,14 @@ def one_step_check(trainer: RobustTrainer) -> None:
         raise UserError(f"the model cannot train on this data ({type(err).__name__}: {err}); this is not fixed by retrying") from None
 
 
-def manifest(cfg: TrainConfig, data: PreparedData, device: torch.device, init: str | None) -> dict[str, Any]:
-    """The content of ``config_finetuned.json``: every resolved setting, the data, the versions."""
+def manifest(cfg: TrainConfig, data: PreparedData, device: torch.device, init: str | None,
+             notes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The content of ``config_finetuned.json``: every resolved setting (and why), the data, the versions."""
     batch, steps = data.batch_and_steps(cfg.batch_size)
     return {
         "config": cfg.to_dict(),
-        "resolved": {"data": data.source, "device": str(device), "batch_size": batch, "steps_per_epoch": steps, "init": init},
+        "resolved": {"data": data.source, "device": str(device), "batch_size": batch, "steps_per_epoch": steps, "init": init,
+                     "epochs": cfg.epochs, "patience": cfg.patience, "automatic": dict(notes or {})},
         "data_fingerprint": data.split.fingerprint, "class_names": list(data.split.class_names),
         "normalization": {"mean": data.split.mean, "std": data.split.std}, "versions": versions(),
     }
@@ -305,6 +362,8 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
     with run.lock():
         logger.info(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on "
                     f"{trainer.device}; {trainer.init_note}")
+        for key, note in plan.notes.items():
+            logger.info(f"{key}: {note}")
         for p in run.remove_stale_temporaries():
             logger.info(f"removed {p.name}, left by a run killed while writing it")
         write_manifests(run, data.report, run_config)
@@ -314,6 +373,10 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
             trainer.checkpoints.quarantine(plan.damaged)
             trainer.checkpoints.tidy_after_resume()  # whatever a killed epoch left, the checkpoint's view wins
             trainer.note_resumed(plan.source)
+            if plan.extend_to is not None:
+                logger.info(f"extending the run to {plan.extend_to} epochs: a learning-rate segment of its own over the "
+                            "added epochs (warm-up, then decay)")
+                trainer.save_last(progress=False)  # the extended plan is part of the state a retry or rollback reloads
         else:
             try:
                 trainer.save_last()  # a rollback/retry target from the very start

@@ -13,16 +13,13 @@ through ``restore_latest``.
 from __future__ import annotations
 
 import traceback
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .augment import AugmentParams, augment_batch, normalize
 from .checkpoint_manager import CheckpointManager
 from .config import TrainConfig
 from .data_loader import SplitData
@@ -30,8 +27,10 @@ from .errors import Interrupted, RolledBack, TrainingFailed, UserError
 from .faults import FaultInjector
 from .history import TIMING_KEYS, History, epoch_line
 from .log import logger, progress_bar
-from .mechanisms import Clock, EarlyStopping, EpochMetrics, MicroBatcher, NanGuard, Position, RetryBudget, lr_at, mix_seed
-from .model import ARCH, CNNv2, build_model, deferred_bn_stats, grad_norm, make_optimizer, split_for_micro_batches, unwrap
+from .mechanisms import Clock, EarlyStopping, EpochMetrics, MicroBatcher, NanGuard, Position, RetryBudget, mix_seed
+from .step import StepRunner
+from .recipe import resolve, segment_lr
+from .model import ARCH, CNNv2, build_model, make_optimizer, unwrap
 from .rundir import RunDir
 from .runtime import configure_threads, versions
 from .sampling import DeviceData
@@ -58,7 +57,12 @@ class RobustTrainer:
                  faults: FaultInjector | None = None, guard: SignalGuard | None = None,
                  on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
                  log: Callable[[str], None] | None = None) -> None:
-        self.cfg, self.data, self.device = cfg, data, device
+        self.batches = DeviceData(data, device, cfg.batch_size, cfg.seed, cfg.balance)
+        self.batch_size, self.steps_per_epoch = self.batches.batch_size, self.batches.steps_per_epoch
+        # Automatic settings (epochs "auto", patience...) become numbers here unless the caller resolved them.
+        self.cfg, self.data, self.device = resolve(cfg, self.steps_per_epoch, init is not None).config, data, device
+        cfg = self.cfg
+        self.fine_tuning = init is not None
         self.faults = faults or FaultInjector("")
         self.guard = guard or SignalGuard()  # not entered: only a caller that installs it gets signals
         self.log = log or logger.info
@@ -68,23 +72,16 @@ class RobustTrainer:
         torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # the initial weights are a function of the seed too
         model = build_model(len(data.class_names), width=cfg.width, bn_ghost_size=cfg.bn_ghost_size)
         self.init_note = init(model) if init is not None else "training from scratch"
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-        self.model: CNNv2 = model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
-        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")) else None
-        self.validator = Validator(cfg.eval_batch_size, device, self.prepare, self._autocast)
+        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+        self.model: CNNv2 = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
         self.pos = Position()
-        self.net: nn.Module = self.faults.wrap(torch.compile(self.model) if cfg.compile else self.model, self.pos,
-                                               self.validator)
         self.optimizer = make_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                                         weight_decay=cfg.weight_decay, feature_lr_scale=cfg.feature_lr_scale)
-        self.augment = AugmentParams(cfg.aug_rotation, cfg.aug_translate, cfg.aug_scale, cfg.aug_noise)
-        self.batches = DeviceData(data, device, cfg.batch_size, cfg.seed, cfg.balance)
-        self.batch_size, self.steps_per_epoch = self.batches.batch_size, self.batches.steps_per_epoch
         self.class_weights = self.batches.class_weights
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.generator = torch.Generator(device=device)
+        self.segments = [(0, cfg.epochs * self.steps_per_epoch)]  # learning-rate segments: the plan, then extensions
         self.sync_every = cfg.sync_every or (1 if device.type == "cpu" else 25)
-        self.early = EarlyStopping(cfg.patience, cfg.min_delta, self.checkpoints.keeper.mode)
+        self.early = EarlyStopping(cfg.patience, cfg.min_delta, self.checkpoints.keeper.mode,
+                                   self.checkpoints.keeper.tiebreak_mode)
         self.micro = MicroBatcher(cfg.oom_probe_steps)
         self.nan = NanGuard(cfg.nan_max_consecutive, cfg.nan_lr_factor, cfg.nan_max_rollbacks)
         self.retries = RetryBudget(cfg.max_retries, cfg.cooldown_min, cfg.cooldown_max)
@@ -92,6 +89,15 @@ class RobustTrainer:
         self.clock = Clock()
         self.history = History()
         self.finished: dict[str, Any] | None = None
+        # The step maths, validation and the fault layer, wired to the parts above.
+        self.steps = StepRunner(cfg, self.model, self.model, self.optimizer, self.batches, self.micro, self.metrics,
+                                mean=data.mean, std=data.std, channels_last=channels_last, on_event=self.history.event,
+                                log=self.log)
+        self.prepare = self.steps.prepare
+        self.validator = Validator(cfg.eval_batch_size, device, self.steps.prepare, self.steps.autocast)
+        self.net: nn.Module = self.faults.wrap(torch.compile(self.model) if cfg.compile else self.model, self.pos,
+                                               self.validator)
+        self.steps.net = self.net
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -110,7 +116,8 @@ class RobustTrainer:
             "accumulators": self.metrics.state_dict(), "early_stopping": self.early.state_dict(),
             "best_keeper": self.checkpoints.state_dict(), "micro_batching": self.micro.state_dict(),
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
-            "timing": self.clock.state_dict(), "seed": self.cfg.seed,
+            "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
+            "fine_tuning": self.fine_tuning,
         }
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
@@ -128,6 +135,8 @@ class RobustTrainer:
         self.finished = state["finished"]
         self.init_note = state.get("init", self.init_note)
         self.clock.load_state_dict(state["timing"])
+        self.fine_tuning = bool(state.get("fine_tuning", self.fine_tuning))
+        self.segments = [(int(s), int(e)) for s, e in state.get("schedule", [(0, self.cfg.epochs * self.steps_per_epoch)])]
         if carry_over:
             if kept_micro["parts"] > self.micro.parts:
                 self.micro.load_state_dict(kept_micro)
@@ -161,75 +170,17 @@ class RobustTrainer:
 
     def lr_of_step(self, step: int) -> float:
         """Base learning rate of a global step, NaN rollbacks included."""
-        cfg = self.cfg
-        return lr_at(step, self.total_steps, cfg.lr, cfg.scheduler, cfg.warmup_fraction) * self.nan.lr_scale
+        return segment_lr(step, self.segments, self.cfg) * self.nan.lr_scale
 
-    # --- one step ----------------------------------------------------------------------------------
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> the network's input: normalised, in the model's memory format."""
-        x = normalize(x, self.data.mean, self.data.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _autocast(self) -> Any:
-        """bf16 autocast where configured (CUDA by default), else nothing."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-
-    def _train_step(self, idx: torch.Tensor) -> None:
-        """Forward, backward and update for one batch; OOM redoes the same step as micro-batches."""
-        s = mix_seed(self.cfg.seed, self.pos.epoch, self.pos.step)
-        self.generator.manual_seed(s)
-        torch.manual_seed(s)  # any other random draw (e.g. dropout) is a function of the step too
-        xb = self.prepare(augment_batch(self.batches.x_train[idx], self.augment, self.generator))
-        yb = self.batches.y_train[idx]
-        batch = yb.shape[0]
-        # The loss is normalised by the whole batch, so micro-batches add up to the same gradient.
-        # (A Python float, not a device tensor: copying it to a GPU would synchronise every step.)
-        denom = self.class_weights[yb].sum() if self.class_weights is not None else float(batch)
-        lr = self.lr_of_step(self.pos.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        while True:
-            try:
-                loss_sum, correct = self._forward_backward(xb, yb, denom)
-                break
-            except torch.OutOfMemoryError as err:
-                self._split_after_oom(err, batch)
-        norm = grad_norm(self.model, self.cfg.grad_clip)
-        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
-        self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
-        self.optimizer.step()
-        self.metrics.add(loss_sum, correct, batch, denom, bad)
-        if self.micro.on_success():
-            self.history.event("oom_probe", global_step=self.pos.global_step, micro_batches=self.micro.parts)
-
-    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, denom: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of the batch, accumulated over the current number of micro-batches."""
-        sizes = split_for_micro_batches(self.model, yb.shape[0], self.micro.parts)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        with deferred_bn_stats(self.model):
-            for xs, ys in zip(xb.split(sizes), yb.split(sizes)):
-                with self._autocast():
-                    logits = self.net(xs)
-                part = F.cross_entropy(logits.float(), ys, weight=self.class_weights, reduction="none",
-                                       label_smoothing=self.cfg.label_smoothing).sum()
-                (part / denom).backward()
-                loss_sum = loss_sum + part.detach()
-                correct += (logits.detach().argmax(1) == ys).sum()
-        return loss_sum, correct
-
-    def _split_after_oom(self, err: BaseException, batch: int) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        sizes = self.micro.split_after_oom(
-            lambda parts: split_for_micro_batches(self.model, batch, parts),
-            f"the model does not fit on {self.device}; free GPU memory, use --device cpu, or lower --width ({err})")
-        self.history.event("oom", global_step=self.pos.global_step, micro_batches=len(sizes))
-        self.log(f"CUDA out of memory at step {self.pos.global_step}: redoing it as {len(sizes)} micro-batches of "
-                 f"{max(sizes)} (same effective batch {batch})")
+    def extend_to(self, epochs: int) -> None:
+        """Train to ``epochs`` instead: a learning-rate segment of its own over the added steps, from the
+        end of the plan, or from where a finished run stopped; early stopping gets a fresh patience."""
+        start = self.pos.global_step if self.finished else self.segments[-1][1]
+        self.segments.append((start, epochs * self.steps_per_epoch))
+        self.history.event("extended", from_epochs=self.cfg.epochs, to_epochs=epochs, global_step=start)
+        self.cfg = replace(self.cfg, epochs=epochs)
+        self.finished = None
+        self.early.wait = 0
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -284,7 +235,7 @@ class RobustTrainer:
             while pos.step < self.steps_per_epoch:
                 idx = self.batches.step_indices(order, pos.step)
                 self.faults.before_step(pos.global_step, len(idx))
-                self._train_step(idx)
+                self.steps.run(idx, pos.epoch, pos.step, pos.global_step, self.lr_of_step(pos.global_step))
                 pos.advance()
                 self._sync()
                 if bar is not None:
@@ -314,7 +265,7 @@ class RobustTrainer:
         train_loss, train_acc, seen, skipped = self.metrics.summary()
         val_loss, val_acc, _ = self.validator(self.net, self.model, self.batches.x_val, self.batches.y_val)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
-        stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no)
+        stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no, metrics[self.checkpoints.tiebreak_key])
         all_metrics = {**metrics, "train_loss": train_loss, "train_acc": train_acc}
         is_best, dropped = self.checkpoints.save_best(epoch_no, all_metrics, lambda: self.model_payload(epoch_no, all_metrics))
         record = {
