@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Make (or check) the MNIST base model shipped in the package: ``src/cnn_finetune/base_models/``.
+
+    python scripts/make_base_model.py            # train it and write the package file
+    python scripts/make_base_model.py --check    # train it again and compare with the shipped file
+
+The base model is the CNN v2 trained from scratch on the built-in sample (5,000 real MNIST training
+digits) with the default recipe, 15 epochs, seed 42, on the CPU with one thread (so that the
+arithmetic, and hence every weight, is the same on every run on the same kind of CPU). Training takes
+about two minutes. ``--check`` exits 0 when the retrained weights are bit-identical to the shipped
+ones; on a CPU with other vector instructions than the one that made the file (recorded in the file)
+the float rounding may differ, and it checks that they agree within a tolerance instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from cnn_finetune import TrainConfig, train  # noqa: E402
+from cnn_finetune.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from cnn_finetune.config import PACKAGED_BASE_MODEL  # noqa: E402
+
+RECIPE = {"epochs": 15, "seed": 42, "num_threads": 1, "base_model": None, "cache": False, "device": "cpu"}
+TOLERANCE = 1e-4  # only used across CPUs with other vector instructions
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here (e.g. AVX2, AVX512)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def make(folder: Path) -> dict:
+    """Train the base model in ``folder``; returns the content of the file to ship."""
+    result = train(TrainConfig(output_dir=str(folder / "run"), **RECIPE))
+    state = load_checkpoint(result.best_model_path)
+    state["versions"] = {**state["versions"], "cpu_capability": cpu_capability()}
+    state["config"] = {**state["config"], "output_dir": None, "cache_dir": None}  # nothing of this machine
+    state["made_by"] = "python scripts/make_base_model.py (the built-in MNIST sample, from scratch, " \
+                       f"{RECIPE['epochs']} epochs, seed {RECIPE['seed']}, 1 CPU thread)"
+    return state
+
+
+def compare(new: dict, shipped: dict) -> tuple[bool, str]:
+    """Whether the retrained model is the shipped one: bit for bit on the same CPU kind, else within TOLERANCE."""
+    same_cpu = shipped["versions"].get("cpu_capability") == cpu_capability()
+    for key in ("class_names", "normalization", "arch_params", "epoch"):
+        if new[key] != shipped[key]:
+            return False, f"{key} differs: {new[key]!r} vs {shipped[key]!r}"
+    worst = 0.0
+    for name, tensor in shipped["model"].items():
+        other = new["model"][name]
+        if same_cpu and not torch.equal(tensor, other):
+            return False, f"{name} differs (same CPU kind {cpu_capability()}: the weights must be bit-identical)"
+        if tensor.is_floating_point():
+            worst = max(worst, float((tensor.double() - other.double()).abs().max()))
+    if not same_cpu and worst > TOLERANCE:
+        return False, f"weights differ by up to {worst:.3g} (> {TOLERANCE}) on {cpu_capability()}"
+    how = "bit for bit" if same_cpu else f"within {worst:.3g} (the file was made on {shipped['versions'].get('cpu_capability')})"
+    return True, f"the retrained base model equals the shipped one {how}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make or check the shipped base model."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="retrain and compare with the shipped file instead of writing it")
+    p.add_argument("--out", type=Path, default=PACKAGED_BASE_MODEL, help="where to write the model file")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = make(Path(tmp))
+    if args.check:
+        ok, message = compare(state, load_checkpoint(args.out))
+        print(message)
+        return 0 if ok else 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, args.out)
+    print(f"wrote {args.out} (epoch {state['epoch']}, validation accuracy {100 * state['metrics']['val_acc']:.2f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
