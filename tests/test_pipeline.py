@@ -161,8 +161,10 @@ def test_console_script_works_from_any_folder(tiny_idx: Path, tmp_path: Path):
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "out" / "config_finetuned.json").read_text())["config"]
+    # The defaults, the flags, and the automatic settings resolved for a run from scratch.
     expected = {**TrainConfig().to_dict(), "width": 8, "batch_size": 64, "epochs": 1, "cooldown_min": 0.0,
-                "cooldown_max": 0.0, "checkpoint_every_seconds": 0.0, "data": str(tiny_idx), "output_dir": "out"}
+                "cooldown_max": 0.0, "checkpoint_every_seconds": 0.0, "data": str(tiny_idx), "output_dir": "out",
+                "patience": 8, "feature_lr_scale": 1.0, "freeze_features_epochs": 0}
     assert saved == expected
 
 

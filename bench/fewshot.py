@@ -1,0 +1,286 @@
+"""Few-shot benchmark: does the default command give a good model on a user's small dataset?
+
+    python bench/fewshot.py                     # the full table, about 15 minutes on 2 cores
+    python bench/fewshot.py --quick             # tiny sizes: a smoke test that the code still runs
+    python bench/fewshot.py --jobs 8 --device cuda --sets mnist10 --sweep 30,60   # research runs
+
+Training sets are built from the official MNIST test set (../shared/data/mnist, or $MNIST_TEST_DIR),
+each with a test set of other images of the same file (disjoint from the training images):
+
+  mnist10, mnist30, mnist100   10, 30 and 100 images per digit; tested on the rest of the file
+  newscript30                  a "new script" the base model has never seen: the ten digits and the ten
+                               digits rotated by 180 degrees as ten new classes (so 6 and a turned 9,
+                               or 2 and a turned 2, must be told apart), 30 images per class
+
+For each set the real command (scripts/train_finetuned.py, in a subprocess, as a user runs it) trains
+with its default length ("default": epochs auto) and with an epoch sweep (15, 30, 60, 120 epochs), both
+from scratch (--base-model none) and fine-tuned from the MNIST base model (trained on the built-in
+5,000-digit sample, which is disjoint from the MNIST test file). Every run reports test accuracy
+(test_evaluation.json, the best-validation model) and the wall time of the whole command. The table
+checks the targets of the recipe: the default within 1 point of the best of the sweep and at most 1.5x
+its wall time; fine-tuned at least as good as from scratch, and 3 points better at 10 per class.
+``--extend 15:60`` adds a row per set: train 15 epochs, then run the same command with --epochs 60
+(a finished run is extended), against the direct 60-epoch run.
+
+Writes bench/results/fewshot.json (or --out) and prints a Markdown table (also --markdown FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from cnn_finetune.data_loader import read_idx, write_idx  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "train_finetuned.py"
+MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
+MNIST_DIRS += [ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"]
+SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist", 100), "newscript30": ("newscript", 30)}
+
+
+def mnist_test_file() -> tuple[np.ndarray, np.ndarray]:
+    """The official MNIST test set: images (N, 28, 28) uint8 and labels (N,)."""
+    folder = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").exists()), None)
+    if folder is None:
+        raise SystemExit(f"the official MNIST test set is not in {MNIST_DIRS[0]} (set MNIST_TEST_DIR)")
+    return read_idx(folder / "t10k-images-idx3-ubyte.gz"), read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+
+
+def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tuple[Path, Path, int, int]:
+    """Write the training and test IDX files of a set; returns their paths and sizes."""
+    kind, per_class = SETS[name]
+    images, labels = mnist_test_file()
+    rng = np.random.default_rng(seed)
+    train_x, train_y, test_x, test_y = [], [], [], []
+    for digit in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == digit))
+        groups = [(digit, idx, lambda im: im)]
+        if kind == "newscript":
+            # The turned digits are other images than the plain ones: no image is in two classes.
+            half = len(idx) // 2
+            groups = [(digit, idx[:half], lambda im: im), (10 + digit, idx[half:], lambda im: im[:, ::-1, ::-1])]
+        for label, pool, transform in groups:
+            train_x.append(transform(images[pool[:per_class]]))
+            train_y += [label] * per_class
+            rest = pool[per_class:per_class + test_per_class]
+            test_x.append(transform(images[rest]))
+            test_y += [label] * len(rest)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, xs, ys in (("train", train_x, train_y), ("test", test_x, test_y)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", np.ascontiguousarray(np.concatenate(xs)))
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.asarray(ys, dtype=np.uint8))
+        paths.append(folder / f"{split}-images-idx3-ubyte.gz")
+    return paths[0], paths[1], len(train_y), len(test_y)
+
+
+def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600) -> dict[str, Any]:
+    """One run of the real command; returns its wall time, exit code, test accuracy and epochs."""
+    out = work / "out"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CNN_FINETUNE_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1")
+    env.pop("TRAIN_FAULTS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--output-dir", str(out), "--num-threads", str(threads)],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"seconds": round(seconds, 2), "exit_code": proc.returncode}
+    if proc.returncode != 0:
+        result["error"] = proc.stderr[-1500:]
+        return result
+    test = json.loads((out / "test_evaluation.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    config = json.loads((out / "config_finetuned.json").read_text())
+    result.update({"test_acc": test["accuracy"], "epochs_run": len(history), "epochs_planned": config["config"]["epochs"],
+                   "best_epoch": test["model"].get("epoch"), "init": config["resolved"].get("init"),
+                   "automatic": config["resolved"].get("automatic", {})})
+    return result
+
+
+def plan_runs(sets: dict[str, dict[str, Any]], sweep: list[int], inits: dict[str, str], extra: list[str],
+              extend: tuple[int, int] | None, seeds: list[int]) -> list[dict[str, Any]]:
+    """Every run of the benchmark as a description: set, init, epochs (None: default), seed."""
+    runs = []
+    for set_name in sets:
+        for init in inits:
+            for seed in seeds:
+                for epochs in [None, *sweep]:
+                    runs.append({"set": set_name, "init": init, "epochs": epochs, "seed": seed})
+                if extend is not None:
+                    runs.append({"set": set_name, "init": init, "epochs": extend[1], "seed": seed, "extend_from": extend[0]})
+    return runs
+
+
+def execute(run: dict[str, Any], sets: dict[str, dict[str, Any]], inits: dict[str, str], extra: list[str],
+            work_root: Path, threads: int, log: Path | None = None) -> dict[str, Any]:
+    """Run one description (an extension: two commands in one folder) and return it with its results."""
+    s = sets[run["set"]]
+    name = f"{run['set']}-{run['init']}-{run['epochs'] or 'default'}-s{run['seed']}" + ("-ext" if "extend_from" in run else "")
+    work = work_root / name
+    work.mkdir(parents=True, exist_ok=True)
+    base = ["--data", str(s["train"]), "--test-data", str(s["test"]), "--base-model", inits[run["init"]],
+            "--seed", str(run["seed"]), *extra]
+    if "extend_from" in run:
+        first = run_command([*base, "--epochs", str(run["extend_from"])], work, threads)
+        second = run_command([*base, "--epochs", str(run["epochs"])], work, threads)
+        result = {**second, "seconds": round(first["seconds"] + second["seconds"], 2), "first_test_acc": first.get("test_acc")}
+    else:
+        result = run_command(base + ([] if run["epochs"] is None else ["--epochs", str(run["epochs"])]), work, threads)
+    print(f"  {name}: " + (f"test {100 * result['test_acc']:.2f}% in {result['seconds']:.1f} s, {result['epochs_run']} epochs"
+                           if "test_acc" in result else f"FAILED ({result['exit_code']}): {result.get('error', '')[-300:]}"),
+          flush=True)
+    if log is not None:  # one line per finished run: a long benchmark cut short keeps what it measured
+        with open(log, "a") as fh:
+            fh.write(json.dumps({**run, **result}) + "\n")
+    return {**run, **result}
+
+
+def summarize(results: list[dict[str, Any]], sets: list[str], inits: list[str], sweep: list[int]) -> dict[str, Any]:
+    """Per set and init: the default, the best of the sweep, and whether the targets hold (seed means)."""
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return float(np.mean(values)) if values else None
+
+    table: dict[str, Any] = {}
+    for set_name in sets:
+        for init in inits:
+            rows = [r for r in results if r["set"] == set_name and r["init"] == init and "extend_from" not in r]
+            by_epochs = {e: [r for r in rows if r["epochs"] == e] for e in [None, *sweep]}
+            cells = {str(e or "default"): {"test_acc": mean(v, "test_acc"), "seconds": mean(v, "seconds"),
+                                           "epochs_run": mean(v, "epochs_run")} for e, v in by_epochs.items()}
+            swept = [(e, cells[str(e)]) for e in sweep if cells[str(e)]["test_acc"] is not None]
+            best_e, best = max(swept, key=lambda item: item[1]["test_acc"]) if swept else (None, None)
+            default = cells["default"]
+            entry: dict[str, Any] = {"cells": cells, "best_sweep_epochs": best_e}
+            if best is not None and default["test_acc"] is not None:
+                entry["default_minus_best_points"] = 100 * (default["test_acc"] - best["test_acc"])
+                entry["default_time_ratio"] = default["seconds"] / best["seconds"]
+                entry["targets_met"] = entry["default_minus_best_points"] >= -1.0 and entry["default_time_ratio"] <= 1.5
+            extended = [r for r in results if r["set"] == set_name and r["init"] == init and "extend_from" in r]
+            if extended:
+                entry["extension"] = {"test_acc": mean(extended, "test_acc"), "first_test_acc": mean(extended, "first_test_acc"),
+                                      "seconds": mean(extended, "seconds"), "from": extended[0]["extend_from"],
+                                      "to": extended[0]["epochs"]}
+            table[f"{set_name}/{init}"] = entry
+    for set_name in sets:
+        scratch, base = table.get(f"{set_name}/scratch"), table.get(f"{set_name}/base")
+        if scratch and base and scratch["cells"]["default"]["test_acc"] is not None and base["cells"]["default"]["test_acc"] is not None:
+            gain = 100 * (base["cells"]["default"]["test_acc"] - scratch["cells"]["default"]["test_acc"])
+            base["finetune_gain_points"] = gain
+    return table
+
+
+def markdown(table: dict[str, Any], sweep: list[int]) -> str:
+    """The summary as a Markdown table: test accuracy and seconds per setting."""
+    head = "| set / start | default | " + " | ".join(f"{e} epochs" for e in sweep) + " | default vs best | time ratio | fine-tuning gain |"
+    lines = [head, "|" + "---|" * (len(sweep) + 5)]
+    for key, entry in table.items():
+        def cell(c: dict[str, Any]) -> str:
+            if c["test_acc"] is None:
+                return "n/a"
+            return f"{100 * c['test_acc']:.2f}% ({c['seconds']:.0f} s, {c['epochs_run']:.0f} ep)"
+        cells = [cell(entry["cells"]["default"])] + [cell(entry["cells"][str(e)]) for e in sweep]
+        diff = entry.get("default_minus_best_points")
+        ratio = entry.get("default_time_ratio")
+        gain = entry.get("finetune_gain_points")
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {'n/a' if diff is None else f'{diff:+.2f} pt'} | "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | {'' if gain is None else f'{gain:+.2f} pt'} |")
+    extensions = [(k, e["extension"]) for k, e in table.items() if "extension" in e]
+    if extensions:
+        lines += ["", "| set / start | after the first run | extended | seconds (both runs) |", "|---|---|---|---|"]
+        for key, ext in extensions:
+            lines.append(f"| {key} | {ext['from']} epochs: {100 * ext['first_test_acc']:.2f}% | to {ext['to']} epochs: "
+                         f"{100 * ext['test_acc']:.2f}% | {ext['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def base_model(args: argparse.Namespace, work_root: Path, threads: int) -> str:
+    """The MNIST base model: --base-model, else the one shipped in the package, else trained here."""
+    if args.base_model:
+        return str(Path(args.base_model).resolve())
+    from cnn_finetune.config import packaged_base_model
+
+    shipped = packaged_base_model()
+    if shipped is not None:
+        return str(shipped)
+    work = work_root / "base"
+    work.mkdir(parents=True, exist_ok=True)
+    result = run_command(["--base-model", "none"] + (["--epochs", "1"] if args.quick else []), work, threads)
+    if result["exit_code"] != 0:
+        raise SystemExit(f"training the base model failed: {result.get('error')}")
+    return str(work / "out" / "best_model_finetuned.pth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
+    p.add_argument("--sweep", default="15,30,60,120", help="epoch counts of the sweep")
+    p.add_argument("--inits", default="scratch,base", help="scratch and/or base")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds (results are averaged)")
+    p.add_argument("--test-per-class", type=int, default=300, help="test images per class (default 300)")
+    p.add_argument("--extend", default="15:60", help="FROM:TO extension rows ('' for none)")
+    p.add_argument("--base-model", help="base model file (default: the packaged one, else trained on the built-in sample)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at the same time (wall times are only comparable with 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--extra", default="", help="more arguments for every run, e.g. '--device cuda --set amp=off'")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fewshot.json")
+    p.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
+    args = p.parse_args(argv)
+    sweep = [int(e) for e in args.sweep.split(",") if e]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    extend = tuple(int(v) for v in args.extend.split(":")) if args.extend else None
+    set_names = [s for s in args.sets.split(",") if s]
+    if args.quick:
+        sweep, set_names, extend, args.test_per_class = [1, 2], set_names[:1], (1, 2), 20
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
+        work_root = Path(tmp)
+        inits = {"scratch": "none", "base": base_model(args, work_root, threads)}
+        inits = {k: v for k, v in inits.items() if k in args.inits.split(",")}
+        sets = {}
+        for name in set_names:
+            train, test, n_train, n_test = build_set(name, work_root / "data" / name, args.test_per_class)
+            sets[name] = {"train": train, "test": test, "train_images": n_train, "test_images": n_test}
+            print(f"{name}: {n_train} training images, {n_test} test images", flush=True)
+        runs = plan_runs(sets, sweep, inits, args.extra.split(), extend, seeds)
+        # Longest first: with several jobs, the short runs then fill the gaps at the end.
+        runs.sort(key=lambda r: -(r["epochs"] or 300) * sets[r["set"]]["train_images"])
+        print(f"{len(runs)} runs, {args.jobs} at a time, {threads} thread(s) each", flush=True)
+        log = args.out.with_suffix(".jsonl")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda r: execute(r, sets, inits, args.extra.split(), work_root, threads, log), runs))
+    table = summarize(results, set_names, list(inits), sweep)
+    report = {"environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                              "jobs": args.jobs, "threads": threads, "extra": args.extra},
+              "sets": {k: {"train_images": v["train_images"], "test_images": v["test_images"]} for k, v in sets.items()},
+              "sweep": sweep, "seeds": seeds, "seconds": round(time.perf_counter() - t_start, 1),
+              "summary": table, "runs": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(table, sweep)
+    print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0 if all("test_acc" in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

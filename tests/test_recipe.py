@@ -1,0 +1,177 @@
+"""The recipe that fits the data: the automatic training length, extending a finished run (exactly
+resumable, like any run), and the MNIST base model shipped in the package."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, ROOT, assert_same_weights, load_state, run_cli, stripped_history
+
+from cnn_finetune.config import PACKAGED_BASE_MODEL, TrainConfig
+from cnn_finetune.recipe import auto_epochs, resolve, segment_lr
+
+# FAST without its explicit --epochs: the tests below choose the length themselves.
+SHORT = [a for a in FAST if a not in ("--epochs", "3")]
+
+
+@pytest.mark.parametrize("steps, expected", [(36, 23), (14, 58), (3, 267), (1, 300), (200, 15)])
+def test_auto_epochs_is_a_budget_of_updates_within_a_floor_and_a_ceiling(steps, expected):
+    cfg = TrainConfig()  # at least 800 updates, 15 to 300 epochs
+    epochs, why = auto_epochs(cfg, steps)
+    assert epochs == expected
+    assert f"{epochs} epochs" in why and f"{steps} steps" in why
+    # a smaller dataset (fewer steps per epoch) never gets fewer epochs
+    assert auto_epochs(cfg, max(1, steps // 2))[0] >= epochs
+
+
+def test_resolve_fills_in_the_automatic_settings():
+    scratch = resolve(TrainConfig(), 36, fine_tuning=False)
+    tuned = resolve(TrainConfig(), 36, fine_tuning=True)
+    assert scratch.config.epochs == 23 and scratch.config.patience == 13  # 8 x 23 / 15, rounded up
+    assert scratch.config.feature_lr_scale == 1.0 and tuned.config.feature_lr_scale < 1.0
+    explicit = resolve(TrainConfig(epochs=5, patience=2, feature_lr_scale=0.5), 36, fine_tuning=True)
+    assert (explicit.config.epochs, explicit.config.patience, explicit.config.feature_lr_scale) == (5, 2, 0.5)
+    assert not {"epochs", "patience", "feature_lr_scale"} & set(explicit.notes)  # nothing was chosen for the user
+
+
+def test_an_extension_has_its_own_learning_rate_segment():
+    cfg = TrainConfig(epochs=10, lr=0.01)
+    plan = [(0, 100)]
+    extended = [(0, 100), (100, 200)]
+    assert segment_lr(99, plan, cfg) == pytest.approx(0.01 / 1e4)  # the plan annealed to (almost) zero
+    assert segment_lr(99, extended, cfg) == segment_lr(99, plan, cfg)  # the past is unchanged
+    lrs = [segment_lr(s, extended, cfg) for s in range(100, 200)]
+    peak = max(lrs)
+    assert peak == pytest.approx(0.01 * 0.5) and lrs.index(peak) < 20  # a short warm-up to half the peak
+    assert lrs[-1] < peak / 1000  # then a decay to (almost) zero
+    early = [(0, 100), (60, 200)]  # an early-stopped run extended from step 60 follows the new segment
+    assert segment_lr(60, early, cfg) == segment_lr(100, extended, cfg)
+
+
+def test_auto_length_is_chosen_recorded_and_overridden(tiny_idx: Path, tmp_path: Path):
+    args = [*SHORT, "--data", str(tiny_idx), "--set", "budget_updates=30", "--set", "budget_min_epochs=2",
+            "--set", "budget_max_epochs=4"]
+    proc = run_cli([*args, "--output-dir", "auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "auto" / "config_finetuned.json").read_text())
+    assert manifest["config"]["epochs"] == 4 and manifest["resolved"]["epochs"] == 4  # 30 updates / 6 steps: 5, above the ceiling
+    why = manifest["resolved"]["automatic"]["epochs"]
+    assert why.startswith("auto: 4 epochs (the ceiling) of 6 steps") and f"epochs: {why}" in proc.stdout
+    assert len(json.loads((tmp_path / "auto" / "history.json").read_text())) == 4
+    proc = run_cli([*args, "--epochs", "3", "--output-dir", "explicit"], cwd=tmp_path)
+    assert proc.returncode == 0 and "epochs: auto" not in proc.stdout
+    assert json.loads((tmp_path / "explicit" / "config_finetuned.json").read_text())["config"]["epochs"] == 3
+
+
+# --- extending a finished run ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extended_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs, then the same command with --epochs 4: the uninterrupted extension."""
+    work = tmp_path_factory.mktemp("extended")
+    for epochs in ("2", "4"):
+        proc = run_cli([*SHORT, "--data", str(tiny_idx), "--epochs", epochs, "--output-dir", "out"], cwd=work)
+        assert proc.returncode == 0, proc.stderr
+    return work / "out"
+
+
+def test_a_finished_run_is_extended_from_its_final_state(extended_reference: Path):
+    history = json.loads((extended_reference / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    marks = [e for r in history for e in r["events"] if e["type"] == "extended"]
+    assert marks == [{"type": "extended", "from_epochs": 2, "to_epochs": 4, "global_step": 12}]
+    assert "extended" in [e["type"] for e in history[2]["events"]]  # in the record of the first added epoch
+    # the added epochs have their own warm-up: the lr rises again after the plan had annealed it
+    assert history[1]["lr"] < 1e-5 < history[2]["lr"]
+    state = load_state(extended_reference / "checkpoint_last.pth")
+    assert state["schedule"] == [[0, 12], [12, 24]] and state["finished"]["reason"] == "completed"
+    assert json.loads((extended_reference / "config_finetuned.json").read_text())["config"]["epochs"] == 4
+
+
+def test_an_interrupted_extension_resumes_bit_for_bit(extended_reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*SHORT, "--data", str(tiny_idx), "--output-dir", "out"]
+    assert run_cli([*args, "--epochs", "2"], cwd=tmp_path).returncode == 0
+    step = random.Random(2026).randrange(12, 23)  # somewhere in the added epochs
+    proc = run_cli([*args, "--epochs", "4"], cwd=tmp_path, faults=f"kill@{step}")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = run_cli([*args, "--epochs", "4"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_weights(extended_reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+    assert stripped_history(extended_reference) == stripped_history(tmp_path / "out")
+
+
+def test_extending_refuses_fewer_epochs_and_other_data(extended_reference: Path, tiny_idx: Path, tmp_path: Path):
+    import shutil
+
+    from cnn_finetune.data_loader import read_idx, write_idx
+
+    work = tmp_path / "work"
+    shutil.copytree(extended_reference.parent, work)
+    proc = run_cli([*SHORT, "--data", str(tiny_idx), "--epochs", "3", "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 2 and "--epochs 3 is fewer than the 4 epochs the run in out has already done" in proc.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    imgs, labels = read_idx(tiny_idx), read_idx(tiny_idx.with_name("train-labels-idx1-ubyte.gz"))
+    write_idx(other / "train-images-idx3-ubyte.gz", imgs[:-10])
+    write_idx(other / "train-labels-idx1-ubyte.gz", labels[:-10])
+    proc = run_cli([*SHORT, "--data", str(other / "train-images-idx3-ubyte.gz"), "--epochs", "6", "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 2 and "different data" in proc.stderr
+    proc = run_cli([*SHORT, "--data", str(tiny_idx), "--epochs", "6", "--lr", "0.01", "--output-dir", "out"], cwd=work)
+    assert proc.returncode == 2 and "lr: checkpoint has 0.003, this run has 0.01" in proc.stderr
+
+
+def test_an_early_stopped_run_is_extended_from_where_it_stopped(tiny_idx: Path, tmp_path: Path):
+    args = [*SHORT, "--data", str(tiny_idx), "--output-dir", "out", "--patience", "2", "--min-delta", "0.5"]
+    proc = run_cli([*args, "--epochs", "10"], cwd=tmp_path)
+    assert proc.returncode == 0 and "early stopping after epoch 3" in proc.stdout
+    proc = run_cli([*args, "--epochs", "12"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = load_state(tmp_path / "out" / "checkpoint_last.pth")
+    assert state["schedule"] == [[0, 60], [18, 72]]  # the new segment starts at the step where the run stopped
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert history[3]["epoch"] == 4 and any(e["type"] == "extended" for e in history[3]["events"])
+
+
+# --- the shipped MNIST base model ---------------------------------------------------------------------
+
+
+def test_the_shipped_base_model_is_the_default_base(tiny_idx: Path, tmp_path: Path):
+    assert PACKAGED_BASE_MODEL.is_file()
+    args = ["--data", str(tiny_idx), "--epochs", "1", "--batch-size", "64", "--cooldown", "0",
+            "--set", "checkpoint_every_seconds=0"]
+    proc = run_cli([*args, "--output-dir", "tuned"], cwd=tmp_path)  # default width 24: the shipped base fits
+    assert proc.returncode == 0, proc.stderr
+    assert "fine-tuning from the MNIST base model shipped with the package" in proc.stdout
+    manifest = json.loads((tmp_path / "tuned" / "config_finetuned.json").read_text())
+    assert manifest["resolved"]["init"].startswith(f"fine-tuning from {PACKAGED_BASE_MODEL}")
+    assert manifest["config"]["feature_lr_scale"] < 1.0  # the fine-tuning recipe
+    proc = run_cli([*args, "--base-model", "none", "--output-dir", "scratch"], cwd=tmp_path)
+    assert proc.returncode == 0 and "fine-tuning" not in proc.stdout
+    scratch = json.loads((tmp_path / "scratch" / "config_finetuned.json").read_text())
+    assert scratch["resolved"]["init"] == "training from scratch" and scratch["config"]["feature_lr_scale"] == 1.0
+
+
+def test_the_shipped_base_model_is_not_used_on_the_data_it_was_trained_on():
+    from cnn_finetune.pipeline import prepare_data, resolve_base_model
+
+    data = prepare_data(TrainConfig(base_model="models/cnn_modelo_v2/best_model.pth"))  # the built-in sample
+    base, note = resolve_base_model(TrainConfig(), data)
+    assert base is None and "was trained on this very data" in note
+
+
+@pytest.mark.long
+def test_the_shipped_base_model_is_made_by_its_documented_command(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_base_model.py"), "--check"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the retrained base model equals the shipped one" in proc.stdout
+    state = torch.load(PACKAGED_BASE_MODEL, weights_only=True)["state"]
+    assert state["made_by"].startswith("python scripts/make_base_model.py") and state["class_names"] == [str(i) for i in range(10)]
