@@ -125,8 +125,11 @@ class CheckpointManager:
     """Writes the checkpoints, best-K files and history of one run folder; reads them back."""
 
     def __init__(self, run: RunDir, *, monitor: str, keep_best: int, every_steps: int = 0,
-                 every_seconds: float = 0.0) -> None:
+                 every_seconds: float = 0.0, writer: bool = True) -> None:
         self.run = run
+        # Under several processes every rank keeps the same state (best-K list, timers) and rank 0 alone,
+        # the writer, touches files.
+        self.writer = writer
         self.monitor = monitor
         self.tiebreak_key, tiebreak_mode = BestKeeper.TIEBREAK[monitor]
         self.keeper = BestKeeper(run.path, keep_best, MODE_OF_METRIC[monitor], tiebreak_mode)
@@ -135,14 +138,16 @@ class CheckpointManager:
         self.save_seconds = 0.0  # spent saving since the last take_save_seconds()
 
     @classmethod
-    def for_config(cls, run: RunDir, cfg: Any) -> "CheckpointManager":
+    def for_config(cls, run: RunDir, cfg: Any, writer: bool = True) -> "CheckpointManager":
         """The manager of ``run`` with the save settings of a ``TrainConfig``."""
         return cls(run, monitor=cfg.monitor, keep_best=cfg.keep_best, every_steps=cfg.checkpoint_every_steps,
-                   every_seconds=cfg.checkpoint_every_seconds)
+                   every_seconds=cfg.checkpoint_every_seconds, writer=writer)
 
     # --- writing ---------------------------------------------------------------------------------
 
     def _write(self, path: Path, write: Callable[[], Any]) -> Any:
+        if not self.writer:
+            return None
         try:
             return write()
         except OSError as err:
@@ -167,11 +172,11 @@ class CheckpointManager:
         self.save_seconds += time.perf_counter() - t0
         return True
 
-    def periodic_due(self, global_step: int) -> bool:
-        """A periodic save is due after ``global_step`` steps (every N steps or T seconds)."""
+    def periodic_due(self, global_step: int, by_time: bool = True) -> bool:
+        """A periodic save is due after ``global_step`` steps (every N steps or, ``by_time``, T seconds)."""
         if self.every_steps and global_step % self.every_steps == 0:
             return True
-        return bool(self.every_seconds) and time.monotonic() - self.last_save >= self.every_seconds
+        return by_time and bool(self.every_seconds) and time.monotonic() - self.last_save >= self.every_seconds
 
     def save_best(self, epoch: int, metrics: dict[str, float], payload: Callable[[], dict[str, Any]]) -> tuple[bool, list[str]]:
         """Write the epoch's file if it enters the top K; returns (is the new best, files that fell out).
@@ -202,7 +207,7 @@ class CheckpointManager:
 
     def drop(self, names: list[str]) -> None:
         """Delete best-K files that fell out of the top K."""
-        for name in names:
+        for name in names if self.writer else []:
             (self.run / name).unlink(missing_ok=True)
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
@@ -230,7 +235,7 @@ class CheckpointManager:
 
     def tidy_after_resume(self) -> None:
         """Delete best-K files an unrecorded epoch left, and point the best model at the recorded best."""
-        for stray in self.keeper.stray_files():
+        for stray in self.keeper.stray_files() if self.writer else []:
             stray.unlink(missing_ok=True)
         self.link_best()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -102,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error(f"{err.label}: {err}")
         return err.exit_code
     except Interrupted as stop:
-        logger.error(stop.message if stop.saved else "\n" + stop.message)
+        if not stop.saved or os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for a saved stop
+            logger.error(stop.message if stop.saved else "\n" + stop.message)
         return stop.exit_code
     except KeyboardInterrupt:  # before the run's signal handling was installed
         logger.error("\n" + abort_message("SIGINT", second=False))

@@ -18,7 +18,7 @@ checkpoint. Each fault fires at most once per process, so a restarted run gets p
   runs), for tests that need interruption at an exact step;
 * ``sigint2@N``: SIGINT after step N, and a second SIGINT half-way through the save it causes.
 
-``kind@A-B`` covers steps A to B. The trainer meets the injector in three places only: the model it
+``kind@A-B`` covers steps A to B; ``kind@N:rR`` strikes only the process of rank R (under torchrun). The trainer meets the injector in three places only: the model it
 trains is wrapped by ``wrap`` (out-of-memory, wrong shapes, NaN, validation out-of-memory), and
 ``before_step``/``after_step`` bracket each step (crashes, signals, kills). Under ``torchrun`` faults
 are injected only in the first attempt (``TORCHELASTIC_RESTART_COUNT`` = 0) so that the restarted
@@ -55,11 +55,16 @@ class _Validator(Protocol):
 class FaultInjector:
     """Parsed ``TRAIN_FAULTS``; the trainer asks it at fixed points of each step."""
 
-    def __init__(self, spec: str = "") -> None:
+    def __init__(self, spec: str = "", rank: int = 0) -> None:
         self.planned: dict[str, set[int]] = {k: set() for k in KINDS}
         self.fired: set[tuple[str, int]] = set()
         self.batch = 0  # samples of the current step (set by before_step)
         for item in filter(None, (s.strip() for s in spec.split(","))):
+            item, _, on_rank = item.partition(":r")  # "oom@12:r1": only the process of rank 1
+            if on_rank and (not on_rank.isdigit() or int(on_rank) != rank):
+                if not on_rank.isdigit():
+                    raise UserError(f"TRAIN_FAULTS: {item}:r{on_rank!r} needs a rank number after ':r', e.g. {item}:r1")
+                continue
             kind, sep, where = item.partition("@")
             if not sep or kind not in KINDS:
                 raise UserError(f"TRAIN_FAULTS: {item!r} is not understood; use KIND@STEP with KIND one of {', '.join(KINDS)}, e.g. oom@12,kill@60")
@@ -71,11 +76,11 @@ class FaultInjector:
             self.planned[kind].update(steps)
 
     @classmethod
-    def from_env(cls) -> "FaultInjector":
-        """The injector described by the environment (empty when TRAIN_FAULTS is unset)."""
+    def from_env(cls, rank: int = 0) -> "FaultInjector":
+        """The injector described by the environment (empty when TRAIN_FAULTS is unset) for process ``rank``."""
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
             return cls("")
-        return cls(os.environ.get("TRAIN_FAULTS", ""))
+        return cls(os.environ.get("TRAIN_FAULTS", ""), rank)
 
     def __bool__(self) -> bool:
         return any(self.planned.values())

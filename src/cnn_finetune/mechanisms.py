@@ -239,8 +239,12 @@ class EpochMetrics:
     """The epoch's running sums, kept on the training device: no host-device sync per step.
 
     A step whose loss or gradient is not finite adds nothing but counts as skipped, and extends the
-    streak of non-finite steps that the NaN guard reads.
+    streak of non-finite steps that the NaN guard reads. Under several processes each rank sums its
+    own share of the samples (``SHARED``); the totals are added up when they are read or saved, and a
+    checkpoint holds the totals (given back to rank 0 alone on resume).
     """
+
+    SHARED = ("loss_sum", "correct", "seen")  # per-rank shares; the other sums are the same on every rank
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -254,12 +258,14 @@ class EpochMetrics:
         self.sums = {"loss_sum": z(torch.float64), "correct": z(torch.int64), "seen": z(torch.int64),
                      "nonfinite": z(torch.int64), "streak": z(torch.int64), "max_streak": z(torch.int64)}
 
-    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, batch: int, denom: float, bad: torch.Tensor) -> None:
-        """Account one step: ``loss_sum`` of (weighted) per-sample losses, ``bad``: not finite."""
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, denom: Any, bad: torch.Tensor,
+            batch: int | None = None) -> None:
+        """Account one step: ``loss_sum`` of (weighted) losses of ``seen`` samples of a ``batch`` (default:
+        ``seen``) whose loss normaliser is ``denom``; ``bad``: the step was not finite and is skipped."""
         s, good = self.sums, ~bad
-        s["loss_sum"] += torch.where(good, loss_sum.double() / denom * batch, 0.0)
+        s["loss_sum"] += torch.where(good, loss_sum.double() / denom * (seen if batch is None else batch), 0.0)
         s["correct"] += torch.where(good, correct, 0)
-        s["seen"] += torch.where(good, batch, 0)
+        s["seen"] += torch.where(good, seen, 0)
         s["nonfinite"] += bad.long()
         s["streak"] = (s["streak"] + 1) * bad.long()
         s["max_streak"] = torch.maximum(s["max_streak"], s["streak"])
@@ -273,20 +279,26 @@ class EpochMetrics:
         """Longest run of non-finite steps so far (reads the device)."""
         return int(self.sums["max_streak"])
 
-    def summary(self) -> tuple[float, float, int, int]:
+    def totals(self, sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+        """Copies of the sums, the per-rank shares added up over the ranks by ``sum_`` (a collective)."""
+        return {k: sum_(v.clone()) if k in self.SHARED else v.clone() for k, v in self.sums.items()}
+
+    def summary(self, sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[float, float, int, int]:
         """``(train_loss, train_acc, images seen, skipped steps)`` of the epoch (reads the device)."""
-        seen = int(self.sums["seen"])
-        loss = float(self.sums["loss_sum"]) / seen if seen else float("nan")
-        acc = int(self.sums["correct"]) / seen if seen else float("nan")
-        return loss, acc, seen, int(self.sums["nonfinite"])
+        s = self.totals(sum_)
+        seen = int(s["seen"])
+        loss = float(s["loss_sum"]) / seen if seen else float("nan")
+        acc = int(s["correct"]) / seen if seen else float("nan")
+        return loss, acc, seen, int(s["nonfinite"])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain-data state for the checkpoint (CPU copies of the sums)."""
-        return {k: v.detach().cpu().clone() for k, v in self.sums.items()}
+    def state_dict(self, sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+        """Plain-data state for the checkpoint (CPU copies of the totals)."""
+        return {k: v.detach().cpu() for k, v in self.totals(sum_).items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore the state saved by ``state_dict``."""
-        self.sums = {k: v.to(self.device) for k, v in state.items()}
+    def load_state_dict(self, state: dict[str, torch.Tensor], owner: bool = True) -> None:
+        """Restore the state saved by ``state_dict``; ``owner`` False: a rank that starts its shares at 0."""
+        self.sums = {k: (v if owner or k not in self.SHARED else torch.zeros_like(v)).to(self.device)
+                     for k, v in state.items()}
 
 
 class Clock:

@@ -182,18 +182,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def deferred_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside, ghost batch norms collect their running-stat updates and apply them once at the end."""
+def deferred_bn_stats(model: nn.Module, enabled: bool = True, keep: bool = True) -> Iterator[None]:
+    """Inside, ghost batch norms collect their running-stat updates and apply them once at the end
+    (not at all when the block fails, or with ``keep`` False: a pass whose samples do not count)."""
     mods = [m for m in unwrap(model).modules() if isinstance(m, GhostBatchNorm2d)] if enabled else []
     for m in mods:
         m.begin_deferred()
     ok = False
     try:
         yield
-        ok = True
+        ok = keep
     finally:
         for m in mods:
             m.end_deferred(apply=ok)
+
+
+def ghost_groups(model: nn.Module, batch: int) -> list[int]:
+    """Sizes of the batch-norm groups of a batch of ``batch`` samples (a batch without ghost groups is one)."""
+    bn = next((m for m in unwrap(model).modules() if isinstance(m, GhostBatchNorm2d)), None)
+    return bn.group_sizes(batch) if bn is not None else [batch]
 
 
 def split_for_micro_batches(model: nn.Module, batch: int, parts: int) -> list[int]:

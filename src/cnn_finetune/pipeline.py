@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
-from contextlib import contextmanager
+import os
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +38,13 @@ from .checkpoint_manager import CheckpointManager, load_latest
 from .config import DEFAULT_BASE_MODEL, TrainConfig, packaged_base_model, resume_mismatches
 from .data_loader import Dataset, SplitData, align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
 from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
+from .distributed import Dist, from_environment
 from .faults import FaultInjector
 from .log import logger
 from .recipe import resolve
 from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, EVALUATION, GUIDE_ARTIFACTS, MODEL_CARD, RunDir
-from .runtime import check_single_process, configure_threads, resolve_device, versions
+from .mechanisms import RetryBudget
+from .runtime import configure_threads, resolve_device, versions
 from .signals import SignalGuard
 from .trainer import RobustTrainer
 
@@ -104,36 +109,104 @@ class RunResult:
 def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
     """Train (or continue) the run described by ``config`` (defaults when None) plus ``overrides``.
 
+    Under ``torchrun`` every process calls it: rank 0 reads and writes the files, all train.
     Raises ``UserError`` (bad input; nothing was touched), ``TrainingFailed`` (recovery impossible)
     or ``Interrupted`` (a signal; the state was saved at the current step).
     """
     cfg = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides}, source="train()")
-    with SignalGuard() as guard:
-        check_single_process()
-        faults = FaultInjector.from_env()
+    # Under torchrun a Ctrl+C reaches each worker from the terminal and again from the agent.
+    with SignalGuard(debounce=2.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0) as guard:
         device = resolve_device(cfg.device)
-        configure_threads(cfg.num_threads)
-        run = RunDir(cfg.output_dir)
-        data = prepare_data(cfg)
-        base, base_note = resolve_base_model(cfg, data)
-        plan = plan_resume(cfg, run, data, fine_tuning=base is not None)
-        if plan.finished:
-            return already_finished(plan.config, run, plan, data, device)
-        cfg = plan.config
+        dist = from_environment(device.type)
         try:
-            trainer = build_trainer(cfg, data, plan, base, base_note, device, run, faults, guard)
-        except torch.OutOfMemoryError as err:
-            raise TrainingFailed(f"out of memory before training could start ({str(err).splitlines()[0][:200]}); "
-                                 "free GPU memory or use --device cpu") from None
-        cfg = trainer.cfg  # with the extension's epochs, if any
-        run_config = manifest(cfg, data, device, trainer.init_note, plan.notes)
-        with open_run(cfg, run, plan, data, trainer, run_config):
-            fit = trainer.fit()
-            logger.info(fit.message)
+            return run_training(cfg, dist, worker_device(device, dist), guard)
+        finally:
+            dist.close()
+
+
+def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: SignalGuard) -> RunResult:
+    """The stages, on every process: the main one decides and writes, the others follow."""
+    if not dist.is_main:
+        logger.setLevel(logging.ERROR)  # one process speaks for the run
+    cool_down_after_restart(cfg)
+    configure_threads(cfg.num_threads)
+    run = RunDir(cfg.output_dir)
+    data = local_main_first(dist, lambda: prepare_data(cfg))  # one process per machine fills the data cache
+    base, base_note, plan = main_decides(dist, lambda: plan_run(cfg, run, data))
+    if plan.state is not None:
+        data.use_normalization(plan.state["normalization"])  # the run's own, whatever computes it today
+        if plan.state.get("world_size", 1) != dist.world:
+            logger.info(f"resuming a checkpoint of {plan.state.get('world_size', 1)} process(es) with {dist.world}: training "
+                        "continues at the same sample position, but the result is not bit-identical to a run that kept "
+                        f"{plan.state.get('world_size', 1)} (the gradients are summed in another order)")
+    if plan.finished:
+        return already_finished(plan.config, run, plan, data, device, dist)
+    try:
+        trainer = build_trainer(plan.config, data, plan, base, base_note, device, run, FaultInjector.from_env(dist.rank),
+                                guard, dist)
+    except torch.OutOfMemoryError as err:
+        raise TrainingFailed(f"out of memory before training could start ({str(err).splitlines()[0][:200]}); "
+                             "free GPU memory or use --device cpu") from None
+    cfg = trainer.cfg  # with the extension's epochs, if any
+    run_config = manifest(cfg, data, device, trainer.init_note, plan.notes, dist.world)
+    with open_run(cfg, run, plan, data, trainer, run_config) if dist.is_main else nullcontext():
+        dist.barrier()  # the folder is ready
+        first_save(trainer, plan, run)
+        fit = trainer.fit()
+        logger.info(fit.message)
+        if dist.is_main:
             write_reports(run, cfg, data, trainer.history, run_config, device)
-        result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
-        log_best(result, cfg)
-        return result
+    result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
+    log_best(result, cfg)
+    return result
+
+
+def plan_run(cfg: TrainConfig, run: RunDir, data: PreparedData) -> tuple[Path | None, str | None, ResumePlan]:
+    """The base model and the resume plan (the main process reads the files and decides)."""
+    base, base_note = resolve_base_model(cfg, data)
+    return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None)
+
+
+def worker_device(device: torch.device, dist: Dist) -> torch.device:
+    """This process's device: under torchrun on CUDA, the GPU of its local rank."""
+    return torch.device("cuda", dist.local_rank) if dist.enabled and device.type == "cuda" else device
+
+
+def cool_down_after_restart(cfg: TrainConfig) -> None:
+    """Under torchrun, a restarted worker waits like a retry would (``--cooldown``), then resumes."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0:
+        budget = RetryBudget(cfg.max_retries, cfg.cooldown_min, cfg.cooldown_max)
+        budget.consecutive = restarts
+        seconds = budget.cooldown_seconds()
+        logger.info(f"restart {restarts} by torchrun after a failure: cooling down {seconds:.1f}s, then resuming")
+        time.sleep(seconds)
+
+
+def local_main_first(dist: Dist, load: Callable[[], Any]) -> Any:
+    """``load()`` on local rank 0 first (it fills the cache), then on the other processes of the machine."""
+    if dist.enabled and dist.local_rank != 0:
+        dist.barrier()
+    result = load()
+    if dist.enabled and dist.local_rank == 0:
+        dist.barrier()
+    return result
+
+
+def main_decides(dist: Dist, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on the main process; its result, or the error it raised, on every process."""
+    if not dist.enabled:
+        return decide()
+    outcome: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            outcome = ("ok", decide())
+        except (UserError, TrainingFailed) as err:
+            outcome = ("error", err)
+    kind, value = dist.broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value
 
 
 def resolve_base_model(cfg: TrainConfig, data: PreparedData) -> tuple[Path | None, str | None]:
@@ -258,7 +331,6 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     extend_to = epochs_to_train(cfg, resolved.config.epochs, planned, done, run)
     config = dataclasses.replace(resolved.config, epochs=planned)
     check_resumable(config, run, state, data)
-    data.use_normalization(state["normalization"])
     if extend_to is not None:
         resolved.notes["epochs"] = f"extended from {planned} to {extend_to} epochs ({done} done)"
     return ResumePlan(config, state, extend_to=extend_to, notes=resolved.notes)
@@ -299,19 +371,24 @@ def check_resumable(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: 
 
 
 def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: Path | None, base_note: str | None,
-                  device: torch.device, run: RunDir, faults: FaultInjector, guard: SignalGuard) -> RobustTrainer:
-    """The trainer with its model: from the checkpoint, the base model, or the seed; checked on a copy."""
+                  device: torch.device, run: RunDir, faults: FaultInjector, guard: SignalGuard,
+                  dist: Dist | None = None) -> RobustTrainer:
+    """The trainer with its model: from the checkpoint, the base model, or the seed; checked on a copy.
+
+    Under several processes the main one loads the base model; DDP gives its weights to the others."""
+    dist = dist or Dist()
     from .model import load_base_model
     from .plots import CurveRefresher
 
     init = None
-    if plan.state is None and base is not None:
+    if plan.state is None and base is not None and dist.is_main:
         def init(model: Any) -> str:
             return load_base_model(model, base, data.split.class_names)
     if plan.state is None and base_note:
         logger.info(f"note: {base_note}")
-    trainer = RobustTrainer(cfg, data.split, device, checkpoints=CheckpointManager.for_config(run, cfg), init=init,
-                            faults=faults, guard=guard, on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor))
+    trainer = RobustTrainer(cfg, data.split, device, checkpoints=CheckpointManager.for_config(run, cfg, writer=dist.is_main),
+                            init=init, faults=faults, guard=guard, dist=dist,
+                            on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor) if dist.is_main else None)
     if plan.state is not None:
         trainer.load_state_dict(plan.state)
     if plan.extend_to is not None:
@@ -334,13 +411,13 @@ def one_step_check(trainer: RobustTrainer) -> None:
 
 
 def manifest(cfg: TrainConfig, data: PreparedData, device: torch.device, init: str | None,
-             notes: dict[str, str] | None = None) -> dict[str, Any]:
+             notes: dict[str, str] | None = None, processes: int = 1) -> dict[str, Any]:
     """The content of ``config_finetuned.json``: every resolved setting (and why), the data, the versions."""
     batch, steps = data.batch_and_steps(cfg.batch_size)
     return {
         "config": cfg.to_dict(),
         "resolved": {"data": data.source, "device": str(device), "batch_size": batch, "steps_per_epoch": steps, "init": init,
-                     "epochs": cfg.epochs, "patience": cfg.patience, "automatic": dict(notes or {})},
+                     "epochs": cfg.epochs, "patience": cfg.patience, "automatic": dict(notes or {}), "processes": processes},
         "data_fingerprint": data.split.fingerprint, "class_names": list(data.split.class_names),
         "normalization": {"mean": data.split.mean, "std": data.split.std}, "versions": versions(),
     }
@@ -372,18 +449,25 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
             logger.info(f"resuming from {run / plan.source}: epoch {pos['epoch'] + 1}, step {pos['step']} of {pos['steps_per_epoch']}")
             trainer.checkpoints.quarantine(plan.damaged)
             trainer.checkpoints.tidy_after_resume()  # whatever a killed epoch left, the checkpoint's view wins
-            trainer.note_resumed(plan.source)
             if plan.extend_to is not None:
                 logger.info(f"extending the run to {plan.extend_to} epochs: a learning-rate segment of its own over the "
                             "added epochs (warm-up, then decay)")
-                trainer.save_last(progress=False)  # the extended plan is part of the state a retry or rollback reloads
-        else:
-            try:
-                trainer.save_last()  # a rollback/retry target from the very start
-            except ArtifactWriteError as err:
-                raise UserError(f"cannot write {Path(err.path).name} in {run}: {err.reason}; choose a writable --output-dir",
-                                path=err.path) from None
         yield
+
+
+def first_save(trainer: RobustTrainer, plan: ResumePlan, run: RunDir) -> None:
+    """Every process: a fresh run's first checkpoint (the retry and rollback target from the very start), or
+    an extended plan saved at once (a retry or rollback reloads it); a resumed run notes where it resumed."""
+    if plan.state is not None:
+        trainer.note_resumed(plan.source)
+        if plan.extend_to is not None:
+            trainer.save_last(progress=False)
+        return
+    try:
+        trainer.save_last()
+    except ArtifactWriteError as err:
+        raise UserError(f"cannot write {Path(err.path).name} in {run}: {err.reason}; choose a writable --output-dir",
+                        path=err.path) from None
 
 
 def write_manifests(run: RunDir, report: dict[str, Any], run_config: dict[str, Any]) -> None:
@@ -396,14 +480,15 @@ def write_manifests(run: RunDir, report: dict[str, Any], run_config: dict[str, A
                         path=str(run.path)) from None
 
 
-def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData, device: torch.device) -> RunResult:
+def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData, device: torch.device,
+                     dist: Dist | None = None) -> RunResult:
     """A run that already ended is not trained again; its reports are redrawn only if they are missing."""
     state = plan.state or {}
     message = (f"this run already finished ({state['finished']['detail']}); nothing to do. "
                "Use --no-resume to train again (the old run is moved aside).")
     logger.info(message)
     history = state.get("history", [])
-    if not (run / MODEL_CARD).exists():
+    if not (run / MODEL_CARD).exists() and (dist or Dist()).is_main:
         with run.lock():
             write_reports(run, cfg, data, history, manifest(cfg, data, device, state.get("init")), device)
     best = (state.get("best_keeper") or {}).get("entries") or [None]

@@ -7,7 +7,6 @@ same everywhere, and none of them imports another tool's command line.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -32,14 +31,6 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
     return torch.device("cpu")
-
-
-def check_single_process() -> None:
-    """Training runs in one process: several (``WORLD_SIZE`` > 1) would each write the same files."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise UserError(f"this run was started as {world} processes (WORLD_SIZE={world}); training uses one process per "
-                        "run: use torchrun --nproc_per_node=1 (for automatic restarts) or plain python")
 
 
 def configure_threads(num_threads: int) -> None:

@@ -6,7 +6,9 @@ Inside ``deferring()`` (the loop) the first signal only sets a flag: the loop fi
 step, saves, and raises ``Interrupted`` itself. A second signal while the first is being handled
 (for example during that save) raises at once: the atomic writer then removes its temporary file
 and the previous checkpoint stays the valid one. SIGHUP (the terminal or SSH session closed) is
-handled like SIGTERM. The previous handlers are restored when the guard ends.
+handled like SIGTERM. The previous handlers are restored when the guard ends. Under ``torchrun``
+a Ctrl+C reaches a worker twice, from the terminal and forwarded by the agent: the same signal again
+within ``debounce`` seconds counts once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, Iterator
@@ -37,8 +40,10 @@ def abort_message(name: str, second: bool) -> str:
 class SignalGuard:
     """Context manager that turns stop signals into ``Interrupted`` or, while deferring, into a flag."""
 
-    def __init__(self) -> None:
+    def __init__(self, debounce: float = 0.0) -> None:
         self.received: int | None = None
+        self.debounce = debounce
+        self._received_at = 0.0
         self._deferring = False
         self._previous: dict[int, Any] = {}
 
@@ -68,10 +73,12 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if signum == self.received and time.monotonic() - self._received_at < self.debounce:
+            return  # the same signal delivered twice (terminal and launcher): one request
         if not self._deferring or self.received is not None:
             second = self.received is not None
             raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[signum], second=second)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         msg = f"\n{name} received: finishing the current step and saving a checkpoint (send it again to abort at once)\n"
         try:
             os.write(2, msg.encode())  # print() is not safe inside a signal handler

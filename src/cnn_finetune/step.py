@@ -5,12 +5,18 @@ forward and backward passes, skips the update on the device when the loss or the
 finite (the fused optimizer's ``found_inf``: no host-device sync), and updates the running metrics.
 After a CUDA out-of-memory error the same step is redone as 2, 4, 8... micro-batches with gradient
 accumulation; ghost batch norm and a loss normalised by the whole batch keep the result the same.
+
+Under several processes (DistributedDataParallel) the global batch is the configured batch: every
+rank augments the whole global batch (the same draws with 1 or N processes) and trains on its
+contiguous share of its ghost-batch-norm groups, so the groups, and hence the arithmetic, are those of
+one process. Before the last backward pass (the one DDP synchronises) the ranks agree on whether any
+of them ran out of memory: then every rank redoes the step with the same number of micro-batches.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -18,9 +24,14 @@ import torch.nn.functional as F
 
 from .augment import AugmentParams, augment_batch, normalize
 from .config import TrainConfig
+from .distributed import Dist
 from .mechanisms import EpochMetrics, MicroBatcher, mix_seed
-from .model import CNNv2, deferred_bn_stats, grad_norm, split_for_micro_batches
+from .model import CNNv2, deferred_bn_stats, ghost_groups, grad_norm, split_for_micro_batches
 from .sampling import DeviceData
+
+
+class PeerOutOfMemory(Exception):
+    """Another rank ran out of memory in this step: every rank redoes it as more micro-batches."""
 
 
 class StepRunner:
@@ -28,17 +39,24 @@ class StepRunner:
 
     def __init__(self, cfg: TrainConfig, model: CNNv2, net: nn.Module, optimizer: torch.optim.Optimizer,
                  batches: DeviceData, micro: MicroBatcher, metrics: EpochMetrics, *, mean: float, std: float,
-                 channels_last: bool, on_event: Callable[..., None], log: Callable[[str], None]) -> None:
+                 channels_last: bool, on_event: Callable[..., None], log: Callable[[str], None],
+                 dist: Dist | None = None, ddp: Any = None) -> None:
         self.cfg, self.model, self.net, self.optimizer = cfg, model, net, optimizer
         self.batches, self.micro, self.metrics = batches, micro, metrics
         self.device = batches.device
         self.mean, self.std = mean, std
         self.on_event, self.log = on_event, log
+        self.dist, self.ddp = dist or Dist(), ddp  # ddp: the DistributedDataParallel module (None: one process)
         self.augment = AugmentParams(cfg.aug_rotation, cfg.aug_translate, cfg.aug_scale, cfg.aug_noise)
         self.generator = torch.Generator(device=self.device)
         self.channels_last = channels_last  # the input's memory format follows the model's
         cuda_bf16 = cfg.amp == "auto" and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or cuda_bf16) else None
+
+    def share_size(self, batch: int) -> int:
+        """How many of a global batch of ``batch`` samples this process trains on."""
+        start, end, _ = self.dist.shard(ghost_groups(self.model, batch))
+        return end - start
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the network's input: normalised, in the model's memory format."""
@@ -56,43 +74,76 @@ class StepRunner:
         torch.manual_seed(s)  # any other random draw (e.g. dropout) is a function of the step too
         xb = self.prepare(augment_batch(self.batches.x_train[idx], self.augment, self.generator))
         yb = self.batches.y_train[idx]
-        batch = yb.shape[0]
         weights = self.batches.class_weights
-        # The loss is normalised by the whole batch, so micro-batches add up to the same gradient.
-        # (A Python float, not a device tensor: copying it to a GPU would synchronise every step.)
+        # The loss is normalised by the whole (global) batch, so micro-batches and ranks add up to its
+        # gradient. (A Python float, not a device tensor: copying it to a GPU would synchronise every step.)
+        batch = yb.shape[0]
         denom = weights[yb].sum() if weights is not None else float(batch)
+        start, end, groups = self.dist.shard(ghost_groups(self.model, batch))
+        # A rank without a sample this step still takes part in the collectives: one sample, weight 0.
+        share, weight = (slice(start, end), 1.0) if end > start else (slice(0, 1), 0.0)
+        xb, yb = xb[share], yb[share]
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         while True:
             try:
-                loss_sum, correct = self._forward_backward(xb, yb, denom)
+                loss_sum, correct = self._forward_backward(xb, yb, denom, weight)
                 break
-            except torch.OutOfMemoryError as err:
-                self._split_after_oom(err, batch, global_step)
+            except (torch.OutOfMemoryError, PeerOutOfMemory) as err:
+                self._split_after_oom(err, yb.shape[0], global_step)
+        self.dist.average_buffers(self.model, float(groups))
         norm = grad_norm(self.model, self.cfg.grad_clip)
         bad = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
+        bad = self.dist.sum_(bad.to(torch.int32)) > 0  # the skip is decided for every rank at once
         self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
         self.optimizer.step()
-        self.metrics.add(loss_sum, correct, batch, denom, bad)
+        self.metrics.add(loss_sum, correct, int(weight) * yb.shape[0], denom, bad, batch=batch)
         if self.micro.on_success():
             self.on_event("oom_probe", global_step=global_step, micro_batches=self.micro.parts)
 
-    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, denom: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, denom: Any,
+                          weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the batch, accumulated over the current number of micro-batches."""
         sizes = split_for_micro_batches(self.model, yb.shape[0], self.micro.parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        with deferred_bn_stats(self.model):
-            for xs, ys in zip(xb.split(sizes), yb.split(sizes)):
-                with self.autocast():
-                    logits = self.net(xs)
-                part = F.cross_entropy(logits.float(), ys, weight=self.batches.class_weights, reduction="none",
-                                       label_smoothing=self.cfg.label_smoothing).sum()
-                (part / denom).backward()
-                loss_sum = loss_sum + part.detach()
-                correct += (logits.detach().argmax(1) == ys).sum()
+        # DDP averages the ranks' gradients: times the world size, their sum. (x 1.0 on one process: exact.)
+        factor = weight * self.dist.world
+        with deferred_bn_stats(self.model, keep=weight > 0):
+            try:
+                for last, xs, ys in self._micro_batches(xb, yb, sizes):
+                    with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                        with self.autocast():
+                            logits = self.net(xs)
+                        part = F.cross_entropy(logits.float(), ys, weight=self.batches.class_weights, reduction="none",
+                                               label_smoothing=self.cfg.label_smoothing).sum()
+                        if last and self.dist.any_true(False):  # before DDP's collective: does any rank lack memory?
+                            self._drain(logits)
+                            raise PeerOutOfMemory()
+                        (part * factor / denom).backward()
+                    loss_sum = loss_sum + part.detach() * weight
+                    correct += (logits.detach().argmax(1) == ys).sum() * int(weight)
+            except torch.OutOfMemoryError:
+                if self.ddp is not None:
+                    self.dist.any_true(True)  # tell the others (they ask before their last backward)
+                    self._drain(None, xb[:1])
+                raise
         return loss_sum, correct
+
+    def _drain(self, logits: torch.Tensor | None, sample: torch.Tensor | None = None) -> None:
+        """Complete DDP's iteration with a zero gradient on every rank, so that the next attempt of the step
+        starts in step: a rank that ran out of memory passes one sample (``sample``) to join in."""
+        if self.ddp is None:
+            return
+        if logits is None:
+            logits = self.net(sample)
+        (logits.float().sum() * 0.0).backward()
+
+    @staticmethod
+    def _micro_batches(xb: torch.Tensor, yb: torch.Tensor, sizes: list[int]) -> Iterator[tuple[bool, torch.Tensor, torch.Tensor]]:
+        for i, (xs, ys) in enumerate(zip(xb.split(sizes), yb.split(sizes))):
+            yield i == len(sizes) - 1, xs, ys
 
     def _split_after_oom(self, err: BaseException, batch: int, global_step: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -101,6 +152,7 @@ class StepRunner:
         sizes = self.micro.split_after_oom(
             lambda parts: split_for_micro_batches(self.model, batch, parts),
             f"the model does not fit on {self.device}; free GPU memory, use --device cpu, or lower --width ({err})")
+        where = "on another process; " if isinstance(err, PeerOutOfMemory) else ""
         self.on_event("oom", global_step=global_step, micro_batches=len(sizes))
-        self.log(f"CUDA out of memory at step {global_step}: redoing it as {len(sizes)} micro-batches of "
+        self.log(f"CUDA out of memory at step {global_step}: {where}redoing it as {len(sizes)} micro-batches of "
                  f"{max(sizes)} (same effective batch {batch})")

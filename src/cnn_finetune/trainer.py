@@ -34,6 +34,7 @@ from .model import ARCH, CNNv2, build_model, make_optimizer, unwrap
 from .rundir import RunDir
 from .runtime import configure_threads, versions
 from .sampling import DeviceData
+from .distributed import Dist, data_parallel
 from .signals import SignalGuard
 from .validation import Validator
 
@@ -56,18 +57,19 @@ class RobustTrainer:
                  checkpoints: CheckpointManager | None = None, init: Callable[[CNNv2], str] | None = None,
                  faults: FaultInjector | None = None, guard: SignalGuard | None = None,
                  on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, dist: Dist | None = None) -> None:
         self.batches = DeviceData(data, device, cfg.batch_size, cfg.seed, cfg.balance)
         self.batch_size, self.steps_per_epoch = self.batches.batch_size, self.batches.steps_per_epoch
         # Automatic settings (epochs "auto", patience...) become numbers here unless the caller resolved them.
         self.cfg, self.data, self.device = resolve(cfg, self.steps_per_epoch, init is not None).config, data, device
         cfg = self.cfg
         self.fine_tuning = init is not None
+        self.dist = dist or Dist()
         self.faults = faults or FaultInjector("")
         self.guard = guard or SignalGuard()  # not entered: only a caller that installs it gets signals
         self.log = log or logger.info
         self.on_epoch_end = on_epoch_end  # e.g. refresh the training curves; never stops training
-        self.checkpoints = checkpoints or CheckpointManager.for_config(RunDir(cfg.output_dir), cfg)
+        self.checkpoints = checkpoints or CheckpointManager.for_config(RunDir(cfg.output_dir), cfg, writer=self.dist.is_main)
         configure_threads(cfg.num_threads)
         torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # the initial weights are a function of the seed too
         model = build_model(len(data.class_names), width=cfg.width, bn_ghost_size=cfg.bn_ghost_size)
@@ -89,14 +91,20 @@ class RobustTrainer:
         self.clock = Clock()
         self.history = History()
         self.finished: dict[str, Any] | None = None
-        # The step maths, validation and the fault layer, wired to the parts above.
-        self.steps = StepRunner(cfg, self.model, self.model, self.optimizer, self.batches, self.micro, self.metrics,
-                                mean=data.mean, std=data.std, channels_last=channels_last, on_event=self.history.event,
-                                log=self.log)
+        self.stop_agreed = False  # several processes: every rank acts on a stop signal at the same step
+        self._wire(channels_last)
+
+    def _wire(self, channels_last: bool) -> None:
+        """The step maths, validation, data parallelism and the fault layer, around the parts above."""
+        cfg, device = self.cfg, self.device
+        compiled = torch.compile(self.model) if cfg.compile else self.model
+        ddp = data_parallel(compiled, self.dist, device)
+        self.steps = StepRunner(cfg, self.model, compiled, self.optimizer, self.batches, self.micro, self.metrics,
+                                mean=self.data.mean, std=self.data.std, channels_last=channels_last,
+                                on_event=self.history.event, log=self.log, dist=self.dist, ddp=ddp)
         self.prepare = self.steps.prepare
-        self.validator = Validator(cfg.eval_batch_size, device, self.steps.prepare, self.steps.autocast)
-        self.net: nn.Module = self.faults.wrap(torch.compile(self.model) if cfg.compile else self.model, self.pos,
-                                               self.validator)
+        self.validator = Validator(cfg.eval_batch_size, device, self.steps.prepare, self.steps.autocast, self.dist)
+        self.net: nn.Module = self.faults.wrap(ddp or compiled, self.pos, self.validator)
         self.steps.net = self.net
 
     # --- state ------------------------------------------------------------------------------------
@@ -113,11 +121,11 @@ class RobustTrainer:
         return {
             **self._identity(), "kind": "training", "optimizer": self.optimizer.state_dict(),
             "position": {**self.pos.state_dict(), "steps_per_epoch": self.steps_per_epoch},
-            "accumulators": self.metrics.state_dict(), "early_stopping": self.early.state_dict(),
+            "accumulators": self.metrics.state_dict(self.dist.sum_), "early_stopping": self.early.state_dict(),
             "best_keeper": self.checkpoints.state_dict(), "micro_batching": self.micro.state_dict(),
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
-            "fine_tuning": self.fine_tuning,
+            "fine_tuning": self.fine_tuning, "world_size": self.dist.world,
         }
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
@@ -126,7 +134,7 @@ class RobustTrainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pos.load_state_dict(state["position"])
-        self.metrics.load_state_dict(state["accumulators"])
+        self.metrics.load_state_dict(state["accumulators"], owner=self.dist.is_main)
         self.early.load_state_dict(state["early_stopping"])
         self.checkpoints.load_state_dict(state["best_keeper"])
         self.micro.load_state_dict(state["micro_batching"])
@@ -199,6 +207,8 @@ class RobustTrainer:
                 except (UserError, TrainingFailed):
                     raise
                 except Exception as err:  # noqa: BLE001 - the fault model: retry anything else
+                    if self.dist.enabled:  # a retry cannot mend a broken collective: torchrun restarts the group
+                        raise
                     if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):  # fails the same way every time
                         raise UserError(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                                         "run without --compile") from None
@@ -220,6 +230,8 @@ class RobustTrainer:
     def _finish(self, status: str, message: str, detail: str) -> FitResult:
         self.finished = {"reason": status, "epoch": self.pos.epoch, "detail": detail}
         self.save_last()
+        if self.dist.enabled:  # checked after every epoch: say so once
+            message += f"; all {self.dist.world} processes hold identical weights (sha256 {self.dist.weights_digest(self.model)[0][:16]})"
         return FitResult(status, message, self.checkpoints.keeper.best())
 
     def _train_epoch(self) -> None:
@@ -234,14 +246,14 @@ class RobustTrainer:
         try:
             while pos.step < self.steps_per_epoch:
                 idx = self.batches.step_indices(order, pos.step)
-                self.faults.before_step(pos.global_step, len(idx))
+                self.faults.before_step(pos.global_step, self.steps.share_size(len(idx)))
                 self.steps.run(idx, pos.epoch, pos.step, pos.global_step, self.lr_of_step(pos.global_step))
                 pos.advance()
                 self._sync()
                 if bar is not None:
                     bar.update(1)
                 end_of_epoch = pos.step == self.steps_per_epoch
-                periodic = not end_of_epoch and self.checkpoints.periodic_due(pos.global_step)
+                periodic = self._coordinate() and not end_of_epoch
                 self.faults.after_step(pos.global_step - 1, save_due=end_of_epoch or periodic)
                 if periodic:
                     self.save_last()
@@ -262,7 +274,10 @@ class RobustTrainer:
     def _end_epoch(self) -> tuple[bool, str]:
         """Validate, update early stopping and the best files, record history, save the checkpoint."""
         epoch_no = self.pos.epoch + 1
-        train_loss, train_acc, seen, skipped = self.metrics.summary()
+        train_loss, train_acc, seen, skipped = self.metrics.summary(self.dist.sum_)
+        if self.dist.enabled and len(set(digests := self.dist.weights_digest(self.model))) > 1:
+            raise TrainingFailed(f"the {self.dist.world} processes hold different weights after epoch {epoch_no} "
+                                 f"({', '.join(d[:12] for d in digests)}): they are out of step; the run stops")
         val_loss, val_acc, _ = self.validator(self.net, self.model, self.batches.x_val, self.batches.y_val)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no, metrics[self.checkpoints.tiebreak_key])
@@ -294,8 +309,23 @@ class RobustTrainer:
                 logger.warning(f"end-of-epoch report failed: {type(err).__name__}: {err}")
         return stop, reason
 
+    def _coordinate(self) -> bool:
+        """Whether a periodic save is due after this step. Under several processes the ranks agree, every
+        ``sync_every`` steps, on a stop signal any of them received and on a save rank 0's clock finds due;
+        in between only the step count (the same on every rank) decides."""
+        gs = self.pos.global_step
+        if not self.dist.enabled:
+            return self.checkpoints.periodic_due(gs)
+        if gs % self.sync_every:
+            return self.checkpoints.periodic_due(gs, by_time=False)
+        signum, due = self.dist.max_ints([self.guard.received or 0, int(self.checkpoints.periodic_due(gs))])
+        if signum:
+            self.guard.request_stop(signum)
+            self.stop_agreed = True
+        return bool(due)
+
     def _check_stop(self) -> None:
-        if self.guard.stop_requested:
+        if self.guard.stop_requested and (self.stop_agreed or not self.dist.enabled):
             self.save_last()
             self.checkpoints.write_history(self.history)
             pos = self.pos
@@ -309,7 +339,8 @@ class RobustTrainer:
     def restore_latest(self, reason: str, **details: Any) -> Path:
         """Reload the newest valid checkpoint, keeping what this process learnt (OOM split, NaN lr);
         record the event ``reason`` with ``details`` and save at once, so a crash does not lose it."""
-        loaded = self.checkpoints.load_latest()
+        # Rank 0 reads and verifies; every rank continues from what it read.
+        loaded = self.dist.broadcast_object(self.checkpoints.load_latest() if self.dist.is_main else None)
         for problem in loaded.problems:
             logger.warning(problem)
         if loaded.state is None:
