@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_json, link_or_copy, load_newest_valid, save_checkpoint
+from .checkpoint import atomic_write_bytes, atomic_write_json, link_or_copy, load_newest_valid, save_checkpoint
 from .errors import ArtifactWriteError
 from .log import logger
 from .mechanisms import MODE_OF_METRIC
-from .rundir import BEST, HISTORY, LAST, RunDir, best_epoch_name, is_best_epoch_name
+from .loggers import metrics_csv
+from .rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
 
 
 class BestKeeper:
@@ -211,8 +212,9 @@ class CheckpointManager:
             (self.run / name).unlink(missing_ok=True)
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
-        """Atomically rewrite ``history.json``."""
+        """Atomically rewrite ``history.json`` and ``metrics.csv`` (the same records, for spreadsheets)."""
         self._write(self.run / HISTORY, lambda: atomic_write_json(self.run / HISTORY, history))
+        self._write(self.run / METRICS, lambda: atomic_write_bytes(self.run / METRICS, metrics_csv(history)))
 
     def take_save_seconds(self) -> float:
         """Seconds spent saving since the last call (for the epoch's record)."""

@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "monitor": ("val_acc", "val_loss"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
+    "logger": ("none", "tensorboard"),
 }
 
 FIXED, FREE = "fixed", "free"  # may the value change when a run is resumed?
@@ -127,6 +128,9 @@ class TrainConfig:
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)", flag=True, resume=FREE)
     output_dir: str = _f(DEFAULT_OUTPUT_DIR, "where the artifacts go", flag=True, resume=FREE)
     verbose: bool = _f(False, "a per-step progress bar", flag=True, resume=FREE)
+    logger: str = _f("none", "metrics for tools besides train.log and metrics.csv: none, or tensorboard (per-step loss "
+                             "and lr, per-epoch metrics, in <output-dir>/tensorboard; needs the tensorboard package)",
+                     flag=True, resume=FREE)
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -41,8 +41,9 @@ from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .distributed import Dist, from_environment
 from .faults import FaultInjector
 from .log import logger
+from .loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
 from .recipe import resolve
-from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, EVALUATION, GUIDE_ARTIFACTS, MODEL_CARD, RunDir
+from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, EVALUATION, GUIDE_ARTIFACTS, LOG, MODEL_CARD, TENSORBOARD, RunDir
 from .mechanisms import RetryBudget
 from .runtime import configure_threads, resolve_device, versions
 from .signals import SignalGuard
@@ -128,19 +129,26 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
     """The stages, on every process: the main one decides and writes, the others follow."""
     if not dist.is_main:
         logger.setLevel(logging.ERROR)  # one process speaks for the run
-    cool_down_after_restart(cfg)
-    configure_threads(cfg.num_threads)
-    run = RunDir(cfg.output_dir)
-    data = local_main_first(dist, lambda: prepare_data(cfg))  # one process per machine fills the data cache
-    base, base_note, plan = main_decides(dist, lambda: plan_run(cfg, run, data))
-    if plan.state is not None:
-        data.use_normalization(plan.state["normalization"])  # the run's own, whatever computes it today
-        if plan.state.get("world_size", 1) != dist.world:
-            logger.info(f"resuming a checkpoint of {plan.state.get('world_size', 1)} process(es) with {dist.world}: training "
-                        "continues at the same sample position, but the result is not bit-identical to a run that kept "
-                        f"{plan.state.get('world_size', 1)} (the gradients are summed in another order)")
-    if plan.finished:
-        return already_finished(plan.config, run, plan, data, device, dist)
+    with early_lines(dist.is_main) as early:  # for train.log, once the folder may be written
+        cool_down_after_restart(cfg)
+        configure_threads(cfg.num_threads)
+        run = RunDir(cfg.output_dir)
+        data = local_main_first(dist, lambda: prepare_data(cfg))  # one process per machine fills the data cache
+        base, base_note, plan = main_decides(dist, lambda: plan_run(cfg, run, data))
+        if plan.state is not None:
+            data.use_normalization(plan.state["normalization"])  # the run's own, whatever computes it today
+            if plan.state.get("world_size", 1) != dist.world:
+                logger.info(f"resuming a checkpoint of {plan.state.get('world_size', 1)} process(es) with {dist.world}: "
+                            "training continues at the same sample position, but the result is not bit-identical to a "
+                            f"run that kept {plan.state.get('world_size', 1)} (the gradients are summed in another order)")
+        if plan.finished:
+            return already_finished(plan.config, run, plan, data, device, dist)
+        return fit_planned(plan, data, base, base_note, device, run, guard, dist, early)
+
+
+def fit_planned(plan: ResumePlan, data: PreparedData, base: Path | None, base_note: str | None, device: torch.device,
+                run: RunDir, guard: SignalGuard, dist: Dist, early: EarlyLines | None) -> RunResult:
+    """Build the trainer, open the run folder (main process), train, write the reports."""
     try:
         trainer = build_trainer(plan.config, data, plan, base, base_note, device, run, FaultInjector.from_env(dist.rank),
                                 guard, dist)
@@ -149,20 +157,36 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
                              "free GPU memory or use --device cpu") from None
     cfg = trainer.cfg  # with the extension's epochs, if any
     run_config = manifest(cfg, data, device, trainer.init_note, plan.notes, dist.world)
-    with open_run(cfg, run, plan, data, trainer, run_config) if dist.is_main else nullcontext():
+    with open_run(cfg, run, plan, data, trainer, run_config, early) if dist.is_main else nullcontext():
         dist.barrier()  # the folder is ready
         first_save(trainer, plan, run)
         fit = trainer.fit()
         logger.info(fit.message)
         if dist.is_main:
             write_reports(run, cfg, data, trainer.history, run_config, device)
-    result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
-    log_best(result, cfg)
+        result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
+        log_best(result, cfg)
     return result
+
+
+@contextmanager
+def early_lines(enabled: bool) -> Iterator[EarlyLines | None]:
+    """Keep what is logged until ``train.log`` can be opened (only the main process writes it)."""
+    if not enabled:
+        yield None
+        return
+    early = EarlyLines()
+    logger.addHandler(early)
+    try:
+        yield early
+    finally:
+        logger.removeHandler(early)
 
 
 def plan_run(cfg: TrainConfig, run: RunDir, data: PreparedData) -> tuple[Path | None, str | None, ResumePlan]:
     """The base model and the resume plan (the main process reads the files and decides)."""
+    if cfg.logger == "tensorboard":
+        require_tensorboard()  # before anything is touched: a missing package is bad input
     base, base_note = resolve_base_model(cfg, data)
     return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None)
 
@@ -428,31 +452,45 @@ def manifest(cfg: TrainConfig, data: PreparedData, device: torch.device, init: s
 
 @contextmanager
 def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData, trainer: RobustTrainer,
-             run_config: dict[str, Any]) -> Iterator[None]:
-    """The first write to the output folder; the folder stays locked while the block runs."""
-    from .model import count_parameters
-
+             run_config: dict[str, Any], early: EarlyLines | None = None) -> Iterator[None]:
+    """The first write to the output folder; the folder stays locked, and train.log open, while the block runs."""
     if plan.move_aside:
         moved = run.move_aside()
         logger.info(f"--no-resume: the earlier run in {run} was moved to {moved}")
     run.create()
-    with run.lock():
-        logger.info(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on "
-                    f"{trainer.device}; {trainer.init_note}")
-        for key, note in plan.notes.items():
-            logger.info(f"{key}: {note}")
-        for p in run.remove_stale_temporaries():
-            logger.info(f"removed {p.name}, left by a run killed while writing it")
+    what = "a new run" if plan.state is None else f"resuming from {plan.source}"
+    with run.lock(), run_log(run / LOG, what, early):
+        describe_start(cfg, run, plan, trainer)
         write_manifests(run, data.report, run_config)
         if plan.state is not None:
-            pos = plan.state["position"]
-            logger.info(f"resuming from {run / plan.source}: epoch {pos['epoch'] + 1}, step {pos['step']} of {pos['steps_per_epoch']}")
             trainer.checkpoints.quarantine(plan.damaged)
             trainer.checkpoints.tidy_after_resume()  # whatever a killed epoch left, the checkpoint's view wins
-            if plan.extend_to is not None:
-                logger.info(f"extending the run to {plan.extend_to} epochs: a learning-rate segment of its own over the "
-                            "added epochs (warm-up, then decay)")
-        yield
+        if cfg.logger == "tensorboard":
+            # The first step this run logs is the one after the checkpoint's: a killed run's later events go.
+            trainer.metrics_logger = TensorBoardLogger(run / TENSORBOARD, purge_step=trainer.pos.global_step + 1)
+        try:
+            yield
+        finally:
+            if trainer.metrics_logger is not None:
+                trainer.metrics_logger.close()
+
+
+def describe_start(cfg: TrainConfig, run: RunDir, plan: ResumePlan, trainer: RobustTrainer) -> None:
+    """The start-up lines: the model, the automatic settings, leftovers removed, where it resumes."""
+    from .model import count_parameters
+
+    logger.info(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on "
+                f"{trainer.device}; {trainer.init_note}")
+    for key, note in plan.notes.items():
+        logger.info(f"{key}: {note}")
+    for p in run.remove_stale_temporaries():
+        logger.info(f"removed {p.name}, left by a run killed while writing it")
+    if plan.state is not None:
+        pos = plan.state["position"]
+        logger.info(f"resuming from {run / plan.source}: epoch {pos['epoch'] + 1}, step {pos['step']} of {pos['steps_per_epoch']}")
+        if plan.extend_to is not None:
+            logger.info(f"extending the run to {plan.extend_to} epochs: a learning-rate segment of its own over the "
+                        "added epochs (warm-up, then decay)")
 
 
 def first_save(trainer: RobustTrainer, plan: ResumePlan, run: RunDir) -> None:

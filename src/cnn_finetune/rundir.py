@@ -27,12 +27,15 @@ CURVES = "training_curves.png"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion_matrix.png"
 MODEL_CARD = "model_card.md"
+LOG = "train.log"
+METRICS = "metrics.csv"
+TENSORBOARD = "tensorboard"  # a folder: TensorBoard's event files (--logger tensorboard)
 LOCK = ".lock"
 TMP_MARK = ".tmp-"  # atomic writes go through "<name>.tmp-<pid>"
 # The four files of the original training guide, in its order.
 GUIDE_ARTIFACTS = (BEST, LAST, HISTORY, CONFIG)
 # Written before the first checkpoint: a folder holding only these may be reused by a new run.
-BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG, DATA_REPORT, LOCK})
+BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG, DATA_REPORT, LOCK, LOG})
 BEST_EPOCH_PATTERN = re.compile(r"^best_epoch\d{3,}_.*\.pth$")
 DAMAGED_PATTERN = re.compile(r"^checkpoint_(last|prev)\.pth\.damaged-[0-9-]+$")
 _TEMPORARY = re.compile(r"^(?P<target>.+)" + re.escape(TMP_MARK) + r"(?P<pid>\d+)$")
@@ -55,7 +58,8 @@ def is_best_epoch_name(name: str) -> bool:
 
 def is_our_name(name: str) -> bool:
     """True for a file name this program writes into a run folder."""
-    ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION,
+    ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION, LOG, METRICS,
+            TENSORBOARD,
             f"test_{EVALUATION}", f"test_{CONFUSION}"}
     return name in ours or is_best_epoch_name(name) or bool(DAMAGED_PATTERN.match(name))
 

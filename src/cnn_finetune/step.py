@@ -47,6 +47,7 @@ class StepRunner:
         self.mean, self.std = mean, std
         self.on_event, self.log = on_event, log
         self.dist, self.ddp = dist or Dist(), ddp  # ddp: the DistributedDataParallel module (None: one process)
+        self.last_loss: torch.Tensor | None = None  # the mean loss of the last step (on the device)
         self.augment = AugmentParams(cfg.aug_rotation, cfg.aug_translate, cfg.aug_scale, cfg.aug_noise)
         self.generator = torch.Generator(device=self.device)
         self.channels_last = channels_last  # the input's memory format follows the model's
@@ -98,6 +99,7 @@ class StepRunner:
         self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
         self.optimizer.step()
         self.metrics.add(loss_sum, correct, int(weight) * yb.shape[0], denom, bad, batch=batch)
+        self.last_loss = loss_sum * self.dist.world / denom  # this rank's share, scaled: for per-step logging
         if self.micro.on_success():
             self.on_event("oom_probe", global_step=global_step, micro_batches=self.micro.parts)
 

@@ -57,7 +57,8 @@ class RobustTrainer:
                  checkpoints: CheckpointManager | None = None, init: Callable[[CNNv2], str] | None = None,
                  faults: FaultInjector | None = None, guard: SignalGuard | None = None,
                  on_epoch_end: Callable[[list[dict[str, Any]]], None] | None = None,
-                 log: Callable[[str], None] | None = None, dist: Dist | None = None) -> None:
+                 log: Callable[[str], None] | None = None, dist: Dist | None = None,
+                 metrics_logger: Any = None) -> None:
         self.batches = DeviceData(data, device, cfg.batch_size, cfg.seed, cfg.balance)
         self.batch_size, self.steps_per_epoch = self.batches.batch_size, self.batches.steps_per_epoch
         # Automatic settings (epochs "auto", patience...) become numbers here unless the caller resolved them.
@@ -69,6 +70,7 @@ class RobustTrainer:
         self.guard = guard or SignalGuard()  # not entered: only a caller that installs it gets signals
         self.log = log or logger.info
         self.on_epoch_end = on_epoch_end  # e.g. refresh the training curves; never stops training
+        self.metrics_logger = metrics_logger  # e.g. TensorBoard: per-step loss and lr at sync points, epoch records
         self.checkpoints = checkpoints or CheckpointManager.for_config(RunDir(cfg.output_dir), cfg, writer=self.dist.is_main)
         configure_threads(cfg.num_threads)
         torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # the initial weights are a function of the seed too
@@ -250,6 +252,8 @@ class RobustTrainer:
                 self.steps.run(idx, pos.epoch, pos.step, pos.global_step, self.lr_of_step(pos.global_step))
                 pos.advance()
                 self._sync()
+                if self.metrics_logger is not None and pos.global_step % self.sync_every == 0:  # a sync point: cheap
+                    self.metrics_logger.log_step(pos.global_step, float(self.steps.last_loss), self.lr_of_step(pos.global_step - 1))
                 if bar is not None:
                     bar.update(1)
                 end_of_epoch = pos.step == self.steps_per_epoch
@@ -292,6 +296,8 @@ class RobustTrainer:
         }
         self.history.close_epoch(record)
         self.log(epoch_line(record, self.cfg.epochs))
+        if self.metrics_logger is not None:
+            self.metrics_logger.log_epoch(self.pos.global_step, record)
         if skipped:
             self.log(f"warning: {skipped} update(s) skipped in epoch {epoch_no} because the loss or gradient was NaN/Inf")
         # Next epoch's position first, so the checkpoint written now resumes after this epoch.
