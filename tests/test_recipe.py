@@ -21,9 +21,9 @@ from cnn_finetune.recipe import auto_epochs, resolve, segment_lr
 SHORT = [a for a in FAST if a not in ("--epochs", "3")]
 
 
-@pytest.mark.parametrize("steps, expected", [(36, 23), (14, 58), (3, 267), (1, 300), (200, 15)])
+@pytest.mark.parametrize("steps, expected", [(36, 23), (14, 58), (7, 115), (3, 150), (1, 150), (200, 15)])
 def test_auto_epochs_is_a_budget_of_updates_within_a_floor_and_a_ceiling(steps, expected):
-    cfg = TrainConfig()  # at least 800 updates, 15 to 300 epochs
+    cfg = TrainConfig()  # at least 800 updates, 15 to 150 epochs
     epochs, why = auto_epochs(cfg, steps)
     assert epochs == expected
     assert f"{epochs} epochs" in why and f"{steps} steps" in why

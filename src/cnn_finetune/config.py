@@ -83,7 +83,7 @@ class TrainConfig:
                                    "budget_updates, within budget_min_epochs and budget_max_epochs)", flag=True, resume=FREE)
     budget_updates: int = _f(800, "epochs auto: at least this many optimizer updates", resume=FREE)
     budget_min_epochs: int = _f(15, "epochs auto: at least this many epochs", resume=FREE)
-    budget_max_epochs: int = _f(300, "epochs auto: at most this many epochs", resume=FREE)
+    budget_max_epochs: int = _f(150, "epochs auto: at most this many epochs", resume=FREE)
     batch_size: int = _f(128, "samples per optimizer step (the effective batch, also under OOM)", flag=True)
     lr: float = _f(3e-3, "peak learning rate", flag=True)
     weight_decay: float = _f(5e-4, "decoupled weight decay (not applied to norms and biases)")
