@@ -349,6 +349,17 @@ def test_a_folder_with_foreign_reports_but_no_checkpoint_is_not_overwritten(tiny
     assert [p.name for p in out.iterdir()] == ["model_card.md"]
 
 
+def test_a_base_model_with_non_finite_weights_is_bad_input(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+    from cnn_finetune.checkpoint import save_checkpoint
+
+    state = load_state(reference_run / "best_model_finetuned.pth")
+    state["model"]["head.bias"][3] = float("nan")
+    save_checkpoint(state, tmp_path / "nan_model.pth")
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--base-model", "nan_model.pth"], cwd=tmp_path)
+    assert proc.returncode == 2 and "base model nan_model.pth holds NaN/Inf weights" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_base_model_none_trains_from_scratch_even_when_the_default_exists(reference_run: Path, tiny_idx: Path, tmp_path: Path):
     default = tmp_path / "models" / "cnn_modelo_v2"
     default.mkdir(parents=True)

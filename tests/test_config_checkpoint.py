@@ -129,3 +129,18 @@ def test_atomic_json_never_leaves_partial_files(tmp_path):
     atomic_write_json(target, [{"x": float("nan"), "y": 1}])
     assert json.loads(target.read_text()) == [{"x": None, "y": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]
+
+
+def test_checkpoint_manager_never_writes_non_finite_weights(tmp_path):
+    from cnn_finetune.checkpoint_manager import CheckpointManager
+    from cnn_finetune.rundir import RunDir
+
+    manager = CheckpointManager(RunDir(tmp_path), monitor="val_acc", keep_best=3)
+    state = _state()
+    state["model"]["w"][7] = float("inf")
+    assert manager.save_last(state) is False
+    metrics = {"val_acc": 0.5, "val_loss": 1.0}
+    assert manager.save_best(1, metrics, lambda: {"model": {"w": torch.tensor([float("nan")])}}) == (False, [])
+    assert list(tmp_path.iterdir()) == [] and manager.keeper.best() is None
+    state["model"]["w"][7] = 1.0
+    assert manager.save_last(state) is True and load_checkpoint(tmp_path / "checkpoint_last.pth")["model"]["w"][7] == 1.0

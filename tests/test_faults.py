@@ -269,6 +269,26 @@ def test_nan_streak_rolls_back_and_lowers_the_learning_rate(reference: Path, tin
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["lr_scale"] == 0.5
 
 
+@pytest.mark.parametrize("streak", [3, 100], ids=["loss-streak", "weights-at-save"])
+def test_non_finite_weights_are_never_saved(tiny_idx: Path, tmp_path: Path, streak: int):
+    """lr 1e300 overflows the weights at the first update. With a short streak limit the NaN losses
+    roll back; with a long one the epoch ends with NaN weights, which no save accepts: it rolls back too."""
+    from cnn_finetune.checkpoint_manager import all_finite
+
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--lr", "1e300", "--set", f"nan_max_consecutive={streak}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    cause = "the loss stayed NaN/Inf (3 steps in a row)" if streak == 3 else "the weights became NaN/Inf"
+    assert f"training failed: {cause} after 3 rollbacks that lowered the learning rate" in proc.stderr
+    assert "lower --lr" in proc.stderr and "Traceback" not in proc.stderr
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.pth"))
+    assert {"checkpoint_last.pth", "checkpoint_prev.pth"} <= set(files), files
+    for name in files:  # every rollback target and model file holds finite tensors only
+        state = load_state(tmp_path / "out" / name)
+        assert all_finite(state["model"]) and all_finite(state.get("optimizer")), name
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["rollbacks"] == 3
+
+
 def test_persistent_nan_stops_after_bounded_rollbacks(tiny_idx: Path, tmp_path: Path):
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "nan_max_consecutive=2", "--set", "nan_max_rollbacks=2"]
     proc = run_cli(args, cwd=tmp_path, faults="nan@3-100000")
