@@ -180,6 +180,22 @@ def test_files_of_an_unknown_run_are_not_overwritten(tiny_idx: Path, tmp_path: P
     assert (out / "best_model_finetuned.pth").read_bytes() == b"someone's model"
 
 
+def test_resume_removes_only_our_own_temporaries(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    users = {"budget.tmp-2024.xlsx": b"my budget", "notes.tmp-1": b"mine", "history.json.tmp-12.bak": b"mine too"}
+    for name, content in users.items():
+        (out / name).write_bytes(content)
+    (out / "checkpoint_last.pth.tmp-999999").write_bytes(b"half a checkpoint")  # ours, left by a killed run
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed checkpoint_last.pth.tmp-999999, left by a run killed while writing it" in proc.stdout
+    assert not (out / "checkpoint_last.pth.tmp-999999").exists()
+    assert {name: (out / name).read_bytes() for name in users} == users
+    assert "budget.tmp-2024.xlsx" not in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("finished")

@@ -63,7 +63,7 @@ def wait_for_training(out: Path, proc: subprocess.Popen[str], timeout: float = 1
 # 1. Ctrl+C / SIGTERM
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_real_signal_saves_exits_and_resumes_exactly(slow_reference: Path, tiny_idx: Path, tmp_path: Path, sig, code):
     args = [*SLOW, "--data", str(tiny_idx), "--output-dir", "out"]
     proc = start_cli(args, tmp_path)
@@ -212,6 +212,25 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous(reference: Path, tin
     assert_same_weights(reference / "checkpoint_last.pth", last)
 
 
+def test_damaged_last_checkpoint_is_moved_aside_never_rotated_into_prev(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130  # last: step 8, prev: step 6
+    damaged = (out / "checkpoint_last.pth").read_bytes()[:5000]
+    (out / "checkpoint_last.pth").write_bytes(damaged)
+    # Resumed from prev (step 6); the first save after it (the stop at step 8) rotates last into prev.
+    proc = run_cli(args, cwd=tmp_path, faults="sigint@7")
+    assert proc.returncode == 130, proc.stderr
+    assert "using checkpoint_prev.pth: the newer checkpoint is damaged" in proc.stdout
+    aside = [p for p in out.iterdir() if p.name.startswith("checkpoint_last.pth.damaged-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+    assert f"moved the damaged checkpoint_last.pth aside to {aside[0].name}" in proc.stderr
+    assert load_state(out / "checkpoint_prev.pth")["position"]["global_step"] == 6  # valid: the one resumed from
+    assert load_state(out / "checkpoint_last.pth")["position"]["global_step"] == 8
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert_same_weights(reference / "checkpoint_last.pth", out / "checkpoint_last.pth")
+
+
 def test_no_valid_checkpoint_refuses_until_no_resume(tiny_idx: Path, tmp_path: Path):
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
     assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
@@ -295,6 +314,20 @@ def test_persistent_nan_stops_after_bounded_rollbacks(tiny_idx: Path, tmp_path: 
     assert proc.returncode == 1
     assert "the loss stayed NaN/Inf (2 steps in a row) after 2 rollbacks" in proc.stderr and "lower --lr" in proc.stderr
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["rollbacks"] == 2
+
+
+def test_a_resumed_run_whose_best_model_is_already_linked_leaves_no_temporary(tiny_idx: Path, tmp_path: Path):
+    # Two epochs: the second is no new best, so nothing links the best model again after the resume,
+    # which would have cleaned up a temporary name left by the link made when resuming.
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "2"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    best = load_state(out / "checkpoint_last.pth")["best_keeper"]["entries"][0]["file"]
+    assert (out / "best_model_finetuned.pth").samefile(out / best)  # linking it again on resume: a no-op rename
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert [r["best"] for r in json.loads((out / "history.json").read_text())] == [True, False]
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert (out / "best_model_finetuned.pth").samefile(out / best)
 
 
 # ------------------------------------------------------------------------------------------------

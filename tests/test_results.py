@@ -86,6 +86,21 @@ def png_folder(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> Simp
     return SimpleNamespace(root=root, broken=broken, originals=originals)
 
 
+def class_tree(root: Path, tiny_idx: Path, names: list[str | bytes], per_class: int = 12) -> Path:
+    """A plain class-folder tree with ``per_class`` real MNIST PNGs in each folder (names may be bytes)."""
+    import os
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(tiny_idx, use_cache=False)
+    for c, name in enumerate(names):
+        folder = os.path.join(os.fsencode(root), os.fsencode(name))
+        os.makedirs(folder)
+        for k, i in enumerate(torch.nonzero(ds.labels == c).flatten()[:per_class].tolist()):
+            Image.fromarray(ds.images[i, 0].numpy()).save(os.fsdecode(os.path.join(folder, b"%d.png" % k)))
+    return root
+
+
 def loader_order(root: Path) -> list[Path]:
     """The order in which ``load_dataset`` reads a plain class-folder tree (good images only)."""
     return [p for d in sorted(p for p in root.iterdir() if p.is_dir()) for p in sorted(d.iterdir()) if p.name != "broken.png"]
@@ -168,6 +183,26 @@ def test_evaluate_rejects_classes_the_model_does_not_know(trained: SimpleNamespa
     assert code == 2
     assert "x_extra" in err and "does not know" in err
     assert not (tmp_path / "ev").exists()
+
+
+def test_class_names_that_look_like_math_markup_reach_the_reports_as_text(tiny_idx: Path, tmp_path: Path) -> None:
+    """matplotlib reads ``$^$`` as math markup: the names must be drawn, written and matched as plain text."""
+    names = ["$^$", "a_b", "back\\slash"]
+    data = class_tree(tmp_path / "data", tiny_idx, names)
+    proc = run_cli(["--data", str(data), "--output-dir", "run", *TRAIN_ARGS, "--epochs", "1", "--batch-size", "16"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final reports could not be written" not in proc.stderr
+    out = tmp_path / "run"
+    assert_png(out / "confusion_matrix.png", min_bytes=5_000)
+    assert json.loads((out / "evaluation.json").read_text())["class_names"] == sorted(names)
+    card = (out / "model_card.md").read_text()
+    assert all(name in card for name in names)
+    ev = run_script("evaluate", ["--model", str(out / "best_model_finetuned.pth"), "--data", str(data),
+                                 "--output-dir", str(tmp_path / "ev")], tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["num_samples"] == 36
+    assert_png(tmp_path / "ev" / "confusion_matrix.png", min_bytes=5_000)
+    assert all(name in ev.stdout for name in names)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ checkpoint. Each fault fires at most once per process, so a restarted run gets p
   at the resume step it is caught by the start-up check and fails with exit code 2);
 * ``kill@N``: after step N the process sends itself SIGKILL; if a checkpoint save is due there, it
   dies half-way through writing ``checkpoint_last.pth``;
-* ``sigint@N`` / ``sigterm@N``: the process sends itself the signal after step N (the real handler
-  runs), for tests that need interruption at an exact step;
+* ``sigint@N`` / ``sigterm@N`` / ``sighup@N``: the process sends itself the signal after step N (the
+  real handler runs), for tests that need interruption at an exact step;
 * ``sigint2@N``: SIGINT after step N, and a second SIGINT half-way through the save it causes.
 
 ``kind@A-B`` covers steps A to B. The trainer meets the injector in three places only: the model it
@@ -39,7 +39,7 @@ from . import checkpoint
 from .errors import UserError
 from .rundir import LAST
 
-KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sigint2")
+KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sighup", "sigint2")
 
 
 class _Position(Protocol):
@@ -133,9 +133,9 @@ class FaultInjector:
         """Send the planned signal; a kill with a save due waits to strike inside the save."""
         if ("oom", step) in self.fired:
             self.fired.add(("oom-done", step))  # the step got through: do not strike it again
-        for kind, sig in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+        for kind in ("sigint", "sigterm", "sighup"):
             if self._take(kind, step):
-                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), getattr(signal, kind.upper()))  # no SIGHUP on Windows: only planned ones fail
         if self._take("sigint2", step):
             self._strike_mid_save(signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
