@@ -452,6 +452,28 @@ def test_second_load_is_a_cache_hit_with_identical_tensors(tmp_path: Path, small
     assert len(cache_files(cache)) == 1
 
 
+def test_names_that_are_not_utf8_are_kept_and_shown_escaped(tmp_path: Path) -> None:
+    """Undecodable bytes in a class folder or file name: the exact name is kept (it round-trips to the
+    file), the fingerprint is the same with and without the cache, and reports show it escaped."""
+    from cnn_finetune.checkpoint import atomic_write_json
+
+    root = os.fsencode(tmp_path / "tree")
+    for k, (folder, name) in enumerate([(b"a\xff", b"0.png"), (b"a\xff", b"\xe9t\xe9.png"), (b"b", b"0.png"), (b"b", b"1.png")]):
+        put(Path(os.fsdecode(os.path.join(root, folder, name))), small_28(k))
+    Path(os.fsdecode(os.path.join(root, b"b", b"broken\x80.png"))).write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    first, second = load_dataset(os.fsdecode(root), cache_dir=cache), load_dataset(os.fsdecode(root), cache_dir=cache)
+    uncached = load_dataset(os.fsdecode(root), use_cache=False)
+    assert (first.cache, second.cache) == ("miss", "hit")
+    assert first.class_names == second.class_names == ["a\udcff", "b"] and len(first) == 4
+    assert first.fingerprint() == second.fingerprint() == uncached.fingerprint()
+    assert os.fsencode(first.skipped[0]["path"]).endswith(b"broken\x80.png")
+    atomic_write_json(tmp_path / "report.json", first.report())
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["class_names"] == ["a\\xff", "b"] and report["class_counts"] == {"a\\xff": 2, "b": 2}
+    assert report["skipped"][0]["path"].endswith("broken\\x80.png")
+
+
 def _touch(root: Path) -> None:
     f = root / "a" / "0.png"
     st = f.stat()

@@ -205,6 +205,49 @@ def test_class_names_that_look_like_math_markup_reach_the_reports_as_text(tiny_i
     assert all(name in ev.stdout for name in names)
 
 
+def test_names_that_are_not_utf8_never_stop_training_evaluation_or_prediction(tiny_idx: Path, tmp_path: Path) -> None:
+    """A class folder and files whose names are not valid UTF-8: kept exactly (the class survives the
+    checkpoint and a resume, with a stable data fingerprint), shown escaped in every report."""
+    import os
+
+    from cnn_finetune.checkpoint import load_checkpoint
+
+    data = class_tree(tmp_path / "data", tiny_idx, ["0", "1", b"cl\xffass"])
+    good = os.path.join(os.fsencode(data), b"0", b"caf\xe9.png")  # a Latin-1 name, a valid image
+    os.rename(os.path.join(os.fsencode(data), b"0", b"0.png"), good)
+    with open(os.path.join(os.fsencode(data), b"1", b"bad\xfe.png"), "wb") as fh:
+        fh.write(b"not an image")
+    args = ["--data", str(data), "--output-dir", "run", *TRAIN_ARGS, "--epochs", "2", "--batch-size", "16"]
+    # A subprocess in a UTF-8 locale, where printing such a name unescaped raises UnicodeEncodeError.
+    first = run_cli(args, tmp_path, faults="sigint@2", LC_ALL="C.UTF-8")
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "bad\\xfe.png: not an image" in first.stderr
+    second = run_cli(args, tmp_path, LC_ALL="C.UTF-8")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stdout and "Traceback" not in second.stderr
+    out = tmp_path / "run"
+    state = load_checkpoint(out / "best_model_finetuned.pth")
+    assert state["class_names"] == ["0", "1", "cl\udcffass"]  # the folder's own name: os.fsencode gives its bytes back
+    report = json.loads((out / "data_report.json").read_bytes().decode("utf-8"))
+    assert report["train_source"]["class_names"] == ["0", "1", "cl\\xffass"]
+    assert [s["path"] for s in report["train_source"]["skipped"]] == [str(data / "1" / "bad\\xfe.png")]
+    assert json.loads((out / "config_finetuned.json").read_text())["class_names"] == ["0", "1", "cl\\xffass"]
+    assert "cl\\xffass" in (out / "model_card.md").read_text(encoding="utf-8")
+    assert json.loads((out / "evaluation.json").read_text())["class_names"] == ["0", "1", "cl\\xffass"]
+    assert_png(out / "confusion_matrix.png", min_bytes=5_000)
+
+    model = str(out / "best_model_finetuned.pth")
+    ev = run_cli(["--model", model, "--data", str(data), "--output-dir", "ev"], tmp_path, script=SCRIPTS / "evaluate.py",
+                 LC_ALL="C.UTF-8")
+    assert ev.returncode == 0, ev.stderr
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert evaluation["num_samples"] == 36 and "cl\\xffass" in ev.stdout
+    pr = run_cli(["--model", model, str(data), "--json"], tmp_path, script=SCRIPTS / "predict.py", LC_ALL="C.UTF-8")
+    assert pr.returncode == 0, pr.stderr
+    records = {r["file"]: r for r in json.loads(pr.stdout)}
+    assert records[str(data / "1" / "bad\\xfe.png")]["error"] and not records[str(data / "0" / "caf\\xe9.png")]["error"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 

@@ -31,6 +31,7 @@ import torch
 from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
+from .log import printable
 from .runtime import resolve_device, run_tool
 
 
@@ -92,22 +93,22 @@ def predict_files(model: torch.nn.Module, meta: dict[str, Any], files: Sequence[
     arrays: list[np.ndarray] = []
     slots: list[int] = []
     for path, problem in files:
-        results.append(Prediction(str(path), error=problem))
+        results.append(Prediction(printable(str(path)), error=problem))  # a name that is not UTF-8 shown escaped
         if problem is not None:
             continue
         try:
             arrays.append(preprocess_file(path, polarity))
             slots.append(len(results) - 1)
         except UnusableImage as err:
-            results[-1].error = str(err)
+            results[-1].error = printable(str(err))
         except OSError as err:  # e.g. a folder entry that vanished or a special file
-            results[-1].error = f"cannot read the file: {err.strerror or err}"
+            results[-1].error = printable(f"cannot read the file: {err.strerror or err}")
     if arrays:
         images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
         probs = predict_proba(model, meta, images, device, batch_size)
         top_p, top_i = probs.topk(k, dim=1)
         for slot, p_row, i_row in zip(slots, top_p.tolist(), top_i.tolist(), strict=True):
-            results[slot].top = [(names[i], float(p)) for i, p in zip(i_row, p_row)]
+            results[slot].top = [(printable(names[i]), float(p)) for i, p in zip(i_row, p_row)]
     return results
 
 
