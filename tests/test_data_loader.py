@@ -322,9 +322,51 @@ def case_not_idx_file(tmp: Path) -> tuple[Path, str]:
     return put(tmp / "picture.png", drawing()), "not an IDX images file"
 
 
+def case_idx_zero_images(tmp: Path) -> tuple[Path, str]:
+    return _idx_pair(tmp, 0, 0), "holds 0 images"
+
+
+def _idx_labels(tmp: Path, labels: np.ndarray) -> Path:
+    """An IDX pair with these labels; the cases pass the folder: the message names the labels file in it."""
+    images = tmp / "train-images-idx3-ubyte.gz"
+    write_idx(images, np.zeros((len(labels), 28, 28), np.uint8))
+    write_idx(tmp / "train-labels-idx1-ubyte.gz", labels)
+    return images
+
+
+def case_idx_nan_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1, np.nan, 1], np.float32))
+    return tmp, "label nan (position 2) is not a class number; labels must be whole numbers from 0 to 65535"
+
+
+def case_idx_fractional_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1.5, 1], np.float64))
+    return tmp, "label 1.5 (position 1) is not a class number"
+
+
+def case_idx_huge_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 2**31 - 1, 1], np.int32))
+    return tmp, "label 2147483647 (position 1) is not a class number"
+
+
+def case_idx_negative_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1, -1], np.int8))
+    return tmp, "label -1 (position 2) is not a class number"
+
+
+def case_idx_absurd_header(tmp: Path) -> tuple[Path, str]:
+    # 2^32 - 1 images of 28 x 28 claimed by a 16-byte header (3.4 TB): refused before any allocation.
+    images = tmp / "train-images-idx3-ubyte"
+    images.write_bytes(bytes.fromhex("00000803 ffffffff 0000001c 0000001c") + b"\0" * 784)
+    (tmp / "train-labels-idx1-ubyte").write_bytes(bytes.fromhex("00000801 ffffffff") + b"\0")
+    return images, "its header claims 4294967295 x 28 x 28 values of 1 byte(s), 3.37e+03 GB, more than half of this machine's memory"
+
+
 ERROR_CASES = [case_missing, case_empty_folder, case_no_usable_image, case_single_class, case_idx_count_mismatch,
                case_idx_truncated, case_idx_truncated_gz, case_idx_corrupt_gz, case_idx_bad_magic,
-               case_idx_without_labels, case_idx_wrong_image_shape, case_two_idx_image_files, case_not_idx_file]
+               case_idx_without_labels, case_idx_wrong_image_shape, case_two_idx_image_files, case_not_idx_file,
+               case_idx_zero_images, case_idx_nan_labels, case_idx_fractional_labels, case_idx_huge_labels,
+               case_idx_negative_labels, case_idx_absurd_header]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c.__name__[5:])
@@ -337,7 +379,8 @@ def test_bad_sources_raise_data_error_naming_the_path(tmp_path: Path, case) -> N
     assert isinstance(info.value, UserError) and info.value.exit_code == EXIT_BAD_INPUT == 2
 
 
-@pytest.mark.parametrize("case", [case_missing, case_single_class, case_idx_count_mismatch, case_idx_corrupt_gz],
+@pytest.mark.parametrize("case", [case_missing, case_single_class, case_idx_count_mismatch, case_idx_corrupt_gz,
+                                  case_idx_zero_images, case_idx_nan_labels, case_idx_huge_labels, case_idx_absurd_header],
                          ids=lambda c: c.__name__[5:])
 def test_cli_exits_2_on_bad_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case) -> None:
     from cnn_finetune import cli
@@ -368,6 +411,21 @@ def test_idx_round_trip(tmp_path: Path, dtype: type, gz: bool) -> None:
     assert back.dtype == np.dtype(dtype).newbyteorder(">") or back.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(back, arr)
     assert path.read_bytes()[:2] == (b"\x1f\x8b" if gz else b"\x00\x00")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_an_idx_header_claiming_absurd_sizes_is_refused_before_allocating(tmp_path: Path, gz: bool) -> None:
+    import gzip
+    import resource
+
+    raw = bytes.fromhex("00000802 ffffffff ffffffff") + b"\1" * 100  # 2^32 x 2^32 bytes claimed
+    path = tmp_path / "a.idx"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"its header claims 4294967295 x 4294967295 values .* more than half of this machine's memory") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing large was allocated
 
 
 def test_idx_header_is_the_mnist_format(tmp_path: Path) -> None:

@@ -48,6 +48,14 @@ def configure_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+def physical_memory() -> int:
+    """Bytes of memory of this machine (8 GiB assumed where the system does not tell, e.g. Windows)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
 def versions() -> dict[str, str]:
     """Versions of the software that produced a run."""
     import numpy
