@@ -218,10 +218,21 @@ def _wrong_type(work: Path) -> list[str]:
     return ["--config", "type.json"]
 
 
+def _latin1_config(work: Path) -> list[str]:
+    (work / "latin1.json").write_bytes('{"aug_rotation": 15, "data": "caf\xe9"}'.encode("latin-1"))
+    return ["--config", "latin1.json"]
+
+
 @pytest.mark.parametrize(
     "make_args, fragment",
     [
         (lambda w: ["--data", "no/such/folder"], "data path no/such/folder does not exist"),
+        (_latin1_config, "config file latin1.json is not UTF-8 text: byte 0xe9 at line 1, column 34 cannot be decoded; save the file as UTF-8"),
+        (lambda w: ["--seed", str(10**23)], f"seed={10**23} is out of range; use a whole number from 0 to 2**63-1"),
+        (lambda w: ["--width", "30000"], "width=30000 is out of range; use 1 to 512 channels"),
+        (lambda w: ["--width", "512", "--batch-size", "1000000"], "width=512 with batch_size=1000000 (eval_batch_size=1000) needs about"),
+        (lambda w: ["--set", "lr=1" + "0" * 400], "lr is an integer of 401 digits, too large for a number"),
+        (lambda w: ["--set", 'output_dir="a\\u0000b"'], "output_dir='a\\x00b' contains characters that no file name can hold"),
         (_bad_config, "lr=-0.1 must not be negative"),
         (_unknown_key, "unknown key(s) 'epochz' (did you mean 'epochs'?)"),
         (_wrong_type, "batch_size='big' has the wrong type: expected int"),
@@ -241,6 +252,15 @@ def test_bad_input_exits_2_with_a_clear_message_and_touches_nothing(finished_run
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr
     assert digest_tree(work / "out") == before
+
+
+def test_the_largest_seed_trains_and_resumes(tiny_idx: Path, tmp_path: Path):
+    """Every seed in the documented range works through the split, the initial weights and each step's draws."""
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "1", "--seed", str(2**63 - 1)]
+    assert run_cli(args, cwd=tmp_path, faults="sigint@2").returncode == 130
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["seed"] == 2**63 - 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

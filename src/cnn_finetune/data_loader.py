@@ -475,7 +475,9 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
 
     Every class with at least two images gives at least one to each side.
     """
-    g = torch.Generator().manual_seed(seed * 7919 + 17)  # a stream of its own, apart from training
+    # A stream of its own, apart from training; wrapped to 64 bits so that every seed up to 2**63-1 works
+    # (the same split as before for every seed that worked then).
+    g = torch.Generator().manual_seed((seed * 7919 + 17) & 0xFFFFFFFFFFFFFFFF)
     train, val = [], []
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     for c in range(num_classes):
