@@ -254,6 +254,32 @@ def test_bad_input_exits_2_with_a_clear_message_and_touches_nothing(finished_run
     assert digest_tree(work / "out") == before
 
 
+def test_the_cache_sees_a_content_change_that_keeps_size_and_time(tmp_path: Path):
+    """A rerun after cp -p or rsync -a put other pixels in place must not train on the cached old ones."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(None)
+    for i in range(40):  # 20 images of each of two classes, as BMP: the size depends on the dimensions only
+        (tmp_path / "data" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / "data" / str(i % 2) / f"{i}.bmp")
+    args = [*FAST, "--data", "data", "--output-dir", "out", "--epochs", "1", "--batch-size", "16"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    target = tmp_path / "data" / "0" / "0.bmp"
+    st = target.stat()
+    Image.fromarray(ds.images[100, 0].numpy()).save(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "was trained on different data" in proc.stderr, proc.stdout + proc.stderr
+    assert "(cache miss)" in proc.stdout
+    assert np.array_equal(np.asarray(Image.open(target)), ds.images[100, 0].numpy())
+
+
 def test_the_largest_seed_trains_and_resumes(tiny_idx: Path, tmp_path: Path):
     """Every seed in the documented range works through the split, the initial weights and each step's draws."""
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "1", "--seed", str(2**63 - 1)]

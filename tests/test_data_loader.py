@@ -576,6 +576,26 @@ def test_changes_invalidate_the_cache(tmp_path: Path, small_tree: Path, change, 
     assert load_dataset(small_tree, cache_dir=cache, polarity=polarity).cache == "hit"
 
 
+def keep_size_and_time_but_change_pixels(path: Path, pixels: np.ndarray) -> None:
+    """What ``cp -p``, ``rsync -a`` or a restore from backup can do: other bytes, same size and mtime."""
+    st, before = path.stat(), path.read_bytes()
+    put(path, pixels)
+    assert path.stat().st_size == st.st_size and path.read_bytes() != before  # BMP: the size depends on the dimensions only
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_content_change_that_keeps_size_and_time_invalidates_the_cache(tmp_path: Path) -> None:
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    for k, c in enumerate(("a", "a", "b", "b")):
+        put(root / c / f"{k}.bmp", small_28(k))
+    old = load_dataset(root, cache_dir=cache)
+    assert load_dataset(root, cache_dir=cache).cache == "hit"
+    keep_size_and_time_but_change_pixels(root / "a" / "0.bmp", small_28(99))
+    new = load_dataset(root, cache_dir=cache)
+    assert new.cache == "miss" and np.array_equal(new.images[0, 0].numpy(), 255 - small_28(99))
+    assert new.fingerprint() != old.fingerprint() and torch.equal(new.images[1:], old.images[1:])
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, small_tree: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
     cache = tmp_path / "cache"
@@ -613,6 +633,12 @@ def test_idx_cache_hit_and_invalidation(tmp_path: Path) -> None:
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([1, 1, 1, 0, 0, 0], np.uint8))
     changed = load_dataset(images, cache_dir=cache)
     assert changed.cache == "miss" and changed.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    st = labels.stat()
+    write_idx(labels, np.array([0, 0, 0, 1, 1, 1], np.uint8))  # same size; the time put back, as cp -p does
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    restored = load_dataset(images, cache_dir=cache)
+    assert restored.cache == "miss" and restored.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------
