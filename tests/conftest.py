@@ -138,6 +138,15 @@ def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(["cli.main", *args], code, out.getvalue(), err.getvalue())
 
 
+def bomb_png(path: Path) -> Path:
+    """A decompression bomb: a 13000 x 13000 1-bit PNG of about 46 KB (169 megapixels, gigabytes once decoded)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("1", (13000, 13000), 1).save(path)
+    return path
+
+
 def load_state(path: Path) -> dict:
     """The verified state inside a checkpoint or model file."""
     from cnn_finetune.checkpoint import load_checkpoint

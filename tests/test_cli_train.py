@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, assert_same_weights, load_state, run_cli, stripped_history
+from conftest import FAST, assert_same_weights, bomb_png, load_state, run_cli, stripped_history
 
 ARTIFACTS = ["best_model_finetuned.pth", "checkpoint_last.pth", "history.json", "config_finetuned.json"]
 
@@ -278,6 +278,42 @@ def test_the_cache_sees_a_content_change_that_keeps_size_and_time(tmp_path: Path
     assert proc.returncode == 2 and "was trained on different data" in proc.stderr, proc.stdout + proc.stderr
     assert "(cache miss)" in proc.stdout
     assert np.array_equal(np.asarray(Image.open(target)), ds.images[100, 0].numpy())
+
+
+RSS_CLI = """
+import resource, sys
+from cnn_finetune.cli import main
+code = main(sys.argv[1:])
+print("peak RSS KiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def test_a_decompression_bomb_is_skipped_before_it_is_decoded(tmp_path: Path):
+    """A 46 KB PNG of 13000 x 13000 pixels used to take 2.5 GB while decoded (peak RSS of this run)."""
+    from PIL import Image
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(None)
+    for i in range(20):
+        (tmp_path / "data" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / "data" / str(i % 2) / f"{i}.png")
+    bomb = bomb_png(tmp_path / "data" / "0" / "bomb.png")
+    assert bomb.stat().st_size < 60_000
+    (tmp_path / "rss_cli.py").write_text(RSS_CLI)
+    args = [*FAST, "--data", "data", "--output-dir", "out", "--epochs", "1", "--batch-size", "16"]
+    proc = run_cli(args, cwd=tmp_path, script=tmp_path / "rss_cli.py")  # a subprocess of its own: its own peak
+    assert proc.returncode == 0, proc.stderr
+    reason = "image too large: 13000 x 13000 = 169,000,000 pixels, over the limit of 64,000,000 (max_image_pixels); not decoded"
+    assert f"data/0/bomb.png: {reason}" in proc.stderr
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["train_source"]["skipped"] == [{"path": "data/0/bomb.png", "reason": reason}]
+    peak_kib = int(proc.stdout.split("peak RSS KiB")[1].split()[0])
+    assert peak_kib < 1_000_000, f"peak RSS {peak_kib / 1024:.0f} MiB: the image was decoded"
+    # The limit is a config value: set below 28 x 28, no image is left (exit 2, naming the reason).
+    proc = run_cli([*args, "--no-resume", "--set", "max_image_pixels=100"], cwd=tmp_path)
+    assert proc.returncode == 2 and "image too large: 28 x 28 = 784 pixels, over the limit of 100" in proc.stderr
 
 
 def test_the_largest_seed_trains_and_resumes(tiny_idx: Path, tmp_path: Path):

@@ -333,3 +333,12 @@ def test_thin_stroke_from_a_large_image_keeps_full_contrast() -> None:
     arr[150:250, 500] = 0
     out = preprocess_pil(Image.fromarray(arr))
     assert out.max() == 255
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path) -> None:
+    from cnn_finetune.imageprep import UnusableImage
+
+    path = save(draw_seven((120, 100)), tmp_path / "seven.png")
+    assert load_image_file(path, max_pixels=12_000).shape == (SIDE, SIDE)
+    with pytest.raises(UnusableImage, match=r"^image too large: 120 x 100 = 12,000 pixels, over the limit of 11,999 "):
+        load_image_file(path, max_pixels=11_999)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, bomb_png, run_cli
 
 SCRIPTS = ROOT / "scripts"
 # Batch 32 and a higher learning rate: after 3 epochs the model predicts several classes (about 60%
@@ -307,6 +307,25 @@ def test_predict_csv_has_an_error_column(trained: SimpleNamespace, png_folder: S
     assert rows[0]["error"] == "" and rows[0]["class_1"] in trained.meta["class_names"]
     assert float(rows[0]["probability_1"]) >= float(rows[0]["probability_2"]) > 0
     assert "not an image" in rows[1]["error"] and rows[1]["class_1"] == ""
+
+
+def test_predict_and_evaluate_refuse_a_decompression_bomb_per_file(trained: SimpleNamespace, png_folder: SimpleNamespace,
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.evaluate import main as evaluate
+    from cnn_finetune.predict import main as predict
+
+    bomb = bomb_png(tmp_path / "data" / "7" / "bomb.png")
+    good = png_folder.root / "7" / "img0.png"
+    (tmp_path / "data" / "7" / "img0.png").write_bytes(good.read_bytes())
+    reason = "image too large: 13000 x 13000 = 169,000,000 pixels, over the limit of 64,000,000 (max_image_pixels); not decoded"
+    assert predict(["--model", str(trained.model_path), str(bomb), str(good)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{bomb}: error: {reason}" and lines[1].startswith(f"{good}: ")
+    (tmp_path / "data" / "1").mkdir()
+    (tmp_path / "data" / "1" / "img0.png").write_bytes((png_folder.root / "1" / "img0.png").read_bytes())
+    assert evaluate(["--model", str(trained.model_path), "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["num_samples"] == 2 and report["data"]["skipped"] == [{"path": str(bomb), "reason": reason}]
 
 
 def test_predict_exits_2_when_nothing_could_be_predicted(trained: SimpleNamespace, png_folder: SimpleNamespace,

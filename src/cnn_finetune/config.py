@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .imageprep import DEFAULT_MAX_PIXELS
 from .rundir import LAST
 
 DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable copy, used when present
@@ -68,6 +69,9 @@ class TrainConfig:
     balance: str = _f("none", "class imbalance: none, weighted_loss or sampler", flag=True)
     cache_dir: str | None = _f(None, "preprocessed-data cache; None: $CNN_FINETUNE_CACHE, else $XDG_CACHE_HOME/cnn_finetune", resume=FREE)
     cache: bool = _f(True, "read and write the preprocessed-data cache", flag="--no-cache", resume=FREE)
+    # FREE: a limit that changes which images are used changes the data fingerprint, which resume checks.
+    max_image_pixels: int = _f(DEFAULT_MAX_PIXELS, "images with more pixels (width x height) are skipped before they are "
+                                                   "decoded and listed in the data report (decompression bombs)", resume=FREE)
     # --- model ------------------------------------------------------------------------------
     arch: str = _f("cnn_v2", "architecture name stored with the weights")
     width: int = _f(24, "channels of the first block, 1 to 512; later blocks use 2x and 4x", flag=True)
@@ -125,7 +129,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_choices(self)
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "width", "keep_best")
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "width", "keep_best", "max_image_pixels")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
             "aug_translate", "aug_scale", "aug_noise", "min_delta", "checkpoint_every_steps",

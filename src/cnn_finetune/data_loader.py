@@ -32,7 +32,7 @@ import torch
 from .errors import DataError
 from .log import logger
 from .runtime import physical_memory
-from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
+from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 
 CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -120,8 +120,11 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Dataset:
     """Load any supported source; ``None`` means the built-in MNIST sample.
+
+    Images of more than ``max_pixels`` pixels are skipped (and listed) without being decoded.
 
     Raises ``DataError`` (exit code 2 on the command line) for a missing path, a source without any
     usable image, a single class, or IDX files that do not match.
@@ -139,9 +142,9 @@ def load_dataset(
             ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
         elif root.is_dir():
             files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
-            key = _folder_key(root, files, class_dirs, polarity)
+            key = {**_folder_key(root, files, class_dirs, polarity), "max_pixels": max_pixels}
             ds = _cached(key, cache if use_cache else None,
-                         lambda: _load_folder(root, files, sections, polarity, workers))
+                         lambda: _load_folder(root, files, sections, polarity, workers, max_pixels))
             ds.ignored_files = ignored
             ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
         else:
@@ -261,7 +264,7 @@ def _folder_key(root: Path, files: list[tuple[str, str, Path]], class_dirs: list
 
 
 def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[str],
-                 polarity: str, workers: int | None) -> Dataset:
+                 polarity: str, workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
 
@@ -269,7 +272,7 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
         section, _cls, file = item
         try:
             # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
-            return load_image_file(file, polarity=polarity, light=section != "raw")
+            return load_image_file(file, polarity=polarity, light=section != "raw", max_pixels=max_pixels)
         except UnusableImage as err:
             return str(err)
 

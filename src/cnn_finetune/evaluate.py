@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json
 from .errors import EXIT_OK, UserError
-from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_logits
+from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
 from .log import logger, printable
 from .rundir import CONFUSION, EVALUATION
 from .runtime import resolve_device, run_tool
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
-    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache)
+    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache, max_pixels=model_max_pixels(meta))
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
     logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
