@@ -5,11 +5,13 @@ End-to-end tests run the real command line in a subprocess, in a temporary folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -136,6 +138,19 @@ def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProces
         os.environ.update(saved_env)
         torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess(["cli.main", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A real small file system at ``folder``, to fill up for real; skips the test where it cannot be mounted."""
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill it for real ({proc.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def bomb_png(path: Path) -> Path:

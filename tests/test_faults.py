@@ -10,12 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, stripped_history
+from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, small_tmpfs, stripped_history
 
 # Longer runs than FAST (batch 32: 12 steps per epoch, 10 epochs) so that a signal sent or a disk
 # filled from outside, once training has started, lands well before the end even on a slow machine.
@@ -347,18 +346,6 @@ def test_torchrun_restarts_a_killed_worker_which_resumes(reference: Path, tiny_i
 
 # ------------------------------------------------------------------------------------------------
 # 7. Disk full or read-only output folder while saving
-
-
-@contextlib.contextmanager
-def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
-    folder.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill it for real ({proc.stderr.strip()}); needs root with CAP_SYS_ADMIN")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _wait_for_epochs(out: Path, proc: subprocess.Popen[str], n: int) -> None:

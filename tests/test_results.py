@@ -460,6 +460,38 @@ def test_export_fails_when_an_export_disagrees(trained: SimpleNamespace, tmp_pat
     assert json.loads((tmp_path / "best_model_finetuned.preprocessing.json").read_text())["checks"]["passed"] is False
 
 
+@pytest.mark.parametrize("room_for", ["torchscript", "torchscript+sidecar"])
+def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNamespace, tmp_path: Path, room_for: str) -> None:
+    """A real small tmpfs filled so that TorchScript (or TorchScript and the JSON, not ONNX) still fits."""
+    import os
+
+    from conftest import small_tmpfs
+
+    pytest.importorskip("onnx")
+    probe = tmp_path / "probe"
+    assert run_script("export", ["--model", str(trained.model_path), "--output-dir", str(probe)], trained.work).returncode == 0
+    pages = {p.name.split(".", 1)[1]: -(-p.stat().st_size // 4096) for p in probe.iterdir()}  # 4 KiB pages each file takes
+    assert pages["onnx"] > 4, pages
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        out = disk / "export"
+        out.mkdir()
+        room = pages["torchscript.pt"] + (pages["preprocessing.json"] + 2 if room_for == "torchscript+sidecar" else -2)
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room * 4096))
+        proc = run_script("export", ["--model", str(trained.model_path), "--output-dir", str(out)], trained.work)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and ".tmp-" not in "".join(os.listdir(out))
+        if room_for == "torchscript":
+            assert f"error: export failed: cannot write to {out}: No space left on device" in proc.stderr
+            assert os.listdir(out) == []
+        else:
+            assert "ONNX:        FAILED, not exported: OSError: No space left on device" in proc.stdout
+            assert "error: the ONNX export failed (OSError: No space left on device); no ONNX file was left" in proc.stderr
+            assert sorted(os.listdir(out)) == ["best_model_finetuned.preprocessing.json", "best_model_finetuned.torchscript.pt"]
+            checks = json.loads((out / "best_model_finetuned.preprocessing.json").read_text())["checks"]
+            assert checks["passed"] is False and checks["onnx_failed"] == "OSError: No space left on device"
+
+
 # ------------------------------------------------------------------------------------------------
 # Pictures
 
