@@ -52,11 +52,18 @@ class _Validator(Protocol):
     configured: int
 
 
+class _Steps(list):
+    """The planned steps of one kind, as ranges: ``nan@3-100000000000`` must not build a set of 10^11 numbers."""
+
+    def __contains__(self, step: object) -> bool:
+        return any(step in r for r in self)
+
+
 class FaultInjector:
     """Parsed ``TRAIN_FAULTS``; the trainer asks it at fixed points of each step."""
 
     def __init__(self, spec: str = "") -> None:
-        self.planned: dict[str, set[int]] = {k: set() for k in KINDS}
+        self.planned: dict[str, _Steps] = {k: _Steps() for k in KINDS}
         self.fired: set[tuple[str, int]] = set()
         self.batch = 0  # samples of the current step (set by before_step)
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -68,7 +75,7 @@ class FaultInjector:
                 steps = range(int(lo), int(hi or lo) + 1)
             except ValueError:
                 raise UserError(f"TRAIN_FAULTS: {item!r} needs a step number (e.g. {kind}@12 or {kind}@12-15)") from None
-            self.planned[kind].update(steps)
+            self.planned[kind].append(steps)
 
     @classmethod
     def from_env(cls) -> "FaultInjector":
