@@ -43,6 +43,8 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
         return np.asarray(img, dtype=np.float32) / 257.0
     if mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # would read as "blank" or "corrupt" further down: say what it is
+            raise UnusableImage("float image with NaN or infinite pixel values")
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0 and hi <= 255:
             return arr.astype(np.float32)
