@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -52,11 +52,39 @@ class _Validator(Protocol):
     configured: int
 
 
-class _Steps(list):
-    """The planned steps of one kind, as ranges: ``nan@3-100000000000`` must not build a set of 10^11 numbers."""
+class _Steps:
+    """The planned steps of one kind, a set kept as ranges: ``nan@3-100000000000`` must not build a set
+    of 10^11 numbers. Membership, truth and equality with a set of steps work as for that set."""
+
+    def __init__(self) -> None:
+        self.ranges: list[range] = []
+
+    def append(self, steps: range) -> None:
+        """Plan the steps of ``steps`` too."""
+        self.ranges.append(steps)
 
     def __contains__(self, step: object) -> bool:
-        return any(step in r for r in self)
+        return any(step in r for r in self.ranges)
+
+    def __bool__(self) -> bool:
+        return any(self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({s for r in self.ranges for s in r}))  # expands: for small plans only (tests, repr)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (set, frozenset)):
+            return NotImplemented
+        return self._count() == len(other) and all(s in self for s in other)  # without expanding the ranges
+
+    def _count(self) -> int:
+        """How many distinct steps are planned (overlapping ranges counted once)."""
+        count, end = 0, None
+        for start, stop in sorted((r.start, r.stop) for r in self.ranges if len(r)):
+            start = start if end is None else max(start, end)
+            count += max(0, stop - start)
+            end = stop if end is None else max(end, stop)
+        return count
 
 
 class FaultInjector:
