@@ -5,11 +5,13 @@ End-to-end tests run the real command line in a subprocess, in a temporary folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -31,6 +33,25 @@ MNIST_TEST = _find_mnist_test()
 
 # Small and fast: 400 images, 8-channel model, batch 64 -> 6 steps per epoch.
 FAST = ["--width", "8", "--batch-size", "64", "--cooldown", "0", "--epochs", "3", "--set", "checkpoint_every_seconds=0"]
+
+
+def _register_fuzz_profiles() -> None:
+    """Hypothesis profiles for tests/test_fuzz.py: ``ci`` (default) runs a bounded, fixed set of
+    examples, the same on every run; ``HYPOTHESIS_PROFILE=long`` explores with fresh random examples
+    and remembers failures in .hypothesis/. ``FUZZ_EXAMPLES=N`` sets the examples per test in either."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the fuzz tests skip themselves
+        return
+    common = dict(deadline=None, print_blob=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    examples = os.environ.get("FUZZ_EXAMPLES")
+    settings.register_profile("ci", max_examples=int(examples or 30), derandomize=True, database=None, **common)
+    settings.register_profile("long", max_examples=int(examples or 1000), **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_register_fuzz_profiles()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -111,8 +132,8 @@ def run_cli(args: list[str], cwd: Path, faults: str | None = None, timeout: floa
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``cli.main(args)`` in ``cwd`` with the environment of ``cli_env``, one torch thread, output captured."""
+def run_cli_in_process(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``cli.main(args)`` in ``cwd`` with the environment of ``cli_env`` (plus ``env``), one torch thread, output captured."""
     import contextlib
     import io
 
@@ -121,7 +142,7 @@ def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProces
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
     os.environ.clear()
-    os.environ.update(cli_env(cwd))
+    os.environ.update(cli_env(cwd, **env))
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 gives a subprocess: the same arithmetic, bit for bit
     try:
         os.chdir(cwd)
@@ -136,6 +157,28 @@ def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProces
         os.environ.update(saved_env)
         torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess(["cli.main", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A real small file system at ``folder``, to fill up for real; skips the test where it cannot be mounted."""
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill it for real ({proc.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def bomb_png(path: Path) -> Path:
+    """A decompression bomb: a 13000 x 13000 1-bit PNG of about 46 KB (169 megapixels, gigabytes once decoded)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("1", (13000, 13000), 1).save(path)
+    return path
 
 
 def load_state(path: Path) -> dict:

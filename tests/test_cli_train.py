@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, assert_same_weights, load_state, run_cli, stripped_history
+from conftest import FAST, assert_same_weights, bomb_png, load_state, run_cli, stripped_history
 
 ARTIFACTS = ["best_model_finetuned.pth", "checkpoint_last.pth", "history.json", "config_finetuned.json"]
 
@@ -180,6 +180,22 @@ def test_files_of_an_unknown_run_are_not_overwritten(tiny_idx: Path, tmp_path: P
     assert (out / "best_model_finetuned.pth").read_bytes() == b"someone's model"
 
 
+def test_resume_removes_only_our_own_temporaries(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    users = {"budget.tmp-2024.xlsx": b"my budget", "notes.tmp-1": b"mine", "history.json.tmp-12.bak": b"mine too"}
+    for name, content in users.items():
+        (out / name).write_bytes(content)
+    (out / "checkpoint_last.pth.tmp-999999").write_bytes(b"half a checkpoint")  # ours, left by a killed run
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed checkpoint_last.pth.tmp-999999, left by a run killed while writing it" in proc.stdout
+    assert not (out / "checkpoint_last.pth.tmp-999999").exists()
+    assert {name: (out / name).read_bytes() for name in users} == users
+    assert "budget.tmp-2024.xlsx" not in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("finished")
@@ -202,10 +218,21 @@ def _wrong_type(work: Path) -> list[str]:
     return ["--config", "type.json"]
 
 
+def _latin1_config(work: Path) -> list[str]:
+    (work / "latin1.json").write_bytes('{"aug_rotation": 15, "data": "caf\xe9"}'.encode("latin-1"))
+    return ["--config", "latin1.json"]
+
+
 @pytest.mark.parametrize(
     "make_args, fragment",
     [
         (lambda w: ["--data", "no/such/folder"], "data path no/such/folder does not exist"),
+        (_latin1_config, "config file latin1.json is not UTF-8 text: byte 0xe9 at line 1, column 34 cannot be decoded; save the file as UTF-8"),
+        (lambda w: ["--seed", str(10**23)], f"seed={10**23} is out of range; use a whole number from 0 to 2**63-1"),
+        (lambda w: ["--width", "30000"], "width=30000 is out of range; use 1 to 512 channels"),
+        (lambda w: ["--width", "512", "--batch-size", "1000000"], "width=512 with batch_size=1000000 (eval_batch_size=1000) needs about"),
+        (lambda w: ["--set", "lr=1" + "0" * 400], "lr is an integer of 401 digits, too large for a number"),
+        (lambda w: ["--set", 'output_dir="a\\u0000b"'], "output_dir='a\\x00b' contains characters that no file name can hold"),
         (_bad_config, "lr=-0.1 must not be negative"),
         (_unknown_key, "unknown key(s) 'epochz' (did you mean 'epochs'?)"),
         (_wrong_type, "batch_size='big' has the wrong type: expected int"),
@@ -225,6 +252,77 @@ def test_bad_input_exits_2_with_a_clear_message_and_touches_nothing(finished_run
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr
     assert digest_tree(work / "out") == before
+
+
+def test_the_cache_sees_a_content_change_that_keeps_size_and_time(tmp_path: Path):
+    """A rerun after cp -p or rsync -a put other pixels in place must not train on the cached old ones."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(None)
+    for i in range(40):  # 20 images of each of two classes, as BMP: the size depends on the dimensions only
+        (tmp_path / "data" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / "data" / str(i % 2) / f"{i}.bmp")
+    args = [*FAST, "--data", "data", "--output-dir", "out", "--epochs", "1", "--batch-size", "16"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    target = tmp_path / "data" / "0" / "0.bmp"
+    st = target.stat()
+    Image.fromarray(ds.images[100, 0].numpy()).save(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "was trained on different data" in proc.stderr, proc.stdout + proc.stderr
+    assert "(cache miss)" in proc.stdout
+    assert np.array_equal(np.asarray(Image.open(target)), ds.images[100, 0].numpy())
+
+
+RSS_CLI = """
+import resource, sys
+from cnn_finetune.cli import main
+code = main(sys.argv[1:])
+print("peak RSS KiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def test_a_decompression_bomb_is_skipped_before_it_is_decoded(tmp_path: Path):
+    """A 46 KB PNG of 13000 x 13000 pixels used to take 2.5 GB while decoded (peak RSS of this run)."""
+    from PIL import Image
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(None)
+    for i in range(20):
+        (tmp_path / "data" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i, 0].numpy()).save(tmp_path / "data" / str(i % 2) / f"{i}.png")
+    bomb = bomb_png(tmp_path / "data" / "0" / "bomb.png")
+    assert bomb.stat().st_size < 60_000
+    (tmp_path / "rss_cli.py").write_text(RSS_CLI)
+    args = [*FAST, "--data", "data", "--output-dir", "out", "--epochs", "1", "--batch-size", "16"]
+    proc = run_cli(args, cwd=tmp_path, script=tmp_path / "rss_cli.py")  # a subprocess of its own: its own peak
+    assert proc.returncode == 0, proc.stderr
+    reason = "image too large: 13000 x 13000 = 169,000,000 pixels, over the limit of 64,000,000 (max_image_pixels); not decoded"
+    assert f"data/0/bomb.png: {reason}" in proc.stderr
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["train_source"]["skipped"] == [{"path": "data/0/bomb.png", "reason": reason}]
+    peak_kib = int(proc.stdout.split("peak RSS KiB")[1].split()[0])
+    assert peak_kib < 1_000_000, f"peak RSS {peak_kib / 1024:.0f} MiB: the image was decoded"
+    # The limit is a config value: set below 28 x 28, no image is left (exit 2, naming the reason).
+    proc = run_cli([*args, "--no-resume", "--set", "max_image_pixels=100"], cwd=tmp_path)
+    assert proc.returncode == 2 and "image too large: 28 x 28 = 784 pixels, over the limit of 100" in proc.stderr
+
+
+def test_the_largest_seed_trains_and_resumes(tiny_idx: Path, tmp_path: Path):
+    """Every seed in the documented range works through the split, the initial weights and each step's draws."""
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "1", "--seed", str(2**63 - 1)]
+    assert run_cli(args, cwd=tmp_path, faults="sigint@2").returncode == 130
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["seed"] == 2**63 - 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -347,6 +445,17 @@ def test_a_folder_with_foreign_reports_but_no_checkpoint_is_not_overwritten(tiny
     proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path)
     assert proc.returncode == 2 and "model_card.md" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["model_card.md"]
+
+
+def test_a_base_model_with_non_finite_weights_is_bad_input(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+    from cnn_finetune.checkpoint import save_checkpoint
+
+    state = load_state(reference_run / "best_model_finetuned.pth")
+    state["model"]["head.bias"][3] = float("nan")
+    save_checkpoint(state, tmp_path / "nan_model.pth")
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--base-model", "nan_model.pth"], cwd=tmp_path)
+    assert proc.returncode == 2 and "base model nan_model.pth holds NaN/Inf weights" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_base_model_none_trains_from_scratch_even_when_the_default_exists(reference_run: Path, tiny_idx: Path, tmp_path: Path):

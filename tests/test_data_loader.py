@@ -322,9 +322,51 @@ def case_not_idx_file(tmp: Path) -> tuple[Path, str]:
     return put(tmp / "picture.png", drawing()), "not an IDX images file"
 
 
+def case_idx_zero_images(tmp: Path) -> tuple[Path, str]:
+    return _idx_pair(tmp, 0, 0), "holds 0 images"
+
+
+def _idx_labels(tmp: Path, labels: np.ndarray) -> Path:
+    """An IDX pair with these labels; the cases pass the folder: the message names the labels file in it."""
+    images = tmp / "train-images-idx3-ubyte.gz"
+    write_idx(images, np.zeros((len(labels), 28, 28), np.uint8))
+    write_idx(tmp / "train-labels-idx1-ubyte.gz", labels)
+    return images
+
+
+def case_idx_nan_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1, np.nan, 1], np.float32))
+    return tmp, "label nan (position 2) is not a class number; labels must be whole numbers from 0 to 65535"
+
+
+def case_idx_fractional_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1.5, 1], np.float64))
+    return tmp, "label 1.5 (position 1) is not a class number"
+
+
+def case_idx_huge_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 2**31 - 1, 1], np.int32))
+    return tmp, "label 2147483647 (position 1) is not a class number"
+
+
+def case_idx_negative_labels(tmp: Path) -> tuple[Path, str]:
+    _idx_labels(tmp, np.array([0, 1, -1], np.int8))
+    return tmp, "label -1 (position 2) is not a class number"
+
+
+def case_idx_absurd_header(tmp: Path) -> tuple[Path, str]:
+    # 2^32 - 1 images of 28 x 28 claimed by a 16-byte header (3.4 TB): refused before any allocation.
+    images = tmp / "train-images-idx3-ubyte"
+    images.write_bytes(bytes.fromhex("00000803 ffffffff 0000001c 0000001c") + b"\0" * 784)
+    (tmp / "train-labels-idx1-ubyte").write_bytes(bytes.fromhex("00000801 ffffffff") + b"\0")
+    return images, "its header claims 4294967295 x 28 x 28 values of 1 byte(s), 3.37e+03 GB, more than half of this machine's memory"
+
+
 ERROR_CASES = [case_missing, case_empty_folder, case_no_usable_image, case_single_class, case_idx_count_mismatch,
                case_idx_truncated, case_idx_truncated_gz, case_idx_corrupt_gz, case_idx_bad_magic,
-               case_idx_without_labels, case_idx_wrong_image_shape, case_two_idx_image_files, case_not_idx_file]
+               case_idx_without_labels, case_idx_wrong_image_shape, case_two_idx_image_files, case_not_idx_file,
+               case_idx_zero_images, case_idx_nan_labels, case_idx_fractional_labels, case_idx_huge_labels,
+               case_idx_negative_labels, case_idx_absurd_header]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c.__name__[5:])
@@ -337,7 +379,8 @@ def test_bad_sources_raise_data_error_naming_the_path(tmp_path: Path, case) -> N
     assert isinstance(info.value, UserError) and info.value.exit_code == EXIT_BAD_INPUT == 2
 
 
-@pytest.mark.parametrize("case", [case_missing, case_single_class, case_idx_count_mismatch, case_idx_corrupt_gz],
+@pytest.mark.parametrize("case", [case_missing, case_single_class, case_idx_count_mismatch, case_idx_corrupt_gz,
+                                  case_idx_zero_images, case_idx_nan_labels, case_idx_huge_labels, case_idx_absurd_header],
                          ids=lambda c: c.__name__[5:])
 def test_cli_exits_2_on_bad_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case) -> None:
     from cnn_finetune import cli
@@ -368,6 +411,21 @@ def test_idx_round_trip(tmp_path: Path, dtype: type, gz: bool) -> None:
     assert back.dtype == np.dtype(dtype).newbyteorder(">") or back.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(back, arr)
     assert path.read_bytes()[:2] == (b"\x1f\x8b" if gz else b"\x00\x00")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_an_idx_header_claiming_absurd_sizes_is_refused_before_allocating(tmp_path: Path, gz: bool) -> None:
+    import gzip
+    import resource
+
+    raw = bytes.fromhex("00000802 ffffffff ffffffff") + b"\1" * 100  # 2^32 x 2^32 bytes claimed
+    path = tmp_path / "a.idx"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"its header claims 4294967295 x 4294967295 values .* more than half of this machine's memory") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing large was allocated
 
 
 def test_idx_header_is_the_mnist_format(tmp_path: Path) -> None:
@@ -452,6 +510,28 @@ def test_second_load_is_a_cache_hit_with_identical_tensors(tmp_path: Path, small
     assert len(cache_files(cache)) == 1
 
 
+def test_names_that_are_not_utf8_are_kept_and_shown_escaped(tmp_path: Path) -> None:
+    """Undecodable bytes in a class folder or file name: the exact name is kept (it round-trips to the
+    file), the fingerprint is the same with and without the cache, and reports show it escaped."""
+    from cnn_finetune.checkpoint import atomic_write_json
+
+    root = os.fsencode(tmp_path / "tree")
+    for k, (folder, name) in enumerate([(b"a\xff", b"0.png"), (b"a\xff", b"\xe9t\xe9.png"), (b"b", b"0.png"), (b"b", b"1.png")]):
+        put(Path(os.fsdecode(os.path.join(root, folder, name))), small_28(k))
+    Path(os.fsdecode(os.path.join(root, b"b", b"broken\x80.png"))).write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    first, second = load_dataset(os.fsdecode(root), cache_dir=cache), load_dataset(os.fsdecode(root), cache_dir=cache)
+    uncached = load_dataset(os.fsdecode(root), use_cache=False)
+    assert (first.cache, second.cache) == ("miss", "hit")
+    assert first.class_names == second.class_names == ["a\udcff", "b"] and len(first) == 4
+    assert first.fingerprint() == second.fingerprint() == uncached.fingerprint()
+    assert os.fsencode(first.skipped[0]["path"]).endswith(b"broken\x80.png")
+    atomic_write_json(tmp_path / "report.json", first.report())
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["class_names"] == ["a\\xff", "b"] and report["class_counts"] == {"a\\xff": 2, "b": 2}
+    assert report["skipped"][0]["path"].endswith("broken\\x80.png")
+
+
 def _touch(root: Path) -> None:
     f = root / "a" / "0.png"
     st = f.stat()
@@ -496,6 +576,26 @@ def test_changes_invalidate_the_cache(tmp_path: Path, small_tree: Path, change, 
     assert load_dataset(small_tree, cache_dir=cache, polarity=polarity).cache == "hit"
 
 
+def keep_size_and_time_but_change_pixels(path: Path, pixels: np.ndarray) -> None:
+    """What ``cp -p``, ``rsync -a`` or a restore from backup can do: other bytes, same size and mtime."""
+    st, before = path.stat(), path.read_bytes()
+    put(path, pixels)
+    assert path.stat().st_size == st.st_size and path.read_bytes() != before  # BMP: the size depends on the dimensions only
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_content_change_that_keeps_size_and_time_invalidates_the_cache(tmp_path: Path) -> None:
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    for k, c in enumerate(("a", "a", "b", "b")):
+        put(root / c / f"{k}.bmp", small_28(k))
+    old = load_dataset(root, cache_dir=cache)
+    assert load_dataset(root, cache_dir=cache).cache == "hit"
+    keep_size_and_time_but_change_pixels(root / "a" / "0.bmp", small_28(99))
+    new = load_dataset(root, cache_dir=cache)
+    assert new.cache == "miss" and np.array_equal(new.images[0, 0].numpy(), 255 - small_28(99))
+    assert new.fingerprint() != old.fingerprint() and torch.equal(new.images[1:], old.images[1:])
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path: Path, small_tree: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
     cache = tmp_path / "cache"
@@ -533,6 +633,12 @@ def test_idx_cache_hit_and_invalidation(tmp_path: Path) -> None:
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([1, 1, 1, 0, 0, 0], np.uint8))
     changed = load_dataset(images, cache_dir=cache)
     assert changed.cache == "miss" and changed.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    st = labels.stat()
+    write_idx(labels, np.array([0, 0, 0, 1, 1, 1], np.uint8))  # same size; the time put back, as cp -p does
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    restored = load_dataset(images, cache_dir=cache)
+    assert restored.cache == "miss" and restored.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, stripped_history
+from conftest import FAST, SCRIPT, assert_same_weights, cli_env, finished_run, load_state, run_cli, small_tmpfs, stripped_history
 
 # Longer runs than FAST (batch 32: 12 steps per epoch, 10 epochs) so that a signal sent or a disk
 # filled from outside, once training has started, lands well before the end even on a slow machine.
@@ -63,7 +62,7 @@ def wait_for_training(out: Path, proc: subprocess.Popen[str], timeout: float = 1
 # 1. Ctrl+C / SIGTERM
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_real_signal_saves_exits_and_resumes_exactly(slow_reference: Path, tiny_idx: Path, tmp_path: Path, sig, code):
     args = [*SLOW, "--data", str(tiny_idx), "--output-dir", "out"]
     proc = start_cli(args, tmp_path)
@@ -212,6 +211,25 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous(reference: Path, tin
     assert_same_weights(reference / "checkpoint_last.pth", last)
 
 
+def test_damaged_last_checkpoint_is_moved_aside_never_rotated_into_prev(reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130  # last: step 8, prev: step 6
+    damaged = (out / "checkpoint_last.pth").read_bytes()[:5000]
+    (out / "checkpoint_last.pth").write_bytes(damaged)
+    # Resumed from prev (step 6); the first save after it (the stop at step 8) rotates last into prev.
+    proc = run_cli(args, cwd=tmp_path, faults="sigint@7")
+    assert proc.returncode == 130, proc.stderr
+    assert "using checkpoint_prev.pth: the newer checkpoint is damaged" in proc.stdout
+    aside = [p for p in out.iterdir() if p.name.startswith("checkpoint_last.pth.damaged-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+    assert f"moved the damaged checkpoint_last.pth aside to {aside[0].name}" in proc.stderr
+    assert load_state(out / "checkpoint_prev.pth")["position"]["global_step"] == 6  # valid: the one resumed from
+    assert load_state(out / "checkpoint_last.pth")["position"]["global_step"] == 8
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert_same_weights(reference / "checkpoint_last.pth", out / "checkpoint_last.pth")
+
+
 def test_no_valid_checkpoint_refuses_until_no_resume(tiny_idx: Path, tmp_path: Path):
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
     assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
@@ -269,12 +287,46 @@ def test_nan_streak_rolls_back_and_lowers_the_learning_rate(reference: Path, tin
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["lr_scale"] == 0.5
 
 
+@pytest.mark.parametrize("streak", [3, 100], ids=["loss-streak", "weights-at-save"])
+def test_non_finite_weights_are_never_saved(tiny_idx: Path, tmp_path: Path, streak: int):
+    """lr 1e300 overflows the weights at the first update. With a short streak limit the NaN losses
+    roll back; with a long one the epoch ends with NaN weights, which no save accepts: it rolls back too."""
+    from cnn_finetune.checkpoint_manager import all_finite
+
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--lr", "1e300", "--set", f"nan_max_consecutive={streak}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    cause = "the loss stayed NaN/Inf (3 steps in a row)" if streak == 3 else "the weights became NaN/Inf"
+    assert f"training failed: {cause} after 3 rollbacks that lowered the learning rate" in proc.stderr
+    assert "lower --lr" in proc.stderr and "Traceback" not in proc.stderr
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.pth"))
+    assert {"checkpoint_last.pth", "checkpoint_prev.pth"} <= set(files), files
+    for name in files:  # every rollback target and model file holds finite tensors only
+        state = load_state(tmp_path / "out" / name)
+        assert all_finite(state["model"]) and all_finite(state.get("optimizer")), name
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["rollbacks"] == 3
+
+
 def test_persistent_nan_stops_after_bounded_rollbacks(tiny_idx: Path, tmp_path: Path):
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--set", "nan_max_consecutive=2", "--set", "nan_max_rollbacks=2"]
     proc = run_cli(args, cwd=tmp_path, faults="nan@3-100000")
     assert proc.returncode == 1
     assert "the loss stayed NaN/Inf (2 steps in a row) after 2 rollbacks" in proc.stderr and "lower --lr" in proc.stderr
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["nan_guard"]["rollbacks"] == 2
+
+
+def test_a_resumed_run_whose_best_model_is_already_linked_leaves_no_temporary(tiny_idx: Path, tmp_path: Path):
+    # Two epochs: the second is no new best, so nothing links the best model again after the resume,
+    # which would have cleaned up a temporary name left by the link made when resuming.
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "2"]
+    out = tmp_path / "out"
+    assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
+    best = load_state(out / "checkpoint_last.pth")["best_keeper"]["entries"][0]["file"]
+    assert (out / "best_model_finetuned.pth").samefile(out / best)  # linking it again on resume: a no-op rename
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert [r["best"] for r in json.loads((out / "history.json").read_text())] == [True, False]
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert (out / "best_model_finetuned.pth").samefile(out / best)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,18 +346,6 @@ def test_torchrun_restarts_a_killed_worker_which_resumes(reference: Path, tiny_i
 
 # ------------------------------------------------------------------------------------------------
 # 7. Disk full or read-only output folder while saving
-
-
-@contextlib.contextmanager
-def small_tmpfs(folder: Path, size: str = "4m") -> Iterator[Path]:
-    folder.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill it for real ({proc.stderr.strip()}); needs root with CAP_SYS_ADMIN")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _wait_for_epochs(out: Path, proc: subprocess.Popen[str], n: int) -> None:

@@ -333,3 +333,26 @@ def test_thin_stroke_from_a_large_image_keeps_full_contrast() -> None:
     arr[150:250, 500] = 0
     out = preprocess_pil(Image.fromarray(arr))
     assert out.max() == 255
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path) -> None:
+    from cnn_finetune.imageprep import UnusableImage
+
+    path = save(draw_seven((120, 100)), tmp_path / "seven.png")
+    assert load_image_file(path, max_pixels=12_000).shape == (SIDE, SIDE)
+    with pytest.raises(UnusableImage, match=r"^image too large: 120 x 100 = 12,000 pixels, over the limit of 11,999 "):
+        load_image_file(path, max_pixels=11_999)
+
+
+@pytest.mark.parametrize("size", [(SIDE, SIDE), (40, 30)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_float_image_with_non_finite_pixels_is_unusable_with_that_reason(tmp_path: Path, size: tuple[int, int], bad: float) -> None:
+    """Found by tests/test_fuzz.py: such a TIFF was reported as "blank" or "truncated or corrupt"."""
+    from cnn_finetune.imageprep import UnusableImage
+
+    arr = np.full(size[::-1], 10.0, np.float32)
+    arr[3:9, 4:10] = bad
+    path = tmp_path / "float.tif"
+    Image.fromarray(arr, "F").save(path)
+    with pytest.raises(UnusableImage, match="^float image with NaN or infinite pixel values$"):
+        load_image_file(path, light=True)

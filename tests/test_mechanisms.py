@@ -183,3 +183,17 @@ def test_balancing_changes_what_the_rare_class_weighs(tmp_path, balance):
         assert trainer.class_weights.tolist() == pytest.approx([500 / 900, 500 / 100])
     elif balance == "none":
         assert trainer.class_weights is None
+
+
+def test_train_faults_with_a_huge_step_range_parse_at_once():
+    """Found by tests/test_fuzz.py: kill@0-99999999999 built a set of 10^11 steps (3e7 took 2.4 GB)."""
+    import resource
+
+    from cnn_finetune.faults import FaultInjector
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    faults = FaultInjector("nan@3-99999999999,oom@12")
+    assert 3 in faults.planned["nan"] and 99999999999 in faults.planned["nan"] and 2 not in faults.planned["nan"]
+    assert faults._take("nan", 5 * 10**10) and not faults._take("nan", 5 * 10**10)  # once per step
+    assert 12 in faults.planned["oom"] and 13 not in faults.planned["oom"] and not faults.planned["kill"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, bomb_png, run_cli
 
 SCRIPTS = ROOT / "scripts"
 # Batch 32 and a higher learning rate: after 3 epochs the model predicts several classes (about 60%
@@ -84,6 +84,21 @@ def png_folder(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> Simp
     broken = root / "3" / "broken.png"
     broken.write_bytes(b"this is not a PNG file")
     return SimpleNamespace(root=root, broken=broken, originals=originals)
+
+
+def class_tree(root: Path, tiny_idx: Path, names: list[str | bytes], per_class: int = 12) -> Path:
+    """A plain class-folder tree with ``per_class`` real MNIST PNGs in each folder (names may be bytes)."""
+    import os
+
+    from cnn_finetune.data_loader import load_dataset
+
+    ds = load_dataset(tiny_idx, use_cache=False)
+    for c, name in enumerate(names):
+        folder = os.path.join(os.fsencode(root), os.fsencode(name))
+        os.makedirs(folder)
+        for k, i in enumerate(torch.nonzero(ds.labels == c).flatten()[:per_class].tolist()):
+            Image.fromarray(ds.images[i, 0].numpy()).save(os.fsdecode(os.path.join(folder, b"%d.png" % k)))
+    return root
 
 
 def loader_order(root: Path) -> list[Path]:
@@ -170,6 +185,69 @@ def test_evaluate_rejects_classes_the_model_does_not_know(trained: SimpleNamespa
     assert not (tmp_path / "ev").exists()
 
 
+def test_class_names_that_look_like_math_markup_reach_the_reports_as_text(tiny_idx: Path, tmp_path: Path) -> None:
+    """matplotlib reads ``$^$`` as math markup: the names must be drawn, written and matched as plain text."""
+    names = ["$^$", "a_b", "back\\slash"]
+    data = class_tree(tmp_path / "data", tiny_idx, names)
+    proc = run_cli(["--data", str(data), "--output-dir", "run", *TRAIN_ARGS, "--epochs", "1", "--batch-size", "16"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final reports could not be written" not in proc.stderr
+    out = tmp_path / "run"
+    assert_png(out / "confusion_matrix.png", min_bytes=5_000)
+    assert json.loads((out / "evaluation.json").read_text())["class_names"] == sorted(names)
+    card = (out / "model_card.md").read_text()
+    assert all(name in card for name in names)
+    ev = run_script("evaluate", ["--model", str(out / "best_model_finetuned.pth"), "--data", str(data),
+                                 "--output-dir", str(tmp_path / "ev")], tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["num_samples"] == 36
+    assert_png(tmp_path / "ev" / "confusion_matrix.png", min_bytes=5_000)
+    assert all(name in ev.stdout for name in names)
+
+
+def test_names_that_are_not_utf8_never_stop_training_evaluation_or_prediction(tiny_idx: Path, tmp_path: Path) -> None:
+    """A class folder and files whose names are not valid UTF-8: kept exactly (the class survives the
+    checkpoint and a resume, with a stable data fingerprint), shown escaped in every report."""
+    import os
+
+    from cnn_finetune.checkpoint import load_checkpoint
+
+    data = class_tree(tmp_path / "data", tiny_idx, ["0", "1", b"cl\xffass"])
+    good = os.path.join(os.fsencode(data), b"0", b"caf\xe9.png")  # a Latin-1 name, a valid image
+    os.rename(os.path.join(os.fsencode(data), b"0", b"0.png"), good)
+    with open(os.path.join(os.fsencode(data), b"1", b"bad\xfe.png"), "wb") as fh:
+        fh.write(b"not an image")
+    args = ["--data", str(data), "--output-dir", "run", *TRAIN_ARGS, "--epochs", "2", "--batch-size", "16"]
+    # A subprocess in a UTF-8 locale, where printing such a name unescaped raises UnicodeEncodeError.
+    first = run_cli(args, tmp_path, faults="sigint@2", LC_ALL="C.UTF-8")
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "bad\\xfe.png: not an image" in first.stderr
+    second = run_cli(args, tmp_path, LC_ALL="C.UTF-8")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stdout and "Traceback" not in second.stderr
+    out = tmp_path / "run"
+    state = load_checkpoint(out / "best_model_finetuned.pth")
+    assert state["class_names"] == ["0", "1", "cl\udcffass"]  # the folder's own name: os.fsencode gives its bytes back
+    report = json.loads((out / "data_report.json").read_bytes().decode("utf-8"))
+    assert report["train_source"]["class_names"] == ["0", "1", "cl\\xffass"]
+    assert [s["path"] for s in report["train_source"]["skipped"]] == [str(data / "1" / "bad\\xfe.png")]
+    assert json.loads((out / "config_finetuned.json").read_text())["class_names"] == ["0", "1", "cl\\xffass"]
+    assert "cl\\xffass" in (out / "model_card.md").read_text(encoding="utf-8")
+    assert json.loads((out / "evaluation.json").read_text())["class_names"] == ["0", "1", "cl\\xffass"]
+    assert_png(out / "confusion_matrix.png", min_bytes=5_000)
+
+    model = str(out / "best_model_finetuned.pth")
+    ev = run_cli(["--model", model, "--data", str(data), "--output-dir", "ev"], tmp_path, script=SCRIPTS / "evaluate.py",
+                 LC_ALL="C.UTF-8")
+    assert ev.returncode == 0, ev.stderr
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert evaluation["num_samples"] == 36 and "cl\\xffass" in ev.stdout
+    pr = run_cli(["--model", model, str(data), "--json"], tmp_path, script=SCRIPTS / "predict.py", LC_ALL="C.UTF-8")
+    assert pr.returncode == 0, pr.stderr
+    records = {r["file"]: r for r in json.loads(pr.stdout)}
+    assert records[str(data / "1" / "bad\\xfe.png")]["error"] and not records[str(data / "0" / "caf\\xe9.png")]["error"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction
 
@@ -229,6 +307,25 @@ def test_predict_csv_has_an_error_column(trained: SimpleNamespace, png_folder: S
     assert rows[0]["error"] == "" and rows[0]["class_1"] in trained.meta["class_names"]
     assert float(rows[0]["probability_1"]) >= float(rows[0]["probability_2"]) > 0
     assert "not an image" in rows[1]["error"] and rows[1]["class_1"] == ""
+
+
+def test_predict_and_evaluate_refuse_a_decompression_bomb_per_file(trained: SimpleNamespace, png_folder: SimpleNamespace,
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.evaluate import main as evaluate
+    from cnn_finetune.predict import main as predict
+
+    bomb = bomb_png(tmp_path / "data" / "7" / "bomb.png")
+    good = png_folder.root / "7" / "img0.png"
+    (tmp_path / "data" / "7" / "img0.png").write_bytes(good.read_bytes())
+    reason = "image too large: 13000 x 13000 = 169,000,000 pixels, over the limit of 64,000,000 (max_image_pixels); not decoded"
+    assert predict(["--model", str(trained.model_path), str(bomb), str(good)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{bomb}: error: {reason}" and lines[1].startswith(f"{good}: ")
+    (tmp_path / "data" / "1").mkdir()
+    (tmp_path / "data" / "1" / "img0.png").write_bytes((png_folder.root / "1" / "img0.png").read_bytes())
+    assert evaluate(["--model", str(trained.model_path), "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["num_samples"] == 2 and report["data"]["skipped"] == [{"path": str(bomb), "reason": reason}]
 
 
 def test_predict_exits_2_when_nothing_could_be_predicted(trained: SimpleNamespace, png_folder: SimpleNamespace,
@@ -361,6 +458,38 @@ def test_export_fails_when_an_export_disagrees(trained: SimpleNamespace, tmp_pat
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "disagrees" in captured.err
     assert json.loads((tmp_path / "best_model_finetuned.preprocessing.json").read_text())["checks"]["passed"] is False
+
+
+@pytest.mark.parametrize("room_for", ["torchscript", "torchscript+sidecar"])
+def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNamespace, tmp_path: Path, room_for: str) -> None:
+    """A real small tmpfs filled so that TorchScript (or TorchScript and the JSON, not ONNX) still fits."""
+    import os
+
+    from conftest import small_tmpfs
+
+    pytest.importorskip("onnx")
+    probe = tmp_path / "probe"
+    assert run_script("export", ["--model", str(trained.model_path), "--output-dir", str(probe)], trained.work).returncode == 0
+    pages = {p.name.split(".", 1)[1]: -(-p.stat().st_size // 4096) for p in probe.iterdir()}  # 4 KiB pages each file takes
+    assert pages["onnx"] > 4, pages
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        out = disk / "export"
+        out.mkdir()
+        room = pages["torchscript.pt"] + (pages["preprocessing.json"] + 2 if room_for == "torchscript+sidecar" else -2)
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room * 4096))
+        proc = run_script("export", ["--model", str(trained.model_path), "--output-dir", str(out)], trained.work)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and ".tmp-" not in "".join(os.listdir(out))
+        if room_for == "torchscript":
+            assert f"error: export failed: cannot write to {out}: No space left on device" in proc.stderr
+            assert os.listdir(out) == []
+        else:
+            assert "ONNX:        FAILED, not exported: OSError: No space left on device" in proc.stdout
+            assert "error: the ONNX export failed (OSError: No space left on device); no ONNX file was left" in proc.stderr
+            assert sorted(os.listdir(out)) == ["best_model_finetuned.preprocessing.json", "best_model_finetuned.torchscript.pt"]
+            checks = json.loads((out / "best_model_finetuned.preprocessing.json").read_text())["checks"]
+            assert checks["passed"] is False and checks["onnx_failed"] == "OSError: No space left on device"
 
 
 # ------------------------------------------------------------------------------------------------

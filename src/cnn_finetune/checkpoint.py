@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CheckpointError
+from .log import printable
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"
@@ -75,7 +76,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON (NaN/Inf written as null: JSON has no such values)."""
+    """Atomically write ``obj`` as indented JSON (NaN/Inf written as null: JSON has no such values; names
+    that are not valid UTF-8 shown escaped, see ``log.printable``)."""
     text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -83,8 +85,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, str):
+        return printable(obj)
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {printable(str(k)): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj

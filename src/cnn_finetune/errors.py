@@ -65,6 +65,10 @@ class CheckpointError(Exception):
         self.path = path
 
 
+class ExportUnavailable(Exception):
+    """No ONNX exporter works here (a package is missing): ONNX is skipped and said so, not a failure."""
+
+
 class RolledBack(Exception):
     """The trainer went back to a checkpoint (NaN rollback): the loop continues from its position."""
 

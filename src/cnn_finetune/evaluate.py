@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json
 from .errors import EXIT_OK, UserError
-from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_logits
-from .log import logger
+from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
+from .log import logger, printable
 from .rundir import CONFUSION, EVALUATION
 from .runtime import resolve_device, run_tool
 
@@ -62,7 +62,7 @@ def metrics_from_confusion(matrix: torch.Tensor, class_names: Sequence[str], top
             f1 = None if support[i] == 0 else 0.0  # never predicted but present: F1 is 0
         else:
             f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        per_class.append({"class": str(name), "precision": p, "recall": r, "f1": f1,
+        per_class.append({"class": printable(str(name)), "precision": p, "recall": r, "f1": f1,
                           "support": int(support[i]), "predicted": int(predicted[i])})
     present = [c for c in per_class if c["support"] > 0]
     macro = {key: (sum(c[key] or 0.0 for c in present) / len(present) if present else None)
@@ -77,7 +77,7 @@ def metrics_from_confusion(matrix: torch.Tensor, class_names: Sequence[str], top
         count = int(off[i, j])
         if count == 0:
             break
-        pairs.append({"true": str(class_names[i]), "predicted": str(class_names[j]), "count": count,
+        pairs.append({"true": printable(str(class_names[i])), "predicted": printable(str(class_names[j])), "count": count,
                       "share_of_true": count / int(support[i])})
     return {
         "num_samples": n,
@@ -86,7 +86,7 @@ def metrics_from_confusion(matrix: torch.Tensor, class_names: Sequence[str], top
         "macro_recall": macro["recall"],
         "macro_f1": macro["f1"],
         "weighted_f1": weighted_f1,
-        "class_names": [str(c) for c in class_names],
+        "class_names": [printable(str(c)) for c in class_names],  # for people: names shown escaped
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
         "most_confused": pairs,
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
-    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache)
+    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache, max_pixels=model_max_pixels(meta))
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
     logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
@@ -235,9 +235,9 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
     print()
-    print(format_report(report))
+    print(printable(format_report(report)))
     print()
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print(printable("wrote " + ", ".join(str(p) for p in paths)))
     return EXIT_OK
 
 

@@ -14,9 +14,11 @@ writes, next to each other (default folder: ``export/`` beside the model file):
 Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
 ``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
 PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
-(exit 1). ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``); without it only
-TorchScript is written and the output says so. ONNX Runtime checks the ONNX file when installed,
-else ONNX's own reference evaluator does.
+(exit 1), and so does any requested export that cannot be written (a full disk, say) or checked:
+nothing is left of it. ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``);
+without it only TorchScript is written and the output says so (exit 0). ONNX Runtime checks the
+ONNX file when installed, else ONNX's own reference evaluator does. An output folder that cannot
+be created is bad input (exit 2).
 
 Why the TorchScript-based ONNX exporter (``dynamo=False``): in torch 2.13 it needs only ``onnx``,
 takes well under a second for this network and gives a dynamic batch axis directly, whereas the
@@ -42,8 +44,9 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .errors import EXIT_FAILED, EXIT_OK, UserError
+from .errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
+from .log import printable
 from .runtime import run_tool
 
 TOLERANCE = 1e-4
@@ -93,10 +96,10 @@ def quiet_deprecations() -> Iterator[None]:
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
     """Write ``model`` as ONNX with a dynamic batch axis; returns the exporter used.
 
-    Raises ``RuntimeError`` with the reason when no exporter works here (missing packages).
+    Raises ``ExportUnavailable`` with the reason when no exporter works here (missing packages).
     """
     if importlib.util.find_spec("onnx") is None:
-        raise RuntimeError("the onnx package is not installed (pip install 'cnn-finetune[export]')")
+        raise ExportUnavailable("the onnx package is not installed (pip install 'cnn-finetune[export]')")
     model.eval()
     buf = io.BytesIO()
     try:
@@ -107,7 +110,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> st
         exporter = "TorchScript-based (dynamo=False)"
     except Exception as legacy_err:  # noqa: BLE001 - fall back to the other exporter, else report both
         if importlib.util.find_spec("onnxscript") is None:
-            raise RuntimeError(f"the TorchScript-based ONNX exporter failed ({type(legacy_err).__name__}: {legacy_err}) "
+            raise ExportUnavailable(f"the TorchScript-based ONNX exporter failed ({type(legacy_err).__name__}: {legacy_err}) "
                                "and the torch.export-based one needs onnxscript (pip install onnxscript)") from None
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(OPSET, 18),
@@ -153,11 +156,16 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
 
     Returns the sidecar's content: metadata, ``files`` written, and ``checks`` with the maximum
     absolute difference of each export against PyTorch (``torchscript_max_abs_diff``,
-    ``onnx_max_abs_diff``), ``passed``, and ``onnx_skipped`` (the reason) when ONNX was not written.
-    Raises ``UserError`` when the model file cannot be used.
+    ``onnx_max_abs_diff``), ``passed``, and ``onnx_skipped`` (the reason) when ONNX cannot be made
+    here or ``onnx_failed`` when writing or checking it failed. Raises ``UserError`` when the model
+    file cannot be used or the folder cannot be created, ``OSError`` when another file cannot be written.
     """
     model, meta = load_inference_model(model_path, "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {out_dir}: {err.strerror or err}; choose a writable --output-dir",
+                        path=str(out_dir)) from None
     stem = Path(model_path).stem
     ts_path, onnx_path = out_dir / f"{stem}.torchscript.pt", out_dir / f"{stem}.onnx"
     sidecar_path = out_dir / f"{stem}.preprocessing.json"
@@ -177,7 +185,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
         files["onnx"] = onnx_path.name
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
-    checks["passed"] = all(d <= tolerance for d in measured)
+    checks["passed"] = all(d <= tolerance for d in measured) and "onnx_failed" not in checks
     sidecar = export_sidecar(model_path, meta, files, checks)
     atomic_write_json(sidecar_path, sidecar)
     sidecar["files"] = {**files, "sidecar": sidecar_path.name}
@@ -193,14 +201,16 @@ def _export_and_check_onnx(model: torch.nn.Module, example: torch.Tensor, onnx_p
         return False
     try:
         checks["onnx_exporter"] = export_onnx(model, example, onnx_path)
-    except Exception as err:  # noqa: BLE001 - ONNX is optional: report why and keep TorchScript
-        checks["onnx_skipped"] = f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err)
-        onnx_path.unlink(missing_ok=True)  # never leave an ONNX file from an earlier export behind
+        diffs = []
+        for x, e in zip(batches, expected):
+            out, engine = run_onnx(onnx_path, x)
+            diffs.append(_max_abs_diff(out, e))
+    except Exception as err:  # noqa: BLE001 - reported: skipped where ONNX cannot be made here, else a failure
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        checks["onnx_skipped" if isinstance(err, ExportUnavailable) else "onnx_failed"] = (
+            detail if isinstance(err, ExportUnavailable) else f"{type(err).__name__}: {detail}")
+        onnx_path.unlink(missing_ok=True)  # never leave a half-checked ONNX file, or one from an earlier export
         return False
-    diffs = []
-    for x, e in zip(batches, expected):
-        out, engine = run_onnx(onnx_path, x)
-        diffs.append(_max_abs_diff(out, e))
     checks["onnx_max_abs_diff"] = max(diffs)
     checks["onnx_checked_with"] = engine
     return True
@@ -257,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="export.py",
         description="Export a trained model to TorchScript and ONNX with a JSON file of its preprocessing, "
                     "and check that the exports agree with PyTorch.",
-        epilog="Exit codes: 0 exported and verified, 1 an export disagrees with PyTorch, 2 bad input.",
+        epilog="Exit codes: 0 exported and verified (ONNX skipped when the onnx package is missing), 1 an export "
+               "could not be written or disagrees with PyTorch, 2 bad input.",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
     p.add_argument("--output-dir", type=Path, help="where the exports go (default: export/ beside the model file)")
@@ -277,8 +288,10 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "export"
     try:
         result = export_model(args.model, out_dir, tolerance=args.tolerance, onnx=not args.no_onnx)
-    except OSError as err:
-        raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
+    except OSError as err:  # the folder exists, but a file of the export cannot be written (e.g. a full disk)
+        _say(f"error: export failed: cannot write to {out_dir}: {err.strerror or err}; no half-written file is left. "
+             "Free some space or choose another --output-dir", error=True)
+        return EXIT_FAILED
     checks, files = result["checks"], result["files"]
     tol = checks["tolerance"]
 
@@ -286,19 +299,30 @@ def _run(args: argparse.Namespace) -> int:
         return "ok" if diff <= tol else f"FAILED (above {tol:g})"
 
     d = checks["torchscript_max_abs_diff"]
-    print(f"TorchScript: {out_dir / files['torchscript']}  max abs difference vs PyTorch {d:.3g}  {verdict(d)}")
+    _say(f"TorchScript: {out_dir / files['torchscript']}  max abs difference vs PyTorch {d:.3g}  {verdict(d)}")
     if files["onnx"]:
         d = checks["onnx_max_abs_diff"]
-        print(f"ONNX:        {out_dir / files['onnx']}  max abs difference vs PyTorch {d:.3g} "
-              f"({checks['onnx_checked_with']}, {checks['onnx_exporter']} exporter)  {verdict(d)}")
+        _say(f"ONNX:        {out_dir / files['onnx']}  max abs difference vs PyTorch {d:.3g} "
+             f"({checks['onnx_checked_with']}, {checks['onnx_exporter']} exporter)  {verdict(d)}")
+    elif "onnx_failed" in checks:
+        _say(f"ONNX:        FAILED, not exported: {checks['onnx_failed']}")
     else:
         # On standard output, in order with the other lines: nobody should miss that it is absent.
-        print(f"ONNX:        NOT exported, TorchScript only: {checks['onnx_skipped']}")
-    print(f"metadata:    {out_dir / files['sidecar']} (class names, mean/std, input shape, polarity)")
+        _say(f"ONNX:        NOT exported, TorchScript only: {checks['onnx_skipped']}")
+    _say(f"metadata:    {out_dir / files['sidecar']} (class names, mean/std, input shape, polarity)")
+    if "onnx_failed" in checks:
+        _say(f"error: the ONNX export failed ({checks['onnx_failed']}); no ONNX file was left in {out_dir}. Fix the cause "
+             "and export again, or use --no-onnx for TorchScript only", error=True)
+        return EXIT_FAILED
     if not checks["passed"]:
-        print("error: an exported model disagrees with the PyTorch model beyond the tolerance; do not use it", file=sys.stderr)
+        _say("error: an exported model disagrees with the PyTorch model beyond the tolerance; do not use it", error=True)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _say(line: str, error: bool = False) -> None:
+    """One line of the report: standard output, or standard error for errors (names shown escaped)."""
+    print(printable(line), file=sys.stderr if error else sys.stdout)
 
 
 if __name__ == "__main__":  # pragma: no cover

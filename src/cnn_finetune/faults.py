@@ -14,8 +14,8 @@ checkpoint. Each fault fires at most once per process, so a restarted run gets p
   at the resume step it is caught by the start-up check and fails with exit code 2);
 * ``kill@N``: after step N the process sends itself SIGKILL; if a checkpoint save is due there, it
   dies half-way through writing ``checkpoint_last.pth``;
-* ``sigint@N`` / ``sigterm@N``: the process sends itself the signal after step N (the real handler
-  runs), for tests that need interruption at an exact step;
+* ``sigint@N`` / ``sigterm@N`` / ``sighup@N``: the process sends itself the signal after step N (the
+  real handler runs), for tests that need interruption at an exact step;
 * ``sigint2@N``: SIGINT after step N, and a second SIGINT half-way through the save it causes.
 
 ``kind@A-B`` covers steps A to B; ``kind@N:rR`` strikes only the process of rank R (under torchrun). The trainer meets the injector in three places only: the model it
@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from . import checkpoint
 from .errors import UserError
 from .rundir import LAST
 
-KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sigint2")
+KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sighup", "sigint2")
 
 
 class _Position(Protocol):
@@ -52,11 +52,46 @@ class _Validator(Protocol):
     configured: int
 
 
+class _Steps:
+    """The planned steps of one kind, a set kept as ranges: ``nan@3-100000000000`` must not build a set
+    of 10^11 numbers. Membership, truth and equality with a set of steps work as for that set."""
+
+    def __init__(self) -> None:
+        self.ranges: list[range] = []
+
+    def append(self, steps: range) -> None:
+        """Plan the steps of ``steps`` too."""
+        self.ranges.append(steps)
+
+    def __contains__(self, step: object) -> bool:
+        return any(step in r for r in self.ranges)
+
+    def __bool__(self) -> bool:
+        return any(self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({s for r in self.ranges for s in r}))  # expands: for small plans only (tests, repr)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (set, frozenset)):
+            return NotImplemented
+        return self._count() == len(other) and all(s in self for s in other)  # without expanding the ranges
+
+    def _count(self) -> int:
+        """How many distinct steps are planned (overlapping ranges counted once)."""
+        count, end = 0, None
+        for start, stop in sorted((r.start, r.stop) for r in self.ranges if len(r)):
+            start = start if end is None else max(start, end)
+            count += max(0, stop - start)
+            end = stop if end is None else max(end, stop)
+        return count
+
+
 class FaultInjector:
     """Parsed ``TRAIN_FAULTS``; the trainer asks it at fixed points of each step."""
 
     def __init__(self, spec: str = "", rank: int = 0) -> None:
-        self.planned: dict[str, set[int]] = {k: set() for k in KINDS}
+        self.planned: dict[str, _Steps] = {k: _Steps() for k in KINDS}
         self.fired: set[tuple[str, int]] = set()
         self.batch = 0  # samples of the current step (set by before_step)
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -73,7 +108,7 @@ class FaultInjector:
                 steps = range(int(lo), int(hi or lo) + 1)
             except ValueError:
                 raise UserError(f"TRAIN_FAULTS: {item!r} needs a step number (e.g. {kind}@12 or {kind}@12-15)") from None
-            self.planned[kind].update(steps)
+            self.planned[kind].append(steps)
 
     @classmethod
     def from_env(cls, rank: int = 0) -> "FaultInjector":
@@ -138,9 +173,9 @@ class FaultInjector:
         """Send the planned signal; a kill with a save due waits to strike inside the save."""
         if ("oom", step) in self.fired:
             self.fired.add(("oom-done", step))  # the step got through: do not strike it again
-        for kind, sig in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+        for kind in ("sigint", "sigterm", "sighup"):
             if self._take(kind, step):
-                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), getattr(signal, kind.upper()))  # no SIGHUP on Windows: only planned ones fail
         if self._take("sigint2", step):
             self._strike_mid_save(signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)

@@ -20,6 +20,10 @@ BOX = 20  # the digit is fitted into a BOX x BOX square, as in MNIST
 INK_THRESHOLD = 0.2  # share of the brightest ink above which a pixel counts for the bounding box
 MIN_INK_RANGE = 12.0  # an image whose ink is fainter than this (0-255) is considered blank
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# Decompression bombs: a 44 KB PNG can declare 13000 x 13000 pixels and take gigabytes to decode. An
+# image over this many pixels is refused from its header, before decoding (48-50 MP phone photos pass;
+# Pillow itself refuses anything over 2 x Image.MAX_IMAGE_PIXELS, about 179 MP, whatever the limit).
+DEFAULT_MAX_PIXELS = 64_000_000
 POLARITIES = ("auto", "invert", "keep")
 
 
@@ -39,6 +43,8 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
         return np.asarray(img, dtype=np.float32) / 257.0
     if mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # would read as "blank" or "corrupt" further down: say what it is
+            raise UnusableImage("float image with NaN or infinite pixel values")
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0 and hi <= 255:
             return arr.astype(np.float32)
@@ -123,8 +129,12 @@ def preprocess_pil(img: Image.Image, polarity: str = "auto", light: bool = False
     return mnist_layout(gray)
 
 
-def load_image_file(path: Path, polarity: str = "auto", light: bool = False) -> np.ndarray:
-    """Decode and preprocess one file; raises UnusableImage with a reason fit for the data report."""
+def load_image_file(path: Path, polarity: str = "auto", light: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and preprocess one file; raises UnusableImage with a reason fit for the data report.
+
+    Pillow reads only the header when it opens a file: an image of more than ``max_pixels`` pixels
+    is refused at that point, before its pixels are decoded.
+    """
     try:
         if path.stat().st_size == 0:
             raise UnusableImage("empty file (0 bytes)")
@@ -132,6 +142,10 @@ def load_image_file(path: Path, polarity: str = "auto", light: bool = False) -> 
             warnings.simplefilter("ignore")  # Pillow warns about odd palettes; the result is what counts
             with Image.open(path) as img:
                 img.seek(0)  # first frame of GIF/TIFF/WebP animations
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise UnusableImage(f"image too large: {width} x {height} = {width * height:,} pixels, over the limit of "
+                                        f"{max_pixels:,} (max_image_pixels); not decoded")
                 img.load()
                 return preprocess_pil(img, polarity=polarity, light=light)
     except UnusableImage:

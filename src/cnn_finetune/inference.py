@@ -62,6 +62,13 @@ def model_polarity(meta: dict[str, Any]) -> str:
     return str(config.get("polarity", "auto"))
 
 
+def model_max_pixels(meta: dict[str, Any]) -> int:
+    """The image size limit the model was trained with (the default for files that predate the field)."""
+    from .imageprep import DEFAULT_MAX_PIXELS
+
+    return int((meta.get("config") or {}).get("max_image_pixels", DEFAULT_MAX_PIXELS))
+
+
 def normalise_images(images_uint8: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """uint8 ``N x 1 x 28 x 28`` -> the float32 network input, exactly as in training."""
     norm = meta["normalization"]

@@ -1,7 +1,8 @@
 """The package's messages go through the standard ``logging`` module, logger ``cnn_finetune``.
 
 By default the logger prints like a command-line tool: information to standard output, warnings
-(prefixed ``warning:``) and errors to standard error, nothing else added. A program that embeds the
+(prefixed ``warning:``) and errors to standard error, nothing else added. File names that are not
+valid UTF-8 are shown escaped (``printable``), so a message about them can always be printed. A program that embeds the
 package can silence or redirect it the usual way::
 
     logging.getLogger("cnn_finetune").setLevel(logging.WARNING)       # quieter
@@ -11,10 +12,29 @@ package can silence or redirect it the usual way::
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 logger = logging.getLogger("cnn_finetune")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` that can be printed and written as UTF-8, for people to read (reports, JSON, logs).
+
+    Python keeps the bytes of a file name that are not valid UTF-8 as lone surrogates
+    (``os.fsdecode``), which round-trip to the same file but cannot be encoded as UTF-8: each such
+    byte is shown as ``\\xNN`` (the name ``b"cl\\xffass"`` reads ``cl\\xffass``); any other lone
+    surrogate as ``\\uNNNN``. Text without them is returned unchanged.
+    """
+    return _SURROGATE.sub(_escape_surrogate, text) if _SURROGATE.search(text) else text
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 class ConsoleHandler(logging.Handler):
@@ -23,7 +43,7 @@ class ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:  # noqa: D102 (logging API)
         try:
-            text = record.getMessage()
+            text = printable(record.getMessage())
             if record.levelno == logging.WARNING:
                 text = f"warning: {text}"
             stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr

@@ -39,15 +39,38 @@ class EarlyLines(logging.Handler):
         self.records.append(record)
 
 
+class AppendingLog(logging.Handler):
+    """Appends each line to a file opened only while the line is written.
+
+    A handle kept open would hold the output folder's file system busy for the whole run (it could not
+    be remounted read-only, and Windows could not move the folder), and a run is never stopped by its
+    log: a line that cannot be written (disk full) is dropped, while the next checkpoint save reports it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def write(self, text: str) -> None:
+        """Append ``text`` as it is; an ``OSError`` drops it (see the class docstring)."""
+        try:
+            with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as fh:
+                fh.write(text)
+        except OSError:
+            pass
+
+    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102 (logging API)
+        self.write(self.format(record) + "\n")
+
+
 @contextmanager
 def run_log(path: Path, what: str, earlier: EarlyLines | None = None) -> Iterator[None]:
     """Append everything the package logs to ``path`` while the block runs, after a start marker and
     the lines ``earlier`` kept (they were logged before the folder could be written)."""
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.setLevel(logging.INFO)
+    handler = AppendingLog(path)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    handler.stream.write(f"\n===== {stamp} {what} (process {os.getpid()}) =====\n")
+    handler.write(f"\n===== {stamp} {what} (process {os.getpid()}) =====\n")
     for record in earlier.records if earlier is not None else []:
         handler.emit(record)
     logger.addHandler(handler)
@@ -59,7 +82,6 @@ def run_log(path: Path, what: str, earlier: EarlyLines | None = None) -> Iterato
         raise
     finally:
         logger.removeHandler(handler)
-        handler.close()
 
 
 def metrics_csv(history: list[dict[str, Any]]) -> bytes:

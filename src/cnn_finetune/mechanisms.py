@@ -156,11 +156,12 @@ class NanGuard:
         self.lr_scale *= self.lr_factor
         return self.lr_scale
 
-    def start_rollback(self, streak: int, base_lr: float) -> float:
-        """``roll_back``, or ``TrainingFailed`` when no rollback is left."""
+    def start_rollback(self, streak: int, base_lr: float, cause: str | None = None) -> float:
+        """``roll_back``, or ``TrainingFailed`` when no rollback is left; ``cause``: what went non-finite
+        (default: a streak of ``streak`` non-finite losses)."""
         if not self.can_roll_back():
             raise TrainingFailed(
-                f"the loss stayed NaN/Inf ({streak} steps in a row) after {self.rollbacks} rollbacks that lowered the "
+                f"{cause or f'the loss stayed NaN/Inf ({streak} steps in a row)'} after {self.rollbacks} rollbacks that lowered the "
                 f"learning rate to {base_lr * self.lr_scale:.3g}; check the data for broken images and lower --lr")
         return self.roll_back()
 

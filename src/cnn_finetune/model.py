@@ -280,6 +280,9 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
             raise UserError(f"base model cannot be used: {err}") from None
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise UserError(f"base model {path} holds neither a model of this program nor a state dict of tensors") from None
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
+        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none")
     return adapt_state_dict(model, weights, base_classes, class_names, str(path))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import atomic_write_bytes
+from .log import printable
 from .plots import best_record
 from .rundir import BEST as BEST_MODEL
 from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, HISTORY, MODEL_CARD
@@ -265,5 +266,5 @@ def write_model_card(out_dir: Path, *, config: dict[str, Any], data_report: dict
         "",
     ]
     path = out_dir / MODEL_CARD
-    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    atomic_write_bytes(path, printable("\n".join(lines)).encode("utf-8"))
     return path

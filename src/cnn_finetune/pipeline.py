@@ -269,7 +269,8 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
 
     def load(path: str | None) -> Dataset:
-        return load_dataset(path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
+        return load_dataset(path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=cfg.cache,
+                            max_pixels=cfg.max_image_pixels)
 
     ds = load(data_path)
     sources = [ds]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import atomic_write_bytes
+from .log import printable
 from .mechanisms import MODE_OF_METRIC, is_better
 from .rundir import CURVES as CURVES_PNG
 
@@ -252,6 +253,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
 
+    class_names = [printable(str(c)) for c in class_names]  # drawable text, also for undecodable folder names
     counts = np.asarray(matrix, dtype=np.float64)
     n = counts.shape[0]
     if counts.shape != (n, n) or n != len(class_names):
@@ -275,7 +277,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     notes = ["numbers: % of the true class"] if geo["annotate"] else []
     if (support == 0).any():
         notes.append("grey rows: no images of that class")
-    fig.suptitle(f"{title}\n{int(total)} images, accuracy {accuracy}" + ("; " if notes else "") + "; ".join(notes),
+    fig.suptitle(f"{printable(title)}\n{int(total)} images, accuracy {accuracy}" + ("; " if notes else "") + "; ".join(notes),
                  fontsize=geo["title_pt"], parse_math=False)
     bar = fig.colorbar(image, ax=ax, fraction=0.035 if n > 30 else 0.046, pad=0.04 if n > 30 else 0.02, shrink=0.6 if n > 30 else 1.0)
     bar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0])

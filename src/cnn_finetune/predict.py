@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
-from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
-from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
+from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
+from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
+from .log import printable
 from .runtime import resolve_device, run_tool
 
 
@@ -73,41 +74,42 @@ def collect_files(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]
     return found
 
 
-def preprocess_file(path: Path, polarity: str) -> np.ndarray:
+def preprocess_file(path: Path, polarity: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One image file -> uint8 28x28, exactly as training preprocesses it; raises ``UnusableImage``.
 
     ``light=True`` asks ``preprocess_pil`` for the light path, which it only takes for images that
-    are already 28x28; every other size gets the full MNIST layout.
+    are already 28x28; every other size gets the full MNIST layout. Images over ``max_pixels`` (the
+    model's training limit) are refused before they are decoded.
     """
-    return load_image_file(path, polarity=polarity, light=True)
+    return load_image_file(path, polarity=polarity, light=True, max_pixels=max_pixels)
 
 
 def predict_files(model: torch.nn.Module, meta: dict[str, Any], files: Sequence[tuple[Path, str | None]],
                   device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256) -> list[Prediction]:
     """Preprocess and classify ``files`` (from ``collect_files``); one ``Prediction`` per file, in order."""
-    polarity = model_polarity(meta)
+    polarity, max_pixels = model_polarity(meta), model_max_pixels(meta)
     names = meta["class_names"]
     k = max(1, min(top_k, len(names)))
     results: list[Prediction] = []
     arrays: list[np.ndarray] = []
     slots: list[int] = []
     for path, problem in files:
-        results.append(Prediction(str(path), error=problem))
+        results.append(Prediction(printable(str(path)), error=problem))  # a name that is not UTF-8 shown escaped
         if problem is not None:
             continue
         try:
-            arrays.append(preprocess_file(path, polarity))
+            arrays.append(preprocess_file(path, polarity, max_pixels))
             slots.append(len(results) - 1)
         except UnusableImage as err:
-            results[-1].error = str(err)
+            results[-1].error = printable(str(err))
         except OSError as err:  # e.g. a folder entry that vanished or a special file
-            results[-1].error = f"cannot read the file: {err.strerror or err}"
+            results[-1].error = printable(f"cannot read the file: {err.strerror or err}")
     if arrays:
         images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
         probs = predict_proba(model, meta, images, device, batch_size)
         top_p, top_i = probs.topk(k, dim=1)
         for slot, p_row, i_row in zip(slots, top_p.tolist(), top_i.tolist(), strict=True):
-            results[slot].top = [(names[i], float(p)) for i, p in zip(i_row, p_row)]
+            results[slot].top = [(printable(names[i]), float(p)) for i, p in zip(i_row, p_row)]
     return results
 
 

@@ -7,6 +7,7 @@ same everywhere, and none of them imports another tool's command line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -37,6 +38,14 @@ def configure_threads(num_threads: int) -> None:
     """Use ``num_threads`` CPU threads for torch (0: leave torch's default)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+def physical_memory() -> int:
+    """Bytes of memory of this machine (8 GiB assumed where the system does not tell, e.g. Windows)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
 
 
 def versions() -> dict[str, str]:

@@ -168,8 +168,10 @@ class RobustTrainer:
         self.save_last()
 
     def save_last(self, progress: bool = True) -> None:
-        """Save the full state; ``progress``: it records new progress, ending a series of failures."""
-        if self.checkpoints.save_last(self.state_dict()) and progress:
+        """Save the full state (``progress``: new progress, ending a series of failures); NaN/Inf weights roll back."""
+        if not self.checkpoints.save_last(self.state_dict()):
+            self._nan_rollback(0, "the weights became NaN/Inf")
+        elif progress:
             self.retries.progress()
 
     # --- randomness and schedule: pure functions of (seed, epoch, step) ----------------------------
@@ -220,9 +222,9 @@ class RobustTrainer:
         while self.pos.epoch < self.cfg.epochs:
             try:
                 self._train_epoch()
+                stop, reason = self._end_epoch()
             except RolledBack:
                 continue  # the position changed: go on from the checkpoint's
-            stop, reason = self._end_epoch()
             if stop:
                 return self._finish("early_stopped", f"early stopping after epoch {self.pos.epoch}: {reason}", reason)
             self._check_stop()
@@ -335,10 +337,9 @@ class RobustTrainer:
             self.save_last()
             self.checkpoints.write_history(self.history)
             pos = self.pos
-            raise self.guard.stopped(
-                f"{self.guard.name}: stopped at epoch {pos.epoch + 1}, step {pos.step} of {self.steps_per_epoch} "
-                f"(global step {pos.global_step}); state saved to {self.checkpoints.run.last}. "
-                "Run the same command to continue.")
+            raise self.guard.stopped(f"{self.guard.name}: stopped at epoch {pos.epoch + 1}, step {pos.step} of {self.steps_per_epoch} "
+                                     f"(global step {pos.global_step}); state saved to {self.checkpoints.run.last}. "
+                                     "Run the same command to continue.")
 
     # --- recovery: one way back to a checkpoint ------------------------------------------------------
 
@@ -353,17 +354,17 @@ class RobustTrainer:
             raise TrainingFailed(f"{reason.replace('_', ' ')} impossible: no valid checkpoint (" + "; ".join(loaded.problems) + ")")
         self.checkpoints.quarantine(loaded.damaged)
         self.load_state_dict(loaded.state, carry_over=True)
-        # The checkpoint may have been saved during a NaN streak (on a GPU the streak is read only every
-        # sync_every steps): count afresh, or every later check would roll back again.
+        self.checkpoints.tidy_after_resume()  # best-K files of an epoch the checkpoint never recorded
+        # A checkpoint saved inside a NaN streak (read every sync_every steps): count afresh, or it rolls back again.
         self.metrics.clear_streak()
         self.history.event(reason, global_step=self.pos.global_step, **details, **{"from": loaded.path.name})
         self.save_last(progress=False)
         return loaded.path
 
-    def _nan_rollback(self, streak: int) -> None:
-        scale = self.nan.start_rollback(streak, self.cfg.lr)  # kept over the checkpoint's by restore_latest's carry-over
+    def _nan_rollback(self, streak: int, cause: str | None = None) -> None:
+        scale = self.nan.start_rollback(streak, self.cfg.lr, cause)  # kept over the checkpoint's by restore_latest's carry-over
         path = self.restore_latest("nan_rollback", lr_scale=scale, rollback=self.nan.rollbacks)
-        self.log(f"{streak} non-finite steps in a row: rolled back to {path.name} (epoch {self.pos.epoch + 1}, step "
+        self.log(f"{cause or f'{streak} non-finite steps in a row'}: rolled back to {path.name} (epoch {self.pos.epoch + 1}, step "
                  f"{self.pos.step}) and lowered the learning rate x{self.cfg.nan_lr_factor} (rollback "
                  f"{self.nan.rollbacks}/{self.nan.max_rollbacks})")
         raise RolledBack()
