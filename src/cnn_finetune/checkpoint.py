@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,9 @@ from .errors import CheckpointError
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"
+
+# Windows refuses to rename over a file that another program holds open: there renames are retried.
+RETRY_BLOCKED_RENAMES = os.name == "nt"
 
 # A hook the fault injector sets to kill the process half-way through writing a file.
 _write_hook: Callable[[Path], None] | None = None
@@ -47,6 +51,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def replace_file(src: Path, dst: Path, attempts: int = 7) -> None:
+    """``os.replace(src, dst)``, retried for about a second where an open reader blocks it.
+
+    On Linux and macOS a rename over a file that someone is reading always works (the reader keeps
+    the old file). Windows refuses it while another program has ``dst`` open (a viewer showing the
+    curves, a tool loading the model), so there the rename is retried with growing pauses before
+    the error goes up.
+    """
+    for attempt in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not RETRY_BLOCKED_RENAMES or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * 2 ** attempt)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
     path = Path(path)
@@ -64,7 +86,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         try:
             tmp.unlink()
@@ -157,7 +179,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         atomic_write_bytes(tmp, src.read_bytes())
-    os.replace(tmp, dst)
+    replace_file(tmp, dst)
     fsync_dir(dst.parent)
 
 
