@@ -1,4 +1,4 @@
-"""Export a trained model to TorchScript and ONNX, with its preprocessing metadata, and check both.
+"""Export a trained model to TorchScript, ONNX and safetensors, with its preprocessing metadata, and check them.
 
 Command line (``scripts/export.py`` or ``cnn-export``)::
 
@@ -8,13 +8,16 @@ writes, next to each other (default folder: ``export/`` beside the model file):
 
 * ``<stem>.torchscript.pt``: ``torch.jit.trace`` of the model in eval mode (load with ``torch.jit.load``);
 * ``<stem>.onnx``: the same network in ONNX, with a dynamic batch axis;
+* ``<stem>.safetensors``: the weights without pickle, for exchanging the model: class names,
+  normalisation, architecture and the training config are JSON strings in its metadata header.
+  Every tool of this package (``--model``, ``--base-model``) reads it like the ``.pth`` file;
 * ``<stem>.preprocessing.json``: what a consumer needs besides the network: class names, mean and
   standard deviation, input shape and layout, polarity, and the result of the checks below.
 
 Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
 ``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
 PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
-(exit 1). ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``); without it only
+(exit 1). The safetensors file must give exactly the same logits (``torch.equal``). ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``); without it only
 TorchScript is written and the output says so. ONNX Runtime checks the ONNX file when installed,
 else ONNX's own reference evaluator does.
 
@@ -41,9 +44,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
 from .errors import EXIT_FAILED, EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
+from .model import load_model_file
 from .runtime import run_tool
 
 TOLERANCE = 1e-4
@@ -160,6 +164,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(model_path).stem
     ts_path, onnx_path = out_dir / f"{stem}.torchscript.pt", out_dir / f"{stem}.onnx"
+    st_path = out_dir / f"{stem}{SAFETENSORS_SUFFIX}"
     sidecar_path = out_dir / f"{stem}.preprocessing.json"
 
     # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
@@ -168,7 +173,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     with torch.no_grad():
         expected = [model(x).float() for x in batches]
     checks: dict[str, Any] = {"tolerance": tolerance, "batch_sizes": [int(x.shape[0]) for x in batches]}
-    files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None}
+    files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None, "safetensors": st_path.name}
 
     export_torchscript(model, example, ts_path)
     loaded = load_torchscript(ts_path)
@@ -176,12 +181,24 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
         checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
     if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
         files["onnx"] = onnx_path.name
+    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, expected)
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
-    checks["passed"] = all(d <= tolerance for d in measured)
+    checks["passed"] = all(d <= tolerance for d in measured) and checks["safetensors_identical"]
     sidecar = export_sidecar(model_path, meta, files, checks)
     atomic_write_json(sidecar_path, sidecar)
     sidecar["files"] = {**files, "sidecar": sidecar_path.name}
     return sidecar
+
+
+def export_safetensors(model: torch.nn.Module, meta: dict[str, Any], path: Path, batches: list[torch.Tensor],
+                       expected: list[torch.Tensor]) -> bool:
+    """Write the weights and metadata as safetensors; returns whether the file, loaded back the way
+    every tool loads a model, gives exactly the logits of the PyTorch model."""
+    state = {k: v for k, v in meta.items() if k != "path"}  # where it was read from is no property of the model
+    save_safetensors({**state, "model": model.state_dict()}, path)
+    reloaded, _ = load_model_file(path)
+    with torch.no_grad():
+        return all(torch.equal(reloaded(x).float(), e) for x, e in zip(batches, expected))
 
 
 def _export_and_check_onnx(model: torch.nn.Module, example: torch.Tensor, onnx_path: Path, batches: list[torch.Tensor],
@@ -255,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``export.py``."""
     p = argparse.ArgumentParser(
         prog="export.py",
-        description="Export a trained model to TorchScript and ONNX with a JSON file of its preprocessing, "
+        description="Export a trained model to TorchScript, ONNX and safetensors with a JSON file of its preprocessing, "
                     "and check that the exports agree with PyTorch.",
         epilog="Exit codes: 0 exported and verified, 1 an export disagrees with PyTorch, 2 bad input.",
     )
@@ -294,6 +311,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         # On standard output, in order with the other lines: nobody should miss that it is absent.
         print(f"ONNX:        NOT exported, TorchScript only: {checks['onnx_skipped']}")
+    same = "identical logits: ok" if checks["safetensors_identical"] else "FAILED (logits differ)"
+    print(f"safetensors: {out_dir / files['safetensors']}  weights without pickle, for --model and --base-model  {same}")
     print(f"metadata:    {out_dir / files['sidecar']} (class names, mean/std, input shape, polarity)")
     if not checks["passed"]:
         print("error: an exported model disagrees with the PyTorch model beyond the tolerance; do not use it", file=sys.stderr)
