@@ -29,6 +29,7 @@ import torch
 
 from .errors import DataError
 from .log import logger
+from .data_formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, read_labels_csv, read_npz, read_pixel_csv
 from .imageprep import IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 
 CACHE_VERSION = 2  # bump when preprocessing changes, so old caches are not reused
@@ -114,34 +115,77 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     workers: int | None = None,
+    part: str = "train",
 ) -> Dataset:
     """Load any supported source; ``None`` means the built-in MNIST sample.
 
+    ``part`` picks the arrays of an ``.npz`` file: ``"train"`` (``x_train``/``y_train``) or
+    ``"test"`` (``x_test``/``y_test``); a path ending in ``:train`` or ``:test`` overrides it.
     Raises ``DataError`` (exit code 2 on the command line) for a missing path, a source without any
-    usable image, a single class, or IDX files that do not match.
+    usable image or without labels, a single class, or files that do not match each other.
     """
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = (Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
     if path is None:
-        ds = _cached(_builtin_key(), cache if use_cache else None, _load_builtin)
+        ds = _cached(_builtin_key(), cache, _load_builtin)
     else:
-        root = Path(path)
+        root, part = _npz_part(Path(path), part)
         if not root.exists():
-            raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, or omit --data for the built-in MNIST sample")
-        idx_file = _find_idx_images(root)
-        if idx_file is not None:
-            key = _idx_key(idx_file)
-            ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
-        elif root.is_dir():
-            files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
-            key = _folder_key(root, files, class_dirs, polarity)
-            ds = _cached(key, cache if use_cache else None,
-                         lambda: _load_folder(root, files, sections, polarity, workers))
-            ds.ignored_files = ignored
-            ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
-        else:
-            raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz); pass a folder of class folders or an IDX file")
+            raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, a .npz, "
+                            "a CSV of pixels, a folder with a labels.csv, or omit --data for the built-in MNIST sample", path=str(root))
+        ds = _load_path(root, polarity, cache, workers, part)
     _check_usable(ds)
     return ds
+
+
+def _npz_part(path: Path, part: str) -> tuple[Path, str]:
+    """``mnist.npz:test`` -> (``mnist.npz``, ``test``); any other path is kept as it is."""
+    head, sep, tail = str(path).rpartition(":")
+    if sep and tail in NPZ_PARTS and head.lower().endswith(".npz"):
+        return Path(head), tail
+    return path, part
+
+
+def _load_path(root: Path, polarity: str, cache: Path | None, workers: int | None, part: str) -> Dataset:
+    """Recognise the source at ``root`` and load it through the cache."""
+    if root.is_file() and root.suffix.lower() == ".npz":
+        return _cached(_files_key("npz", [root], part=part), cache, lambda: _load_npz(root, part))
+    if root.is_file() and is_csv(root):
+        if csv_kind(root) == "labels":
+            return _load_listed_folder(root, polarity, cache, workers)
+        return _cached(_files_key("csv", [root]), cache, lambda: _load_pixel_csv(root))
+    if root.is_dir() and (root / LABELS_CSV).is_file():
+        return _load_listed_folder(root / LABELS_CSV, polarity, cache, workers)
+    idx_file = _find_idx_images(root)
+    if idx_file is not None:
+        return _cached(_idx_key(idx_file), cache, lambda: _load_idx(idx_file))
+    if not root.is_dir():
+        raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz), nor a .npz "
+                        "with x_train/y_train, a CSV of pixels (label,pixel0,...,pixel783) or a labels CSV (filename,label); "
+                        "pass one of those or a folder of class folders", path=str(root))
+    files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
+    ds = _cached(_folder_key(root, files, class_dirs, polarity), cache,
+                 lambda: _load_folder(root, files, sections, polarity, workers))
+    ds.ignored_files = ignored
+    ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
+    return ds
+
+
+def _labelled(images: np.ndarray, names: list[str], source: str, kind: str, skipped: list[dict[str, str]],
+              numeric_order: bool = True) -> Dataset:
+    """A dataset from uint8 ``N x 28 x 28`` images and a class name per image.
+
+    Class names are sorted, integers by value (``"9"`` before ``"10"``, as IDX labels) unless
+    ``numeric_order`` is off (class folders: sorted as text, as they always were).
+    """
+    def order(name: str) -> tuple[int, int, str]:
+        number = name[1:] if name.startswith("-") else name
+        return (0, int(name), "") if numeric_order and number.isdigit() else (1, 0, name)
+
+    class_names = sorted(set(names), key=order)
+    index = {c: i for i, c in enumerate(class_names)}
+    pixels = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable memory
+    return Dataset(torch.from_numpy(pixels).reshape(-1, 1, SIDE, SIDE), torch.tensor([index[n] for n in names], dtype=torch.int64),
+                   class_names, source=source, kind=kind, skipped=skipped)
 
 
 def _check_usable(ds: Dataset) -> None:
@@ -240,12 +284,22 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
                  polarity: str, workers: int | None) -> Dataset:
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
+    # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
+    images, label_names, skipped = _prepare_images([(file, section != "raw", cls) for section, cls, file in files],
+                                                   polarity, workers)
+    layout = "+".join(sections) if sections else "class folders"
+    ds = _labelled(images, label_names, f"{root} ({layout})", "folder", skipped, numeric_order=False)
+    ds.dropped_classes = [c for c in all_classes if c not in ds.class_names]
+    return ds
 
-    def work(item: tuple[str, str, Path]) -> np.ndarray | str:
-        section, _cls, file = item
+
+def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str,
+                    workers: int | None) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """Preprocess ``(file, light, class name)`` items: the usable images with their class names, and
+    the unusable files with the reason."""
+    def work(item: tuple[Path, bool, str]) -> np.ndarray | str:
         try:
-            # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
-            return load_image_file(file, polarity=polarity, light=section != "raw")
+            return load_image_file(item[0], polarity=polarity, light=item[1])
         except UnusableImage as err:
             return str(err)
 
@@ -255,24 +309,74 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
             results = list(pool.map(work, files, chunksize=64))
     else:
         results = [work(item) for item in files]
-
     arrays: list[np.ndarray] = []
-    label_names: list[str] = []
+    names: list[str] = []
     skipped: list[dict[str, str]] = []
-    for (section, cls, file), res in zip(files, results):
+    for (file, _light, cls), res in zip(files, results):
         if isinstance(res, str):
             skipped.append({"path": str(file), "reason": res})
         else:
             arrays.append(res)
-            label_names.append(cls)
-    present = sorted(set(label_names))
-    dropped = [c for c in all_classes if c not in present]
-    index = {c: i for i, c in enumerate(present)}
-    images = torch.from_numpy(np.stack(arrays)).unsqueeze(1) if arrays else torch.zeros((0, 1, SIDE, SIDE), dtype=torch.uint8)
-    labels = torch.tensor([index[c] for c in label_names], dtype=torch.int64)
-    layout = "+".join(sections) if sections else "class folders"
-    return Dataset(images, labels, present, source=f"{root} ({layout})", kind="folder",
-                   skipped=skipped, dropped_classes=dropped)
+            names.append(cls)
+    return (np.stack(arrays) if arrays else np.zeros((0, SIDE, SIDE), np.uint8)), names, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# A flat image folder with a labels CSV, a CSV of pixels, a .npz
+
+
+def _stat(path: Path) -> list[Any]:
+    try:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(path), -1, -1]
+
+
+def _files_key(kind: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
+    """A cache key from the files' paths, sizes and modification times (and ``extra`` settings)."""
+    return {"v": CACHE_VERSION, "kind": kind, "files": [_stat(p) for p in paths], **extra}
+
+
+def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, workers: int | None) -> Dataset:
+    """The images a ``filename,label`` CSV lists; listed files that are missing and image files
+    beside them that are not listed are reported as skipped."""
+    entries, skipped, named = read_labels_csv(labels_csv)
+    present = [(f, label) for no, f, label in entries if f.is_file()]
+    skipped += [{"path": str(f), "reason": f"file not found (listed on line {no} of {labels_csv.name})"}
+                for no, f, _ in entries if not f.is_file()]
+    for folder in sorted({labels_csv.parent} | {f.parent for f in named}):
+        unlisted = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p not in named
+                          and not p.name.startswith(".") and p.is_file()) if folder.is_dir() else []
+        skipped += [{"path": str(p), "reason": f"no label: not listed in {labels_csv.name}"} for p in unlisted]
+    key = _files_key("listed", [labels_csv] + [f for f, _ in present], polarity=polarity)
+
+    def build() -> Dataset:
+        # light: 28x28 images are used as they are; other sizes get the MNIST layout (as predict.py does).
+        images, names, bad = _prepare_images([(f, True, label) for f, label in present], polarity, workers)
+        return _labelled(images, names, f"{labels_csv.parent} (images listed in {labels_csv.name})", "listed", bad)
+
+    ds = _cached(key, cache, build)
+    ds.skipped = skipped + ds.skipped
+    return ds
+
+
+def _load_pixel_csv(path: Path) -> Dataset:
+    table = read_pixel_csv(path)
+    if table.labels is None:
+        raise DataError(f"{path} has no label column (784 values per row): training and evaluation need a label per image. "
+                        "Add a 'label' column (Kaggle layout: label,pixel0,...,pixel783), or predict its images with "
+                        "predict.py", path=str(path))
+    return _labelled(table.images, table.labels, f"{path} (CSV of pixels)", "csv", table.skipped(path))
+
+
+def _load_npz(path: Path, part: str) -> Dataset:
+    table = read_npz(path, part)
+    x_key, y_key = NPZ_PARTS[part]
+    if table.labels is None:
+        raise DataError(f"{path} has {x_key} but no {y_key}: training and evaluation need a label per image; "
+                        f"save the labels as {y_key} in the same file", path=str(path))
+    return _labelled(table.images, table.labels, f"{path} ({x_key}/{y_key})", "npz", table.skipped(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,11 +451,7 @@ def _idx_key(images_path: Path) -> dict[str, Any]:
     labels_path = idx_labels_path(images_path)
     if not labels_path.exists():
         raise DataError(f"IDX images file {images_path} has no labels file beside it; expected {labels_path}")
-    parts = []
-    for p in (images_path, labels_path):
-        st = p.stat()
-        parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    return {"v": CACHE_VERSION, "kind": "idx", "files": parts}
+    return _files_key("idx", [images_path, labels_path])
 
 
 def _load_idx(images_path: Path) -> Dataset:
@@ -364,13 +464,7 @@ def _load_idx(images_path: Path) -> Dataset:
         raise DataError(f"IDX labels file {labels_path} has {labels.ndim} dimensions; expected a flat list of labels")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"IDX images file {images_path} holds {images.shape[0]} images but labels file {labels_path} holds {labels.shape[0]} labels; they must match one to one")
-    values = sorted(int(v) for v in np.unique(labels))
-    index = np.zeros(max(values) + 1 - min(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        index[v - min(values)] = i
-    mapped = index[labels.astype(np.int64) - min(values)]
-    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(mapped),
-                   [str(v) for v in values], source=str(images_path), kind="idx")
+    return _labelled(images, [str(v) for v in labels.tolist()], str(images_path), "idx", [])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
-    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache)
+    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache, part="test")
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
     logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
