@@ -48,7 +48,7 @@ from .checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_jso
 from .errors import EXIT_FAILED, EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from .model import load_model_file
-from .runtime import run_tool
+from .runtime import run_tool, tool_parser
 
 TOLERANCE = 1e-4
 OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
@@ -270,11 +270,11 @@ def _versions() -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``export.py``."""
-    p = argparse.ArgumentParser(
-        prog="export.py",
-        description="Export a trained model to TorchScript, ONNX and safetensors with a JSON file of its preprocessing, "
-                    "and check that the exports agree with PyTorch.",
-        epilog="Exit codes: 0 exported and verified, 1 an export disagrees with PyTorch, 2 bad input.",
+    p = tool_parser(
+        "export.py",
+        "Export a trained model to TorchScript, ONNX and safetensors with a JSON file of its preprocessing, "
+        "and check that the exports agree with PyTorch.",
+        "Exit codes: 0 exported and verified, 1 an export disagrees with PyTorch, 2 bad input.",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
     p.add_argument("--output-dir", type=Path, help="where the exports go (default: export/ beside the model file)")

@@ -303,8 +303,10 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
         logger.info(f"--no-resume: the earlier run in {run} was moved to {moved}")
     run.create()
     with run.lock():
+        # On resume the weights come from the checkpoint; init_note says where the run began.
+        origin = trainer.init_note if plan.state is None else f"resumes from {plan.source} (the run started {trainer.init_note})"
         logger.info(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on "
-                    f"{trainer.device}; {trainer.init_note}")
+                    f"{trainer.device}; {origin}")
         for p in run.remove_stale_temporaries():
             logger.info(f"removed {p.name}, left by a run killed while writing it")
         write_manifests(run, data.report, run_config)

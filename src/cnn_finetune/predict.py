@@ -38,7 +38,7 @@ from .data_formats import csv_kind, is_csv, read_pixel_csv
 from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
 from .imageprep import IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, predict_proba
-from .runtime import resolve_device, run_tool
+from .runtime import resolve_device, run_tool, tool_parser
 
 
 @dataclass
@@ -177,11 +177,11 @@ def write_csv(results: Sequence[Prediction], out: TextIO, top_k: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``predict.py``."""
-    p = argparse.ArgumentParser(
-        prog="predict.py",
-        description="Predict the classes of images of any size and colour with a trained model "
-                    "(the preprocessing of training is applied). Folders are searched recursively.",
-        epilog="Exit codes: 0 at least one image predicted, 2 none predicted or the model cannot be used.",
+    p = tool_parser(
+        "predict.py",
+        "Predict the classes of images of any size and colour with a trained model "
+        "(the preprocessing of training is applied). Folders are searched recursively.",
+        "Exit codes: 0 at least one image predicted, 2 none predicted or the model cannot be used.",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
