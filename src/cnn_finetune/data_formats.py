@@ -73,8 +73,17 @@ def read_lines(path: Path) -> list[str]:
 
 
 def csv_kind(path: Path) -> str:
-    """``"labels"`` for a ``filename,label`` list (two columns), ``"pixels"`` for a CSV of pixels."""
-    first = next((line for line in read_lines(path) if line.strip()), "")
+    """``"labels"`` for a ``filename,label`` list (two columns), ``"pixels"`` for a CSV of pixels.
+
+    Reads up to the first non-empty line only: a cached dataset is found without reading the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", errors="replace") as text:
+            first = next((line for line in text if line.strip()), "")
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None
     return "labels" if len(next(csv.reader([first]), [])) == 2 else "pixels"
 
 
