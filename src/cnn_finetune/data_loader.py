@@ -179,7 +179,7 @@ def _labelled(images: np.ndarray, names: list[str], source: str, kind: str, skip
     """
     def order(name: str) -> tuple[int, int, str]:
         number = name[1:] if name.startswith("-") else name
-        return (0, int(name), "") if numeric_order and number.isdigit() else (1, 0, name)
+        return (0, int(name), "") if numeric_order and number.isdecimal() else (1, 0, name)
 
     class_names = sorted(set(names), key=order)
     index = {c: i for i, c in enumerate(class_names)}
@@ -464,7 +464,7 @@ def _load_idx(images_path: Path) -> Dataset:
         raise DataError(f"IDX labels file {labels_path} has {labels.ndim} dimensions; expected a flat list of labels")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"IDX images file {images_path} holds {images.shape[0]} images but labels file {labels_path} holds {labels.shape[0]} labels; they must match one to one")
-    return _labelled(images, [str(v) for v in labels.tolist()], str(images_path), "idx", [])
+    return _labelled(images, [str(int(v)) for v in labels.tolist()], str(images_path), "idx", [])
 
 
 # ------------------------------------------------------------------------------------------------
