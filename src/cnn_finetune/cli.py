@@ -42,11 +42,14 @@ def _flag_type(annotation: Any) -> Any:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser (also used by the docs test to list the flags)."""
-    p = argparse.ArgumentParser(
-        prog=prog or Path(sys.argv[0]).name or "train_finetuned.py",
-        description="Fine-tune the CNN v2 on your images (data/raw, data/processed) or on the built-in MNIST sample. "
-                    "Running the same command again continues where it stopped.",
-        epilog="Exit codes: 0 done, 1 training failed after retries, 2 bad input, 130 Ctrl+C, 143 SIGTERM, 129 SIGHUP.",
+    from .runtime import tool_parser  # here: importing the command line stays free of torch
+
+    p = tool_parser(
+        "train_finetuned.py",
+        "Fine-tune the CNN v2 on your images (data/raw, data/processed) or on the built-in MNIST sample. "
+        "Running the same command again continues where it stopped.",
+        "Exit codes: 0 done, 1 training failed after retries, 2 bad input, 130 Ctrl+C, 143 SIGTERM, 129 SIGHUP.",
+        prog=prog,
     )
     defaults = TrainConfig().to_dict()
     hints = typing.get_type_hints(TrainConfig)

@@ -63,10 +63,11 @@ class TrainConfig:
     """Every hyper-parameter and run setting of one training run."""
 
     # --- data -------------------------------------------------------------------------------
-    data: str | None = _f(None, "data source: a folder with raw/ and/or processed/ class folders, a plain <class>/ tree, or an IDX "
-                                "images file (default: data/ when it exists, else the built-in MNIST sample)", flag=True, resume=FREE)
+    data: str | None = _f(None, "data source: a folder with raw/ and/or processed/ class folders, a plain <class>/ tree, an IDX "
+                                "images file, a CSV of pixels, a .npz (x_train/y_train) or a folder with labels.csv "
+                                "(default: data/ when it exists, else the built-in MNIST sample)", flag=True, resume=FREE)
     val_data: str | None = _f(None, "explicit validation source instead of a split of --data", flag=True, resume=FREE)
-    test_data: str | None = _f(None, "a test source evaluated with the best model at the end (e.g. ../shared/data/mnist); "
+    test_data: str | None = _f(None, "a test source evaluated with the best model at the end (e.g. t10k-images-idx3-ubyte.gz, or mnist.npz: its x_test); "
                                      "never used for training or model selection", flag=True, resume=FREE)
     val_fraction: float = _f(0.1, "share of each class held out for validation", flag=True)
     polarity: str = _f("auto", "raw images: auto-detect from the border, invert, or keep", flag=True)

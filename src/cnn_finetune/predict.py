@@ -10,8 +10,14 @@ Images of any size, format and colour go through the preprocessing of training
 get grayscale + polarity (the ``light`` path, as ``processed/`` images in training), larger or
 smaller ones the full MNIST layout (crop to the strokes, fit into 20x20, centre by mass). Folders
 are walked recursively for image files. A file that cannot be read is reported on its own line (an
-``error`` field in JSON and CSV) and the others are still predicted. Exit codes: 0 when at least
-one image was predicted, 2 when none was or the model cannot be used.
+``error`` field in JSON and CSV) and the others are still predicted.
+
+A CSV of pixels (Kaggle layout, ``pixel0,...,pixel783`` with or without a ``label`` column, which
+is ignored) gives one line per image row, named ``FILE:LINE`` with the row's line number in the
+file (with a header, the first image is on line 2; Kaggle's ``ImageId`` is ``LINE - 1``). Its
+pixels are used as they are, as in training: bright strokes on a dark background. A bad row gets
+an error line. Exit codes: 0 when at least one image was predicted, 2 when none was or the model
+cannot be used.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 import torch
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from .data_formats import csv_kind, is_csv, read_pixel_csv
+from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
 from .log import printable
-from .runtime import resolve_device, run_tool
+from .runtime import resolve_device, run_tool, tool_parser
 
 
 @dataclass
@@ -50,15 +57,26 @@ class Prediction:
                 "error": self.error}
 
 
-def collect_files(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
-    """Expand the command line's files and folders into ``(file, problem)`` pairs, in a stable order.
+@dataclass
+class Item:
+    """One thing to predict: an image file, or one image row of a CSV of pixels."""
+
+    name: str  # what the output shows: the file, or FILE:LINE for a row of a CSV
+    path: Path | None = None  # an image file, preprocessed as in training
+    image: np.ndarray | None = None  # a ready uint8 28x28 image (a CSV row, used as it is)
+    error: str | None = None
+
+
+def collect_files(inputs: Iterable[str | Path]) -> list[Item]:
+    """Expand the command line's files and folders into items to predict, in a stable order.
 
     Folders are walked recursively (sorted, hidden entries skipped) for files with an image
     extension; files named explicitly are taken whatever their extension, so that a mistake shows
-    up as an error line instead of being silently ignored. A path that does not exist is kept with
-    its problem, so it gets an error line too.
+    up as an error line instead of being silently ignored. A CSV of pixels named explicitly gives
+    one item per row (``FILE:LINE``). A path that does not exist is kept with its problem, so it
+    gets an error line too.
     """
-    found: list[tuple[Path, str | None]] = []
+    found: list[Item] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -66,12 +84,28 @@ def collect_files(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                        found.append((Path(dirpath) / name, None))
+                        found.append(Item(str(Path(dirpath) / name), path=Path(dirpath) / name))
+        elif path.is_file() and is_csv(path):
+            found += csv_rows(path)
         elif path.exists():
-            found.append((path, None))
+            found.append(Item(str(path), path=path))
         else:
-            found.append((path, "file not found"))
+            found.append(Item(str(path), error="file not found"))
     return found
+
+
+def csv_rows(path: Path) -> list[Item]:
+    """One item per image row of a CSV of pixels (a label column, if any, is ignored), in file order;
+    a bad row is an item with its reason, a file that is no CSV of pixels one item with the reason."""
+    try:
+        if csv_kind(path) == "labels":
+            return [Item(str(path), error="a filename,label list, not a CSV of pixels; pass the images' folder instead")]
+        table = read_pixel_csv(path)
+    except DataError as err:
+        return [Item(str(path), error=str(err))]
+    rows = [(pos, Item(f"{path}:{pos}", image=image)) for pos, image in zip(table.positions, table.images)]
+    rows += [(pos, Item(f"{path}:{pos}", error=reason)) for pos, reason in table.bad]
+    return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
 
 def preprocess_file(path: Path, polarity: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -84,21 +118,21 @@ def preprocess_file(path: Path, polarity: str, max_pixels: int = DEFAULT_MAX_PIX
     return load_image_file(path, polarity=polarity, light=True, max_pixels=max_pixels)
 
 
-def predict_files(model: torch.nn.Module, meta: dict[str, Any], files: Sequence[tuple[Path, str | None]],
+def predict_files(model: torch.nn.Module, meta: dict[str, Any], items: Sequence[Item],
                   device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256) -> list[Prediction]:
-    """Preprocess and classify ``files`` (from ``collect_files``); one ``Prediction`` per file, in order."""
+    """Preprocess and classify ``items`` (from ``collect_files``); one ``Prediction`` per item, in order."""
     polarity, max_pixels = model_polarity(meta), model_max_pixels(meta)
     names = meta["class_names"]
     k = max(1, min(top_k, len(names)))
     results: list[Prediction] = []
     arrays: list[np.ndarray] = []
     slots: list[int] = []
-    for path, problem in files:
-        results.append(Prediction(printable(str(path)), error=problem))  # a name that is not UTF-8 shown escaped
-        if problem is not None:
+    for item in items:
+        results.append(Prediction(printable(item.name), error=item.error))  # a name that is not UTF-8 shown escaped
+        if item.error is not None:
             continue
         try:
-            arrays.append(preprocess_file(path, polarity, max_pixels))
+            arrays.append(item.image if item.image is not None else preprocess_file(item.path, polarity, max_pixels))
             slots.append(len(results) - 1)
         except UnusableImage as err:
             results[-1].error = printable(str(err))
@@ -145,14 +179,16 @@ def write_csv(results: Sequence[Prediction], out: TextIO, top_k: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``predict.py``."""
-    p = argparse.ArgumentParser(
-        prog="predict.py",
-        description="Predict the classes of images of any size and colour with a trained model "
-                    "(the preprocessing of training is applied). Folders are searched recursively.",
-        epilog="Exit codes: 0 at least one image predicted, 2 none predicted or the model cannot be used.",
+    p = tool_parser(
+        "predict.py",
+        "Predict the classes of images of any size and colour with a trained model "
+        "(the preprocessing of training is applied). Folders are searched recursively.",
+        "Exit codes: 0 at least one image predicted, 2 none predicted or the model cannot be used.",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, folders, and CSV files of pixels (one image per row, label column optional; "
+                        "each row is reported as FILE:LINE)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="write JSON to standard output")

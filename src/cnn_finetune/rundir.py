@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
+from .log import logger
 
 LAST = "checkpoint_last.pth"
 PREV = "checkpoint_prev.pth"
@@ -146,28 +147,36 @@ class RunDir:
         """Hold an exclusive lock on ``<folder>/.lock`` while the block runs.
 
         Two runs writing the same folder would overwrite each other's checkpoints: the second one is
-        refused (exit 2). Where ``fcntl`` does not exist (Windows) no lock is taken.
+        refused (exit 2). The lock is the operating system's (``flock`` on Linux and macOS,
+        ``LockFileEx`` on Windows, through ``filelock``), so a run killed with ``kill -9`` or a power
+        cut leaves no stale lock behind. Where the file system has no locks at all (some network
+        file systems), the run goes on with a warning.
         """
+        import filelock
+
         # Read-only: an open write handle would keep the folder's file system from being remounted
-        # read-only, and the lock needs none.
+        # read-only, and neither flock nor LockFileEx needs one.
         try:
             fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as err:
             raise UserError(f"cannot write to the output folder {self.path}: {err.strerror or err}; "
                             "choose a writable --output-dir", path=str(self.path)) from None
+        held = False
         try:
             try:
-                import fcntl
-            except ImportError:  # pragma: no cover - Windows
-                fcntl = None
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise UserError(f"another training run is using {self.path} (it holds {self.path / LOCK}); wait for it "
-                                    "to finish, or choose another --output-dir", path=str(self.path)) from None
+                held = filelock.lock_descriptor(fd, blocking=False)
+                busy = not held
+            except OSError as err:  # e.g. ENOSYS: no locks on this file system
+                logger.warning(f"cannot lock {self.path / LOCK} ({err.strerror or err}); make sure no other run "
+                               "uses this output folder at the same time")
+                busy = False
+            if busy:
+                raise UserError(f"another training run is using {self.path} (it holds {self.path / LOCK}); wait for it "
+                                "to finish, or choose another --output-dir", path=str(self.path))
             yield
         finally:
+            if held:  # Windows may keep a lock a moment past the close unless it is released first
+                filelock.unlock_descriptor(fd)
             os.close(fd)
 
     def damaged_name(self, path: Path) -> Path:
@@ -190,8 +199,14 @@ class RunDir:
         while target.exists():
             target = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
             n += 1
+        # Windows refuses to rename a folder that holds an open file, such as the lock itself: there the
+        # folder is renamed right after the lock has shown that no run is using it.
+        rename_under_lock = os.name != "nt"
         try:
             with self.lock():  # never move a folder that a running training writes to
+                if rename_under_lock:
+                    self.path.rename(target)
+            if not rename_under_lock:
                 self.path.rename(target)
         except OSError as err:
             raise UserError(f"--no-resume cannot move the earlier run in {self.path} aside: {err.strerror or err}",

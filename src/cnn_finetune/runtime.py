@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -56,6 +57,26 @@ def versions() -> dict[str, str]:
     # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
     return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(numpy.__version__),
             "pillow": str(PIL.__version__), "cnn_finetune": __version__}
+
+
+def program_name(default: str) -> str:
+    """The name the user ran: the console script (``cnn-evaluate``) or the script (``evaluate.py``).
+
+    Taken from ``sys.argv[0]`` as argparse does, but ``default`` where that names no program
+    (``python -c``, ``python -m``, an embedding host) and without Windows' ``.exe``.
+    """
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if name.lower().endswith(".exe"):
+        name = name[:-4]
+    return default if name in ("", "-c", "-m", "__main__.py") else name
+
+
+def tool_parser(default_prog: str, description: str, epilog: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser every tool starts from: its program name in usage lines, and ``--version``."""
+    p = argparse.ArgumentParser(prog=prog or program_name(default_prog), description=description, epilog=epilog)
+    p.add_argument("--version", action="version", version=f"%(prog)s (cnn-finetune) {__version__}",
+                   help="print the version of cnn-finetune and exit")
+    return p
 
 
 def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],

@@ -1,0 +1,325 @@
+"""Readers of the data formats that are tables rather than image files, or lists of image files.
+
+* a Kaggle-style CSV of pixels: one image per row, 784 pixel values 0-255 (row by row), with or
+  without a label column; a header is optional (``label,pixel0,...,pixel783``). Without a header a
+  row of 785 values has its label first (the Kaggle and Fashion-MNIST layout), a row of 784 none;
+* a NumPy ``.npz`` with ``x_train``/``y_train`` (and ``x_test``/``y_test``), as Keras' ``mnist.npz``:
+  images ``(N, 28, 28)``, ``(N, 28, 28, 1)``, ``(N, 1, 28, 28)`` or ``(N, 784)``, one label per image;
+* a labels CSV of a flat image folder: ``filename,label`` rows (header optional), file names
+  relative to the CSV's folder.
+
+Pixels of a CSV or ``.npz`` are used as they are, like IDX files: bright strokes on a dark
+background, as in MNIST. A bad row (wrong length, a pixel that is not a number or outside 0-255, a
+missing label) is skipped and reported with its line (CSV) or index (``.npz``); a bad *source* (not
+readable, a header or shape that fits no layout, arrays that do not match) raises ``DataError``
+naming the file. These readers return plain arrays; ``data_loader`` turns them into a ``Dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .imageprep import SIDE
+
+PIXELS = SIDE * SIDE
+LABEL_COLUMN = "label"
+LABELS_CSV = "labels.csv"  # the labels file a flat image folder holds
+NPZ_PARTS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+_CHUNK = 4096  # CSV lines parsed at once: bounds the float64 copy to about 25 MB
+_FILE_WORDS, _LABEL_WORDS = {"filename", "file", "image", "path"}, {"label", "class"}
+
+
+@dataclass
+class Table:
+    """Images read from one file, with where each came from and the rows that were skipped."""
+
+    images: np.ndarray  # uint8, N x 28 x 28
+    labels: list[str] | None  # a class name per image; None when the file has no labels
+    positions: list[int]  # line (CSV) or index (.npz) of each image
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (position, reason) of skipped rows
+    where: str = "line {}"  # how a position reads in a message
+
+    def skipped(self, path: Path) -> list[dict[str, str]]:
+        """The skipped rows as data-report entries: the file and, in the reason, the row."""
+        return [{"path": str(path), "reason": f"{self.where.format(pos)}: {reason}"} for pos, reason in self.bad]
+
+
+def is_csv(path: Path) -> bool:
+    """A ``.csv`` or ``.csv.gz`` file name."""
+    name = path.name.lower()
+    return name.endswith(".csv") or name.endswith(".csv.gz")
+
+
+def read_lines(path: Path) -> list[str]:
+    """The text lines of a (possibly gzip-compressed) text file; errors name the file."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8-sig").splitlines()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text (UTF-8) CSV file", path=str(path)) from None
+
+
+def csv_kind(path: Path) -> str:
+    """``"labels"`` for a ``filename,label`` list (two columns), ``"pixels"`` for a CSV of pixels.
+
+    Reads up to the first non-empty line only: a cached dataset is found without reading the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", errors="replace") as text:
+            first = next((line for line in text if line.strip()), "")
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None
+    return "labels" if len(next(csv.reader([first]), [])) == 2 else "pixels"
+
+
+def _cell(text: str) -> str:
+    return text.strip().strip('"').strip()
+
+
+def _class_name(text: str) -> str:
+    """A label cell as a class name: integers written alike (``7``, ``07``, ``7.0`` are class ``7``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else text
+
+
+def _pixel_problem(values: np.ndarray) -> str | None:
+    """Why a row of pixel values is unusable, or None."""
+    bad = ~(np.isfinite(values) & (values >= 0) & (values <= 255) & (values == np.round(values)))
+    if not bad.any():
+        return None
+    j = int(np.argmax(bad))
+    return f"pixel {j} is {values[j]:g}: expected a whole number 0-255"
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV of pixels
+
+
+def _csv_layout(path: Path, numbered: list[tuple[int, str]]) -> tuple[int, int | None, list[tuple[int, str]]]:
+    """(columns, label column or None, data lines) from the header or, without one, the first row."""
+    if not numbered:
+        raise DataError(f"{path} is empty; expected one image per row: label,pixel0,...,pixel783", path=str(path))
+    cells = [_cell(c) for c in numbered[0][1].split(",")]
+    try:
+        [float(c) for c in cells]
+        header = False
+    except ValueError:
+        header = True
+    width = len(cells)
+    if header:
+        names = [c.lower() for c in cells]
+        label = names.index(LABEL_COLUMN) if LABEL_COLUMN in names else None
+    else:
+        label = 0 if width == PIXELS + 1 else None
+    if width - (label is not None) != PIXELS:
+        what = f"its header has {width} columns" if header else f"its first row has {width} values"
+        raise DataError(f"{path} is not a CSV of 28x28 images: {what}; expected 784 pixel values per row, with or "
+                        f"without a '{LABEL_COLUMN}' column (Kaggle layout: label,pixel0,...,pixel783)", path=str(path))
+    return width, label, numbered[1:] if header else numbered
+
+
+def read_pixel_csv(path: Path) -> Table:
+    """Read a CSV of pixels: every usable row, and the rows skipped with the reason."""
+    numbered = [(i + 1, line) for i, line in enumerate(read_lines(path)) if line.strip()]
+    width, label, data = _csv_layout(path, numbered)
+    pixel_cols = [c for c in range(width) if c != label]
+    table = Table(np.zeros((0, SIDE, SIDE), np.uint8), [] if label is not None else None, [])
+    images: list[np.ndarray] = []
+    for start in range(0, len(data), _CHUNK):
+        images += _read_chunk(data[start:start + _CHUNK], width, label, pixel_cols, table)
+    table.bad.sort()
+    if images:
+        table.images = np.stack(images)
+    return table
+
+
+def _read_chunk(chunk: list[tuple[int, str]], width: int, label: int | None, pixel_cols: list[int],
+                out: Table) -> list[np.ndarray]:
+    """Parse lines ``(number, text)`` into 28x28 images; labels, positions and bad rows go into ``out``.
+
+    NumPy parses the whole chunk at once; a chunk with a cell that is not a number is parsed again
+    row by row, so that only the bad row is skipped and its reason names the cell.
+    """
+    rows = []
+    for no, line in chunk:
+        n = line.count(",") + 1
+        if n == width:
+            rows.append((no, line))
+        else:
+            out.bad.append((no, f"{n} values; expected {width}" + (" (label + 784 pixels)" if label is not None else "")))
+    try:
+        values: list[np.ndarray | None] = list(np.loadtxt([line for _, line in rows], delimiter=",", quotechar='"',
+                                                          dtype=np.float64, usecols=pixel_cols, ndmin=2)) if rows else []
+    except ValueError:
+        values = [_parse_row(line, pixel_cols) for _, line in rows]
+    images = []
+    for (no, line), row in zip(rows, values):
+        problem = _row_problem(line, pixel_cols) if row is None else _pixel_problem(row)
+        name = _label_cell(line, label, width)
+        if problem is None and label is not None and not name:
+            problem = "missing label"
+        if problem is not None:
+            out.bad.append((no, problem))
+            continue
+        images.append(row.astype(np.uint8).reshape(SIDE, SIDE))
+        if out.labels is not None:
+            out.labels.append(_class_name(name))
+        out.positions.append(no)
+    return images
+
+
+def _label_cell(line: str, label: int | None, width: int) -> str:
+    # The label is first or last in every common layout: split off one cell, not all 785.
+    if label is None:
+        return ""
+    if label == 0:
+        return _cell(line.split(",", 1)[0])
+    if label == width - 1:
+        return _cell(line.rsplit(",", 1)[-1])
+    return _cell(line.split(",")[label])
+
+
+def _parse_row(line: str, pixel_cols: list[int]) -> np.ndarray | None:
+    """One row's pixels as float64, or None when a cell is not a number (``_row_problem`` says which)."""
+    cells = line.split(",")
+    try:
+        return np.array([float(_cell(cells[c])) for c in pixel_cols], dtype=np.float64)
+    except ValueError:
+        return None
+
+
+def _row_problem(line: str, pixel_cols: list[int]) -> str:
+    """The first cell of a row that is not a number, as a reason."""
+    cells = line.split(",")
+    for j, c in enumerate(pixel_cols):
+        text = _cell(cells[c])
+        try:
+            float(text)
+        except ValueError:
+            return f"pixel {j} is {text!r}: not a number" if text else f"pixel {j} is empty"
+    return "a pixel is not a number"
+
+
+# ------------------------------------------------------------------------------------------------
+# NumPy .npz
+
+
+def read_npz(path: Path, part: str = "train") -> Table:
+    """Read ``x_<part>`` and ``y_<part>`` of an ``.npz`` file (``part``: ``train`` or ``test``).
+
+    Loaded with ``allow_pickle=False``: an ``.npz`` holding Python objects is refused, never run.
+    A missing ``y_<part>`` gives a table without labels.
+    """
+    x_key, y_key = NPZ_PARTS[part]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if x_key not in npz.files:
+                held = ", ".join(npz.files) or "no arrays"
+                raise DataError(f"{path} has no {x_key} array (it holds {held}); expected x_train/y_train, and "
+                                "x_test/y_test for --test-data", path=str(path))
+            x = npz[x_key]
+            y = npz[y_key] if y_key in npz.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"cannot read {path} as a NumPy .npz file ({type(err).__name__}: {err})", path=str(path)) from None
+    x = _npz_images(path, x_key, x)
+    labels = _npz_labels(path, y_key, y, len(x)) if y is not None else None
+    bad_rows: list[tuple[int, str]] = []
+    if x.dtype != np.uint8:  # other numbers must still be whole pixel values 0-255
+        flat = x.reshape(len(x), -1)
+        ok = (np.isfinite(flat) & (flat >= 0) & (flat <= 255) & (flat == np.round(flat))).all(axis=1)
+        bad_rows = [(i, _pixel_problem(flat[i]) or "") for i in np.flatnonzero(~ok).tolist()]
+    if labels is not None:
+        bad_rows += [(i, f"missing label ({y_key}[{i}] is NaN or empty)") for i, name in enumerate(labels) if not name]
+    skip = {i for i, _ in bad_rows}
+    keep = [i for i in range(len(x)) if i not in skip]
+    images = x[keep].astype(np.uint8) if skip or x.dtype != np.uint8 else x
+    return Table(images, [labels[i] for i in keep] if labels is not None else None, keep,
+                 sorted(bad_rows), where=f"{x_key}[{{}}]")
+
+
+def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """``x`` as N x 28 x 28; any other shape or a non-numeric type is bad input."""
+    shape = tuple(x.shape)
+    if x.ndim == 4 and shape[1:] in ((SIDE, SIDE, 1), (1, SIDE, SIDE)):
+        x = x.reshape(shape[0], SIDE, SIDE)
+    elif x.ndim == 2 and shape[1] == PIXELS:
+        x = x.reshape(shape[0], SIDE, SIDE)
+    elif not (x.ndim == 3 and shape[1:] == (SIDE, SIDE)):
+        raise DataError(f"{key} in {path} has shape {shape}; expected images of (N, 28, 28), (N, 28, 28, 1) or (N, 784)",
+                        path=str(path))
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{key} in {path} holds {x.dtype} values; expected pixel numbers 0-255", path=str(path))
+    return x
+
+
+def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> list[str]:
+    """One class name per image ('' where the label is missing)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{key} in {path} has shape {tuple(y.shape)}; expected one label per image, shape ({n},) "
+                        "(class indices, not one-hot rows)", path=str(path))
+    if len(y) != n:
+        raise DataError(f"{path} holds {n} images but {len(y)} labels in {key}; they must match one to one", path=str(path))
+    if np.issubdtype(y.dtype, np.floating):
+        return ["" if np.isnan(v) else _class_name(repr(float(v))) for v in y.tolist()]
+    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
+        return [str(int(v)) for v in y.tolist()]
+    if y.dtype.kind in "US":
+        return [_class_name(v.decode() if isinstance(v, bytes) else str(v).strip()) for v in y.tolist()]
+    raise DataError(f"{key} in {path} holds {y.dtype} values; expected class indices or names", path=str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# A flat image folder with a labels CSV
+
+
+def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[str, str]], set[Path]]:
+    """Read a ``filename,label`` list: its ``(line, image file, class name)`` entries, its bad rows,
+    and every file it names (bad rows included, so that such a file is not reported twice).
+
+    File names are relative to the CSV's folder. A row without two cells, without a file name or
+    without a label, and a file listed twice, are skipped with the reason.
+    """
+    entries: list[tuple[int, Path, str]] = []
+    skipped: list[dict[str, str]] = []
+    seen: dict[Path, int] = {}
+    rows = [(i + 1, row) for i, row in enumerate(csv.reader(read_lines(path))) if any(c.strip() for c in row)]
+    if rows and rows[0][1][0].strip().lower() in _FILE_WORDS and rows[0][1][-1].strip().lower() in _LABEL_WORDS:
+        rows = rows[1:]  # the header
+    for no, row in rows:
+        name, label = (row[0].strip(), row[1].strip()) if len(row) == 2 else ("", "")
+        file = Path(os.path.normpath(path.parent / name))
+        if len(row) != 2:
+            problem = f"{len(row)} values; expected filename,label"
+        elif not name:
+            problem = "no file name"
+        elif file in seen:
+            problem = f"{name} is listed again (first on line {seen[file]})"
+        elif not label:
+            seen[file] = no
+            problem = f"missing label for {name}"
+        else:
+            seen[file] = no
+            entries.append((no, file, _class_name(label)))
+            continue
+        skipped.append({"path": str(path), "reason": f"line {no}: {problem}"})
+    return entries, skipped, set(seen)
