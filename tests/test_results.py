@@ -460,9 +460,10 @@ def test_export_fails_when_an_export_disagrees(trained: SimpleNamespace, tmp_pat
     assert json.loads((tmp_path / "best_model_finetuned.preprocessing.json").read_text())["checks"]["passed"] is False
 
 
-@pytest.mark.parametrize("room_for", ["torchscript", "torchscript+sidecar"])
+@pytest.mark.parametrize("room_for", ["torchscript", "all but onnx"])
 def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNamespace, tmp_path: Path, room_for: str) -> None:
-    """A real small tmpfs filled so that TorchScript (or TorchScript and the JSON, not ONNX) still fits."""
+    """A real small tmpfs filled so that TorchScript (or everything but ONNX: TorchScript, safetensors and
+    the JSON) still fits."""
     import os
 
     from conftest import small_tmpfs
@@ -475,7 +476,8 @@ def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNames
     with small_tmpfs(tmp_path / "disk", "2m") as disk:
         out = disk / "export"
         out.mkdir()
-        room = pages["torchscript.pt"] + (pages["preprocessing.json"] + 2 if room_for == "torchscript+sidecar" else -2)
+        others = pages["safetensors"] + pages["preprocessing.json"] + 2
+        room = pages["torchscript.pt"] + (others if room_for == "all but onnx" else -2)
         st = os.statvfs(disk)
         (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room * 4096))
         proc = run_script("export", ["--model", str(trained.model_path), "--output-dir", str(out)], trained.work)
@@ -487,7 +489,8 @@ def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNames
         else:
             assert "ONNX:        FAILED, not exported: OSError: No space left on device" in proc.stdout
             assert "error: the ONNX export failed (OSError: No space left on device); no ONNX file was left" in proc.stderr
-            assert sorted(os.listdir(out)) == ["best_model_finetuned.preprocessing.json", "best_model_finetuned.torchscript.pt"]
+            assert sorted(os.listdir(out)) == ["best_model_finetuned.preprocessing.json", "best_model_finetuned.safetensors",
+                                               "best_model_finetuned.torchscript.pt"]
             checks = json.loads((out / "best_model_finetuned.preprocessing.json").read_text())["checks"]
             assert checks["passed"] is False and checks["onnx_failed"] == "OSError: No space left on device"
 

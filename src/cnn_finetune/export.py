@@ -188,9 +188,11 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     loaded = load_torchscript(ts_path)
     with torch.no_grad():
         checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
+    # The formats that need nothing but torch first; ONNX (an optional extra) last, so that when it
+    # cannot be written the others are already complete.
+    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, expected)
     if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
         files["onnx"] = onnx_path.name
-    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, expected)
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
     checks["passed"] = (all(d <= tolerance for d in measured) and "onnx_failed" not in checks
                         and checks["safetensors_identical"])
