@@ -105,7 +105,7 @@ def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600
     history = json.loads((out / "history.json").read_text())
     config = json.loads((out / "config_finetuned.json").read_text())
     result.update({"test_acc": test["accuracy"], "epochs_run": len(history), "epochs_planned": config["config"]["epochs"],
-                   "best_epoch": test["model"].get("epoch"), "init": config["resolved"].get("init"),
+                   "best_epoch": test["model"].get("epoch"), "init_note": config["resolved"].get("init"),
                    "automatic": config["resolved"].get("automatic", {})})
     return result
 
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     set_names = [s for s in args.sets.split(",") if s]
     if args.quick:
         sweep, set_names, extend, args.test_per_class = [1, 2], set_names[:1], (1, 2), 20
+        # The default row too: epochs auto within 1 to 3 epochs.
+        args.extra += " --set budget_updates=2 --set budget_min_epochs=1 --set budget_max_epochs=3"
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:

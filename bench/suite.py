@@ -302,7 +302,11 @@ def section_tta(args: argparse.Namespace, device: torch.device, overrides: dict[
                                                       "label_smoothing", "aug_rotation", "aug_translate", "aug_scale", "aug_noise")},
             "ours": ours, "reference": ref, "ours_seconds_to_99.0": t99, "reference_seconds_14_epochs": ref["seconds"],
             "ratio_to_reference": None if t99 is None else t99 / ref["seconds"],
-            "targets": {"to_99.0_before_reference": True, "stretch_half": True, "final_test_acc": 0.992}}
+            "targets": {"to_99.0_before_reference": True, "stretch_half": True, "final_test_acc": 0.992},
+            # Whether each target was met in this run (the line above states the targets themselves).
+            "met": {"to_99.0_before_reference": t99 is not None and t99 < ref["seconds"],
+                    "stretch_half": t99 is not None and t99 <= 0.5 * ref["seconds"],
+                    "final_test_acc": ours["final_test_acc"] >= 0.992}}
 
 
 def _run_cli(args: list[str], cwd: Path, faults: str | None = None) -> tuple[int, float, int]:

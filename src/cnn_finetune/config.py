@@ -138,7 +138,7 @@ class TrainConfig:
     output_dir: str = _f(DEFAULT_OUTPUT_DIR, "where the artifacts go", flag=True, resume=FREE)
     verbose: bool = _f(False, "a per-step progress bar", flag=True, resume=FREE)
     logger: str = _f("none", "metrics for tools besides train.log and metrics.csv: none, or tensorboard (per-step loss "
-                             "and lr, per-epoch metrics, in <output-dir>/tensorboard; needs the tensorboard package)",
+                             "and lr, per-epoch metrics, in <output-dir>/tensorboard; needs tensorboardX: pip install 'cnn-finetune[tensorboard]')",
                      flag=True, resume=FREE)
 
     def __post_init__(self) -> None:

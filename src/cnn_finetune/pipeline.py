@@ -468,7 +468,7 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
             trainer.checkpoints.tidy_after_resume()  # whatever a killed epoch left, the checkpoint's view wins
         if cfg.logger == "tensorboard":
             # The first step this run logs is the one after the checkpoint's: a killed run's later events go.
-            trainer.metrics_logger = TensorBoardLogger(run / TENSORBOARD, purge_step=trainer.pos.global_step + 1)
+            trainer.metrics_logger = TensorBoardLogger(run / TENSORBOARD, first_step=trainer.pos.global_step + 1)
         try:
             yield
         finally:
