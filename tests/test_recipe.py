@@ -29,6 +29,9 @@ def test_auto_epochs_is_a_budget_of_updates_within_a_floor_and_a_ceiling(steps, 
     assert f"{epochs} epochs" in why and f"{steps} steps" in why
     # a smaller dataset (fewer steps per epoch) never gets fewer epochs
     assert auto_epochs(cfg, max(1, steps // 2))[0] >= epochs
+    # from a base model the ceiling is 60 epochs: the features already work
+    tuned, why = auto_epochs(cfg, steps, fine_tuning=True)
+    assert tuned == min(expected, 60) and "when fine-tuning" in why
 
 
 def test_resolve_fills_in_the_automatic_settings():

@@ -6,8 +6,9 @@ says why, from the size of the training set and from whether training starts fro
 
 * epochs "auto": the training length is a budget of optimizer updates, not a number of epochs tuned
   on one dataset: at least ``budget_updates`` updates, turned into whole epochs, between
-  ``budget_min_epochs`` and ``budget_max_epochs``. A 1,700-image set gets many more epochs than the
-  4,500-image built-in sample. ``--epochs N`` always means exactly N epochs.
+  ``budget_min_epochs`` and ``budget_max_epochs`` (``budget_max_epochs_finetune`` from a base model).
+  A 1,700-image set gets many more epochs than the 4,500-image built-in sample. ``--epochs N`` always
+  means exactly N epochs.
 * patience: 8 epochs (the guide's default) for runs up to 15 epochs, scaled with longer runs, so that
   a long run on small data does not stop early by chance.
 * fine-tuning: with a base model, the feature layers learn at a fraction of the head's learning rate.
@@ -39,13 +40,16 @@ class Resolved:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def auto_epochs(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
-    """Epochs for ``epochs="auto"``: at least ``budget_updates`` updates, within the epoch floor and ceiling."""
+def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool = False) -> tuple[int, str]:
+    """Epochs for ``epochs="auto"``: at least ``budget_updates`` updates, within the epoch floor and the
+    ceiling (a lower one when fine-tuning: past it, tiny sets gained nothing in the few-shot benchmark)."""
+    ceiling = cfg.budget_max_epochs_finetune if fine_tuning else cfg.budget_max_epochs
     wanted = math.ceil(cfg.budget_updates / max(1, steps_per_epoch))
-    epochs = min(cfg.budget_max_epochs, max(cfg.budget_min_epochs, wanted))
+    epochs = min(ceiling, max(cfg.budget_min_epochs, wanted))
     bound = " (the floor)" if epochs > wanted else (" (the ceiling)" if epochs < wanted else "")
+    which = " when fine-tuning" if fine_tuning else ""
     return epochs, (f"auto: {epochs} epochs{bound} of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer updates "
-                    f"(at least {cfg.budget_updates}, between {cfg.budget_min_epochs} and {cfg.budget_max_epochs} epochs)")
+                    f"(at least {cfg.budget_updates}, between {cfg.budget_min_epochs} and {ceiling} epochs{which})")
 
 
 def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool) -> Resolved:
@@ -53,7 +57,7 @@ def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool) -> Resolv
     notes: dict[str, str] = {}
     values: dict[str, object] = {}
     if cfg.epochs == "auto":
-        values["epochs"], notes["epochs"] = auto_epochs(cfg, steps_per_epoch)
+        values["epochs"], notes["epochs"] = auto_epochs(cfg, steps_per_epoch, fine_tuning)
     epochs = int(values.get("epochs", cfg.epochs))  # type: ignore[arg-type]
     if cfg.patience is None:
         values["patience"] = max(BASE_PATIENCE, math.ceil(BASE_PATIENCE * epochs / PATIENCE_REFERENCE_EPOCHS))
