@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import os
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -59,12 +61,19 @@ def is_csv(path: Path) -> bool:
     return name.endswith(".csv") or name.endswith(".csv.gz")
 
 
+def open_maybe_gzip(path: Path) -> BinaryIO:
+    """``path`` opened for reading bytes, decompressed on the fly when it is gzip (told by its first
+    two bytes, not by its name), so that a reader can stop early without decompressing it whole."""
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+
+
 def read_lines(path: Path) -> list[str]:
     """The text lines of a (possibly gzip-compressed) text file; errors name the file."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open_maybe_gzip(path) as fh:
+            raw = fh.read()
         return raw.decode("utf-8-sig").splitlines()
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None
@@ -78,9 +87,7 @@ def csv_kind(path: Path) -> str:
     Reads up to the first non-empty line only: a cached dataset is found without reading the file.
     """
     try:
-        with open(path, "rb") as fh:
-            gz = fh.read(2) == b"\x1f\x8b"
-        with (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", errors="replace") as text:
+        with io.TextIOWrapper(open_maybe_gzip(path), encoding="utf-8-sig", errors="replace") as text:
             first = next((line for line in text if line.strip()), "")
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None

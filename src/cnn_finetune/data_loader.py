@@ -30,7 +30,8 @@ import torch
 
 from .errors import DataError
 from .log import logger
-from .data_formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, read_labels_csv, read_npz, read_pixel_csv
+from .data_formats import (LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, read_labels_csv, read_npz,
+                           read_pixel_csv)
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 from .runtime import physical_memory
 
@@ -153,7 +154,7 @@ def _npz_part(path: Path, part: str) -> tuple[Path, str]:
 
 
 def _load_path(root: Path, polarity: str, cache: Path | None, workers: int | None, part: str,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+               max_pixels: int) -> Dataset:
     """Recognise the source at ``root`` and load it through the cache."""
     if root.is_file() and root.suffix.lower() == ".npz":
         return _cached(_files_key("npz", [root], part=part), cache, lambda: _load_npz(root, part))
@@ -307,7 +308,7 @@ def _folder_key(root: Path, files: list[tuple[str, str, Path]], class_dirs: list
 
 
 def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[str],
-                 polarity: str, workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+                 polarity: str, workers: int | None, max_pixels: int) -> Dataset:
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
     # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
@@ -320,7 +321,7 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
 
 
 def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str, workers: int | None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+                    max_pixels: int) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Preprocess ``(file, light, class name)`` items: the usable images with their class names, and
     the unusable files with the reason."""
     def work(item: tuple[Path, bool, str]) -> np.ndarray | str:
@@ -357,7 +358,7 @@ def _files_key(kind: str, paths: list[Path], **extra: Any) -> dict[str, Any]:
 
 
 def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, workers: int | None,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+                        max_pixels: int) -> Dataset:
     """The images a ``filename,label`` CSV lists; listed files that are missing and image files
     beside them that are not listed are reported as skipped."""
     entries, skipped, named = read_labels_csv(labels_csv)
@@ -432,14 +433,6 @@ def idx_labels_path(images_path: Path) -> Path:
     raise DataError(f"cannot tell the labels file of IDX images file {images_path}; name them like train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
 
 
-def _open_idx(path: Path) -> BinaryIO:
-    """The file's IDX bytes as a stream: decompressed on the fly when it is gzip (a small .gz may hold a
-    lot, so it is never decompressed whole before its header has been checked)."""
-    with open(path, "rb") as fh:
-        gz = fh.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
-
-
 def _idx_header(fh: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
     magic = fh.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
@@ -453,7 +446,7 @@ def _idx_header(fh: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
 def read_idx_header(path: Path) -> tuple[np.dtype, tuple[int, ...]]:
     """The element type and dimensions an IDX file declares, reading only its header."""
     try:
-        with _open_idx(path) as fh:
+        with open_maybe_gzip(path) as fh:  # a small .gz may hold a lot: read as a stream
             return _idx_header(fh, path)
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: damaged gzip data (not an OSError)
         raise DataError(f"cannot read IDX file {path}: {err}", path=str(path)) from None
@@ -467,7 +460,7 @@ def read_idx(path: Path) -> np.ndarray:
     The array is filled as the data arrives, so a header that lies costs no more than the real data.
     """
     try:
-        with _open_idx(path) as fh:
+        with open_maybe_gzip(path) as fh:
             dtype, dims = _idx_header(fh, path)
             expected = math.prod(dims) * dtype.itemsize
             limit = physical_memory() // 2
