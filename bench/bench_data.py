@@ -37,9 +37,9 @@ import PIL
 import torch
 from PIL import Image
 
-from cnn_finetune.augment import AugmentParams, augment_batch
-from cnn_finetune.checkpoint import atomic_write_json
-from cnn_finetune.data_loader import load_dataset
+from cnn_finetune.data.augment import AugmentParams, augment_batch
+from cnn_finetune.files.checkpoint import atomic_write_json
+from cnn_finetune.data.loader import load_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data.json"
 BATCH = 128

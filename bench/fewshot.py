@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cnn_finetune.data_loader import read_idx, write_idx  # noqa: E402
+from cnn_finetune.data.loader import read_idx, write_idx
 
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []

@@ -53,13 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cnn_finetune.augment import AugmentParams, augment_batch, normalize, to_unit  # noqa: E402
-from cnn_finetune.checkpoint import atomic_write_json  # noqa: E402
-from cnn_finetune.config import TrainConfig  # noqa: E402
-from cnn_finetune.data_loader import load_dataset, normalization_stats, stratified_split, write_idx  # noqa: E402
-from cnn_finetune.mechanisms import lr_at  # noqa: E402
-from cnn_finetune.model import build_model  # noqa: E402
-from cnn_finetune.trainer import RobustTrainer, SplitData  # noqa: E402
+from cnn_finetune.data.augment import AugmentParams, augment_batch, normalize, to_unit
+from cnn_finetune.files.checkpoint import atomic_write_json
+from cnn_finetune.config import TrainConfig
+from cnn_finetune.data.loader import load_dataset, normalization_stats, stratified_split, write_idx
+from cnn_finetune.training.mechanisms import lr_at
+from cnn_finetune.model.cnn import build_model
+from cnn_finetune.training.trainer import RobustTrainer, SplitData
 
 MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
 MNIST_DIRS += [ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"]
@@ -180,7 +180,7 @@ def section_overhead(args: argparse.Namespace, device: torch.device) -> dict[str
     epochs = 1 if args.quick else 3
     cfg = replace(TrainConfig(), epochs=epochs, device=device.type)
     data = split_data(cfg, args.quick)
-    from cnn_finetune.plots import CurveRefresher
+    from cnn_finetune.tools.plots import CurveRefresher
 
     plain_runs, robust_runs, plotted_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +275,7 @@ def ours_to_accuracy(cfg: TrainConfig, data: SplitData, test: tuple[torch.Tensor
         trainer.begin()
         trainer.fit()
         total = time.perf_counter() - t_start[0] - excluded[0]
-        from cnn_finetune.model import load_model_file
+        from cnn_finetune.model.loading import load_model_file
 
         best, meta = load_model_file(Path(run_cfg.output_dir) / "best_model_finetuned.pth", device)
         best_acc = accuracy(best, *test, data.mean, data.std, device)

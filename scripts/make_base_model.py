@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make (or check) the MNIST base model shipped in the package: ``src/cnn_finetune/base_models/``.
+"""Make (or check) the MNIST base model shipped in the package: ``src/cnn_finetune/model/base_models/``.
 
     python scripts/make_base_model.py            # train it and write the package file
     python scripts/make_base_model.py --check    # train it again and compare with the shipped file
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from cnn_finetune import TrainConfig, train  # noqa: E402
-from cnn_finetune.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from cnn_finetune.config import PACKAGED_BASE_MODEL  # noqa: E402
+from cnn_finetune import TrainConfig, train
+from cnn_finetune.files.checkpoint import load_checkpoint, save_checkpoint
+from cnn_finetune.config import PACKAGED_BASE_MODEL
 
 RECIPE = {"epochs": 15, "seed": 42, "num_threads": 1, "base_model": None, "cache": False, "device": "cpu"}
 TOLERANCE = 1e-4  # only used across CPUs with other vector instructions

@@ -11,7 +11,7 @@ from pathlib import Path
 # Let the script run from a source checkout even before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cnn_finetune.cli import main  # noqa: E402
+from cnn_finetune.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,7 +69,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 @pytest.fixture(scope="session")
 def tiny_idx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An IDX images file of 400 real MNIST digits (40 per class) from the built-in sample."""
-    from cnn_finetune.data_loader import load_dataset, write_idx
+    from cnn_finetune.data.loader import load_dataset, write_idx
 
     ds = load_dataset(None, use_cache=False)
     pick = torch.cat([torch.nonzero(ds.labels == c).flatten()[:40] for c in range(10)])
@@ -183,14 +183,14 @@ def bomb_png(path: Path) -> Path:
 
 def load_state(path: Path) -> dict:
     """The verified state inside a checkpoint or model file."""
-    from cnn_finetune.checkpoint import load_checkpoint
+    from cnn_finetune.files.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
 
 def stripped_history(out: Path) -> list[dict]:
     """history.json without the fields that legitimately differ between identical runs."""
-    from cnn_finetune.trainer import TIMING_KEYS
+    from cnn_finetune.training.trainer import TIMING_KEYS
 
     records = json.loads((out / "history.json").read_text())
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

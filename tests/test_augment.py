@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn_finetune.augment import AugmentParams, affine_matrices, augment_batch, normalize, to_unit
+from cnn_finetune.data.augment import AugmentParams, affine_matrices, augment_batch, normalize, to_unit
 
 CPU = torch.device("cpu")
 
@@ -159,7 +159,7 @@ def test_runs_on_the_images_device() -> None:
 
 @pytest.mark.parametrize("shape", [(7, 28, 28), (3, 17, 40)])
 def test_sampling_grid_equals_affine_grid(shape: tuple[int, int, int]) -> None:
-    from cnn_finetune.augment import AugmentParams, affine_matrices, sampling_grid
+    from cnn_finetune.data.augment import AugmentParams, affine_matrices, sampling_grid
 
     b, h, w = shape
     g = torch.Generator().manual_seed(5)

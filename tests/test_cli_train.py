@@ -44,7 +44,7 @@ def test_artifacts_and_their_contents(reference_run: Path, tiny_idx: Path):
     assert sum(report["train_class_counts"].values()) == 360
 
     # The best model is usable without the config: class names, normalisation, architecture.
-    from cnn_finetune.model import load_model_file
+    from cnn_finetune.model.loading import load_model_file
 
     model, meta = load_model_file(out / "best_model_finetuned.pth")
     best_epoch = min(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))
@@ -146,7 +146,7 @@ def test_mismatched_resume_is_refused_without_touching_anything(tiny_idx: Path, 
     assert proc.returncode == 2
     assert "lr: checkpoint has 0.003, this run has 0.05" in proc.stderr and "--no-resume" in proc.stderr
     # other data: a different subset of the same images
-    from cnn_finetune.data_loader import read_idx, write_idx
+    from cnn_finetune.data.loader import read_idx, write_idx
 
     other = tmp_path / "other"
     other.mkdir()
@@ -261,7 +261,7 @@ def test_the_cache_sees_a_content_change_that_keeps_size_and_time(tmp_path: Path
     import numpy as np
     from PIL import Image
 
-    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.data.loader import load_dataset
 
     ds = load_dataset(None)
     for i in range(40):  # 20 images of each of two classes, as BMP: the size depends on the dimensions only
@@ -293,7 +293,7 @@ def test_a_decompression_bomb_is_skipped_before_it_is_decoded(tmp_path: Path):
     """A 46 KB PNG of 13000 x 13000 pixels used to take 2.5 GB while decoded (peak RSS of this run)."""
     from PIL import Image
 
-    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.data.loader import load_dataset
 
     ds = load_dataset(None)
     for i in range(20):
@@ -345,7 +345,7 @@ def test_fine_tuning_from_a_base_model_with_other_classes(tiny_idx: Path, tmp_pa
     """Base: 10 digits. Fine-tune on an image folder of 4 classes, two of them digits."""
     from PIL import Image
 
-    from cnn_finetune.data_loader import read_idx
+    from cnn_finetune.data.loader import read_idx
 
     assert run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "base", "--epochs", "2"], cwd=tmp_path).returncode == 0
     imgs, labels = read_idx(tiny_idx), read_idx(tiny_idx.with_name("train-labels-idx1-ubyte.gz"))
@@ -375,7 +375,7 @@ def imbalanced(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """Class 9 kept at 8 of 40 images; and a separate validation set as a PNG folder."""
     from PIL import Image
 
-    from cnn_finetune.data_loader import read_idx, write_idx
+    from cnn_finetune.data.loader import read_idx, write_idx
 
     imgs, labels = read_idx(tiny_idx), read_idx(tiny_idx.with_name("train-labels-idx1-ubyte.gz"))
     keep = [i for i in range(len(labels)) if labels[i] != 9 or i % 5 == 0]
@@ -448,7 +448,7 @@ def test_a_folder_with_foreign_reports_but_no_checkpoint_is_not_overwritten(tiny
 
 
 def test_a_base_model_with_non_finite_weights_is_bad_input(reference_run: Path, tiny_idx: Path, tmp_path: Path):
-    from cnn_finetune.checkpoint import save_checkpoint
+    from cnn_finetune.files.checkpoint import save_checkpoint
 
     state = load_state(reference_run / "best_model_finetuned.pth")
     state["model"]["head.bias"][3] = float("nan")

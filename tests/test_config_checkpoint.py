@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnn_finetune.checkpoint import (
+from cnn_finetune.files.checkpoint import (
     CheckpointError,
     atomic_write_json,
     load_checkpoint,
@@ -132,8 +132,8 @@ def test_atomic_json_never_leaves_partial_files(tmp_path):
 
 
 def test_checkpoint_manager_never_writes_non_finite_weights(tmp_path):
-    from cnn_finetune.checkpoint_manager import CheckpointManager
-    from cnn_finetune.rundir import RunDir
+    from cnn_finetune.training.checkpoint_manager import CheckpointManager
+    from cnn_finetune.files.rundir import RunDir
 
     manager = CheckpointManager(RunDir(tmp_path), monitor="val_acc", keep_best=3)
     state = _state()
@@ -148,8 +148,8 @@ def test_checkpoint_manager_never_writes_non_finite_weights(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1, 2**32, 2**62 + 12345, 2**63 - 1])
 def test_every_seed_in_range_gives_a_split_and_draws(seed):
-    from cnn_finetune.data_loader import stratified_split
-    from cnn_finetune.mechanisms import mix_seed
+    from cnn_finetune.data.loader import stratified_split
+    from cnn_finetune.training.mechanisms import mix_seed
 
     labels = torch.arange(40) % 4
     train, val = stratified_split(labels, 0.25, seed)

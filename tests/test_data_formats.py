@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import FAST, run_cli
 
-from cnn_finetune.data_loader import load_dataset
+from cnn_finetune.data.loader import load_dataset
 from cnn_finetune.errors import DataError
 
 DIGITS = [str(d) for d in range(10)]
@@ -96,8 +96,8 @@ def test_kaggle_csv_trains_and_reports_its_bad_rows(digits, tmp_path: Path, vari
 
 def test_csv_without_labels_is_refused_for_training_and_predicted_row_by_row(digits, tmp_path: Path,
                                                                             capsys: pytest.CaptureFixture[str]):
-    from cnn_finetune.inference import load_inference_model, predict_proba
-    from cnn_finetune.predict import main as predict_main
+    from cnn_finetune.tools.inference import load_inference_model, predict_proba
+    from cnn_finetune.tools.predict import main as predict_main
 
     images, labels = digits
     labelled = tmp_path / "train.csv"

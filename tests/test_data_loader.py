@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cnn_finetune.data_loader import (
+from cnn_finetune.data.loader import (
     Dataset,
     align_classes,
     class_weights,
@@ -31,7 +31,7 @@ from cnn_finetune.data_loader import (
 )
 from cnn_finetune.errors import EXIT_BAD_INPUT, DataError, UserError
 from conftest import MNIST_TEST
-from cnn_finetune.imageprep import preprocess_pil
+from cnn_finetune.data.imageprep import preprocess_pil
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -195,7 +195,7 @@ def _drop_file_read_override() -> None:
 
 UNREADABLE_CHILD = """
 import json, os, sys
-from cnn_finetune.data_loader import load_dataset
+from cnn_finetune.data.loader import load_dataset
 root, secret = sys.argv[1], sys.argv[2]
 ds = load_dataset(root, use_cache=False)
 print(json.dumps({"can_read": os.access(secret, os.R_OK), "n": len(ds), "skipped": ds.skipped}))
@@ -494,10 +494,10 @@ BUILTIN_FILES_SHA256 = {
 def test_builtin_sample_is_the_packaged_mnist_subset(tmp_path: Path) -> None:
     import hashlib
 
-    from cnn_finetune.data_loader import builtin_sample_path
+    from cnn_finetune.data.loader import builtin_sample_path
 
     folder = builtin_sample_path().parent
-    assert folder == Path(__import__("cnn_finetune").__file__).parent / "data"
+    assert folder == Path(__import__("cnn_finetune").__file__).parent / "data" / "sample"
     for name, (size, digest) in BUILTIN_FILES_SHA256.items():
         data = (folder / name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), name
@@ -546,7 +546,7 @@ def test_second_load_is_a_cache_hit_with_identical_tensors(tmp_path: Path, small
 def test_names_that_are_not_utf8_are_kept_and_shown_escaped(tmp_path: Path) -> None:
     """Undecodable bytes in a class folder or file name: the exact name is kept (it round-trips to the
     file), the fingerprint is the same with and without the cache, and reports show it escaped."""
-    from cnn_finetune.checkpoint import atomic_write_json
+    from cnn_finetune.files.checkpoint import atomic_write_json
 
     root = os.fsencode(tmp_path / "tree")
     for k, (folder, name) in enumerate([(b"a\xff", b"0.png"), (b"a\xff", b"\xe9t\xe9.png"), (b"b", b"0.png"), (b"b", b"1.png")]):

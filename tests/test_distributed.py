@@ -138,7 +138,7 @@ def test_two_nodes_through_a_c10d_rendezvous(two_process_run: Path, tiny_idx: Pa
 
 
 def test_the_global_batch_is_shared_by_whole_batch_norm_groups():
-    from cnn_finetune.distributed import Dist
+    from cnn_finetune.training.distributed import Dist
 
     groups = [32, 32, 32, 32]
     assert [Dist(rank=r, world=2).shard(groups) for r in range(2)] == [(0, 64, 2), (64, 128, 2)]
@@ -150,7 +150,7 @@ def test_the_global_batch_is_shared_by_whole_batch_norm_groups():
 
 def test_faults_for_one_rank():
     from cnn_finetune.errors import UserError
-    from cnn_finetune.faults import FaultInjector
+    from cnn_finetune.training.faults import FaultInjector
 
     spec = "oom@12:r1,nan@3"
     assert FaultInjector(spec, rank=1).planned["oom"] == {12} and FaultInjector(spec, rank=0).planned["oom"] == set()

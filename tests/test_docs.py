@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cnn_finetune.cli import build_parser
-from cnn_finetune.faults import KINDS
+from cnn_finetune.training.faults import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = {"README.md": ROOT / "README.md", "guia": ROOT / "docs" / "guia_entrenamiento.md"}
@@ -44,3 +44,16 @@ def test_readme_starts_with_setup_run_and_test_commands_that_ci_uses():
     ci = (ROOT / ".ci" / "run").read_text()
     assert setup_and_run[0] in ci
     assert test_command.replace("-m pytest", "-m pytest -q") in ci
+
+
+def test_the_readme_imports_only_the_package_face():
+    # Notebooks copy the README: its code imports from ``cnn_finetune`` itself, never a layer inside it.
+    import cnn_finetune
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S))
+    imports = re.findall(r"^from (cnn_finetune\S*) import (.+)$", code, re.M)
+    assert imports
+    for module, names in imports:
+        assert module == "cnn_finetune", module
+        assert all(n.strip() in cnn_finetune.__all__ for n in names.split(",")), names

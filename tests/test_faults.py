@@ -291,7 +291,7 @@ def test_nan_streak_rolls_back_and_lowers_the_learning_rate(reference: Path, tin
 def test_non_finite_weights_are_never_saved(tiny_idx: Path, tmp_path: Path, streak: int):
     """lr 1e300 overflows the weights at the first update. With a short streak limit the NaN losses
     roll back; with a long one the epoch ends with NaN weights, which no save accepts: it rolls back too."""
-    from cnn_finetune.checkpoint_manager import all_finite
+    from cnn_finetune.training.checkpoint_manager import all_finite
 
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--lr", "1e300", "--set", f"nan_max_consecutive={streak}"]
     proc = run_cli(args, cwd=tmp_path)

@@ -32,14 +32,14 @@ hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypot
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cnn_finetune.checkpoint import atomic_write_json  # noqa: E402
-from cnn_finetune.config import MAX_SEED, TrainConfig  # noqa: E402
-from cnn_finetune.data_loader import IDX_DTYPES, load_dataset, stratified_split  # noqa: E402
-from cnn_finetune.errors import UserError  # noqa: E402
-from cnn_finetune.faults import KINDS, FaultInjector  # noqa: E402
-from cnn_finetune.imageprep import IMAGE_EXTENSIONS  # noqa: E402
-from cnn_finetune.log import printable  # noqa: E402
-from cnn_finetune.mechanisms import mix_seed  # noqa: E402
+from cnn_finetune.files.checkpoint import atomic_write_json
+from cnn_finetune.config import MAX_SEED, TrainConfig
+from cnn_finetune.data.loader import IDX_DTYPES, load_dataset, stratified_split
+from cnn_finetune.errors import UserError
+from cnn_finetune.training.faults import KINDS, FaultInjector
+from cnn_finetune.data.imageprep import IMAGE_EXTENSIONS
+from cnn_finetune.log import printable
+from cnn_finetune.training.mechanisms import mix_seed
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 MISSING_DATA = "no_such_data"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from cnn_finetune.imageprep import (
+from cnn_finetune.data.imageprep import (
     BOX,
     SIDE,
     UnusableImage,
@@ -336,7 +336,7 @@ def test_thin_stroke_from_a_large_image_keeps_full_contrast() -> None:
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path) -> None:
-    from cnn_finetune.imageprep import UnusableImage
+    from cnn_finetune.data.imageprep import UnusableImage
 
     path = save(draw_seven((120, 100)), tmp_path / "seven.png")
     assert load_image_file(path, max_pixels=12_000).shape == (SIDE, SIDE)
@@ -348,7 +348,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_float_image_with_non_finite_pixels_is_unusable_with_that_reason(tmp_path: Path, size: tuple[int, int], bad: float) -> None:
     """Found by tests/test_fuzz.py: such a TIFF was reported as "blank" or "truncated or corrupt"."""
-    from cnn_finetune.imageprep import UnusableImage
+    from cnn_finetune.data.imageprep import UnusableImage
 
     arr = np.full(size[::-1], 10.0, np.float32)
     arr[3:9, 4:10] = bad

@@ -6,11 +6,12 @@ import math
 
 import pytest
 
-from cnn_finetune.checkpoint_manager import BestKeeper
-from cnn_finetune.mechanisms import is_better
-from cnn_finetune.faults import FaultInjector
+from cnn_finetune.training.checkpoint_manager import BestKeeper
+from cnn_finetune.training.mechanisms import is_better
+from cnn_finetune.training.faults import FaultInjector
 from cnn_finetune.errors import UserError
-from cnn_finetune.mechanisms import EarlyStopping, MicroBatcher, NanGuard, lr_at, mix_seed
+from cnn_finetune.training.mechanisms import EarlyStopping, NanGuard, lr_at, mix_seed
+from cnn_finetune.training.microbatch import MicroBatcher
 
 
 def stop_epoch(metrics: list[float], patience: int, min_delta: float = 0.0, mode: str = "max") -> int | None:
@@ -164,7 +165,7 @@ def test_balancing_changes_what_the_rare_class_weighs(tmp_path, balance):
     import torch
 
     from cnn_finetune.config import TrainConfig
-    from cnn_finetune.trainer import RobustTrainer, SplitData
+    from cnn_finetune.training.trainer import RobustTrainer, SplitData
 
     labels = torch.tensor([0] * 450 + [1] * 50)
     images = torch.zeros((500, 1, 28, 28), dtype=torch.uint8)
@@ -189,7 +190,7 @@ def test_train_faults_with_a_huge_step_range_parse_at_once():
     """Found by tests/test_fuzz.py: kill@0-99999999999 built a set of 10^11 steps (3e7 took 2.4 GB)."""
     import resource
 
-    from cnn_finetune.faults import FaultInjector
+    from cnn_finetune.training.faults import FaultInjector
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     faults = FaultInjector("nan@3-99999999999,oom@12")

@@ -8,19 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnn_finetune.checkpoint import save_checkpoint
+from cnn_finetune.files.checkpoint import save_checkpoint
 from cnn_finetune.errors import UserError
-from cnn_finetune.model import (
-    ARCH,
-    GhostBatchNorm2d,
-    adapt_state_dict,
-    build_model,
-    count_parameters,
-    deferred_bn_stats,
-    load_base_model,
-    split_for_micro_batches,
-    unwrap,
-)
+from cnn_finetune.model.cnn import ARCH, GhostBatchNorm2d, build_model, count_parameters, deferred_bn_stats, unwrap
+from cnn_finetune.model.loading import adapt_state_dict, load_base_model
+from cnn_finetune.training.microbatch import split_for_micro_batches
 
 DIGITS = [str(i) for i in range(10)]
 

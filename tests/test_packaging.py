@@ -49,7 +49,7 @@ def test_version_has_one_source():
     assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
 
 
-def test_the_wheel_carries_the_builtin_sample_and_its_notice(tmp_path: Path):
+def test_the_wheel_carries_every_layer_the_sample_and_the_base_model(tmp_path: Path):
     pytest.importorskip("setuptools")
     # Built from a copy: a build in place would leave build/ and *.egg-info in the checkout.
     tree = tmp_path / "tree"
@@ -67,8 +67,12 @@ def test_the_wheel_carries_the_builtin_sample_and_its_notice(tmp_path: Path):
         names = set(zf.namelist())
         metadata = zf.read(f"cnn_finetune-{__version__}.dist-info/METADATA").decode()
     for name in ("mnist_5k-images-idx3-ubyte.gz", "mnist_5k-labels-idx1-ubyte.gz", "README.md"):
-        assert f"cnn_finetune/data/{name}" in names
+        assert f"cnn_finetune/data/sample/{name}" in names
+    assert "cnn_finetune/model/base_models/cnn_v2_mnist5k.pth" in names
     assert "cnn_finetune/default_config.json" in names
+    # every module of every layer travels, not only the root
+    modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src" / "cnn_finetune").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert {name_of(r) for r in required if "extra ==" not in r} == RUNTIME
     assert wheel.stat().st_size < 2_000_000

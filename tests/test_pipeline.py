@@ -34,9 +34,9 @@ def tiny_config(tiny_idx: Path, out: Path, **extra: object) -> TrainConfig:
 
 def test_api_trains_and_the_model_predicts(tiny_idx: Path, tmp_path: Path, one_thread, capsys, monkeypatch):
     """The README's notebook example: train, load the best model, predict a few images."""
-    from cnn_finetune.data_loader import load_dataset
-    from cnn_finetune.inference import predict_proba
-    from cnn_finetune.model import load_model_file
+    from cnn_finetune.data.loader import load_dataset
+    from cnn_finetune.tools.inference import predict_proba
+    from cnn_finetune.model.loading import load_model_file
 
     monkeypatch.setenv("TRAIN_FAULTS", "")
     result = train(tiny_config(tiny_idx, tmp_path / "out"))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cnn_finetune import checkpoint
-from cnn_finetune.checkpoint import atomic_write_bytes, replace_file
+from cnn_finetune.files import checkpoint
+from cnn_finetune.files.checkpoint import atomic_write_bytes, replace_file
 from cnn_finetune.errors import UserError
-from cnn_finetune.rundir import LOCK, RunDir
+from cnn_finetune.files.rundir import LOCK, RunDir
 
 
 def test_the_lock_refuses_a_second_holder_and_is_free_again_after(tmp_path: Path):
@@ -90,7 +90,7 @@ def test_a_rename_over_a_file_held_open_is_retried_on_windows(tmp_path: Path, mo
 
 
 def test_signal_handling_needs_no_posix_only_signal():
-    from cnn_finetune import signals
+    from cnn_finetune.training import signals
 
     assert set(signals.EXIT_CODES) >= {signal.SIGINT, signal.SIGTERM}
     assert (signal.SIGHUP in signals.EXIT_CODES) == hasattr(signal, "SIGHUP")

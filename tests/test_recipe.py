@@ -15,7 +15,7 @@ import torch
 from conftest import FAST, ROOT, assert_same_weights, load_state, run_cli, stripped_history
 
 from cnn_finetune.config import PACKAGED_BASE_MODEL, TrainConfig
-from cnn_finetune.recipe import auto_epochs, resolve, segment_lr
+from cnn_finetune.training.recipe import auto_epochs, resolve, segment_lr
 
 # FAST without its explicit --epochs: the tests below choose the length themselves.
 SHORT = [a for a in FAST if a not in ("--epochs", "3")]
@@ -114,7 +114,7 @@ def test_an_interrupted_extension_resumes_bit_for_bit(extended_reference: Path, 
 def test_extending_refuses_fewer_epochs_and_other_data(extended_reference: Path, tiny_idx: Path, tmp_path: Path):
     import shutil
 
-    from cnn_finetune.data_loader import read_idx, write_idx
+    from cnn_finetune.data.loader import read_idx, write_idx
 
     work = tmp_path / "work"
     shutil.copytree(extended_reference.parent, work)

@@ -56,7 +56,7 @@ def assert_png(path: Path, min_bytes: int = 5_000, max_bytes: int = 5_000_000) -
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> SimpleNamespace:
     """A model trained for real by the training CLI on the tiny set; its folder and loaded model."""
-    from cnn_finetune.model import load_model_file
+    from cnn_finetune.model.loading import load_model_file
 
     work = tmp_path_factory.mktemp("results")
     out = work / "run"
@@ -69,7 +69,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> SimpleN
 @pytest.fixture(scope="session")
 def png_folder(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> SimpleNamespace:
     """Class folders with 2 PNG images per class taken from the tiny set, plus a broken PNG in class 3."""
-    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.data.loader import load_dataset
 
     ds = load_dataset(tiny_idx, use_cache=False)
     root = tmp_path_factory.mktemp("pngs") / "labelled"
@@ -90,7 +90,7 @@ def class_tree(root: Path, tiny_idx: Path, names: list[str | bytes], per_class: 
     """A plain class-folder tree with ``per_class`` real MNIST PNGs in each folder (names may be bytes)."""
     import os
 
-    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.data.loader import load_dataset
 
     ds = load_dataset(tiny_idx, use_cache=False)
     for c, name in enumerate(names):
@@ -138,8 +138,8 @@ def test_evaluate_script_on_idx_is_consistent(trained: SimpleNamespace, tiny_idx
 
 def test_evaluate_arrays_reproduces_the_trainers_validation(trained: SimpleNamespace, tiny_idx: Path) -> None:
     """On the validation split, the library gives the accuracy and loss the trainer recorded."""
-    from cnn_finetune.data_loader import load_dataset, stratified_split
-    from cnn_finetune.evaluate import evaluate_arrays
+    from cnn_finetune.data.loader import load_dataset, stratified_split
+    from cnn_finetune.tools.evaluate import evaluate_arrays
 
     ds = load_dataset(tiny_idx, use_cache=False)
     cfg = trained.meta["config"]
@@ -153,7 +153,7 @@ def test_evaluate_arrays_reproduces_the_trainers_validation(trained: SimpleNames
 
 def test_metrics_from_confusion_hand_computed() -> None:
     """Undefined precision/recall are None, macro averages use classes with samples, pairs sorted."""
-    from cnn_finetune.evaluate import metrics_from_confusion
+    from cnn_finetune.tools.evaluate import metrics_from_confusion
 
     cm = torch.tensor([[3, 1, 0],   # a: 4 images
                        [2, 0, 0],   # b: 2 images, never predicted correctly, never predicted at all
@@ -172,7 +172,7 @@ def test_metrics_from_confusion_hand_computed() -> None:
 
 def test_evaluate_rejects_classes_the_model_does_not_know(trained: SimpleNamespace, png_folder: SimpleNamespace,
                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cnn_finetune.evaluate import main
+    from cnn_finetune.tools.evaluate import main
 
     data = tmp_path / "data"
     for name in ("0", "x_extra"):
@@ -210,7 +210,7 @@ def test_names_that_are_not_utf8_never_stop_training_evaluation_or_prediction(ti
     checkpoint and a resume, with a stable data fingerprint), shown escaped in every report."""
     import os
 
-    from cnn_finetune.checkpoint import load_checkpoint
+    from cnn_finetune.files.checkpoint import load_checkpoint
 
     data = class_tree(tmp_path / "data", tiny_idx, ["0", "1", b"cl\xffass"])
     good = os.path.join(os.fsencode(data), b"0", b"caf\xe9.png")  # a Latin-1 name, a valid image
@@ -298,7 +298,7 @@ def test_predict_reports_unreadable_files_on_their_own_line(trained: SimpleNames
 
 def test_predict_csv_has_an_error_column(trained: SimpleNamespace, png_folder: SimpleNamespace,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from cnn_finetune.predict import main
+    from cnn_finetune.tools.predict import main
 
     files = [png_folder.root / "1" / "img0.png", png_folder.broken]
     assert main(["--model", str(trained.model_path), *map(str, files), "--csv", "--top-k", "2"]) == 0
@@ -311,8 +311,8 @@ def test_predict_csv_has_an_error_column(trained: SimpleNamespace, png_folder: S
 
 def test_predict_and_evaluate_refuse_a_decompression_bomb_per_file(trained: SimpleNamespace, png_folder: SimpleNamespace,
                                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cnn_finetune.evaluate import main as evaluate
-    from cnn_finetune.predict import main as predict
+    from cnn_finetune.tools.evaluate import main as evaluate
+    from cnn_finetune.tools.predict import main as predict
 
     bomb = bomb_png(tmp_path / "data" / "7" / "bomb.png")
     good = png_folder.root / "7" / "img0.png"
@@ -330,7 +330,7 @@ def test_predict_and_evaluate_refuse_a_decompression_bomb_per_file(trained: Simp
 
 def test_predict_exits_2_when_nothing_could_be_predicted(trained: SimpleNamespace, png_folder: SimpleNamespace,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cnn_finetune.predict import main
+    from cnn_finetune.tools.predict import main
 
     assert main(["--model", str(trained.model_path), str(png_folder.broken)]) == 2
     captured = capsys.readouterr()
@@ -343,7 +343,7 @@ def test_predict_exits_2_when_nothing_could_be_predicted(trained: SimpleNamespac
 
 
 def test_evaluate_missing_data_exits_2(trained: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cnn_finetune.evaluate import main
+    from cnn_finetune.tools.evaluate import main
 
     missing = tmp_path / "no_such_data"
     assert main(["--model", str(trained.model_path), "--data", str(missing), "--output-dir", str(tmp_path / "o")]) == 2
@@ -377,7 +377,7 @@ def test_bad_model_file_exits_2_naming_it(tool: str, kind: str, bad_models: dict
                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib
 
-    main = importlib.import_module(f"cnn_finetune.{tool}").main
+    main = importlib.import_module(f"cnn_finetune.tools.{tool}").main
     model = str(bad_models[kind])
     args = {
         "evaluate": ["--model", model, "--data", str(png_folder.root), "--output-dir", str(tmp_path / "o")],
@@ -396,9 +396,9 @@ def test_bad_model_file_exits_2_naming_it(tool: str, kind: str, bad_models: dict
 
 def test_export_agrees_with_pytorch(trained: SimpleNamespace, tiny_idx: Path) -> None:
     """The script's reported differences are small, and the files agree when loaded here."""
-    from cnn_finetune.data_loader import load_dataset
-    from cnn_finetune.export import load_torchscript
-    from cnn_finetune.inference import normalise_images
+    from cnn_finetune.data.loader import load_dataset
+    from cnn_finetune.tools.export import load_torchscript
+    from cnn_finetune.tools.inference import normalise_images
 
     out = trained.work / "export"
     proc = run_script("export", ["--model", str(trained.model_path), "--output-dir", str(out)], trained.work)
@@ -433,7 +433,7 @@ def test_export_without_onnx_says_so(trained: SimpleNamespace, tmp_path: Path, m
     """Where ONNX cannot be exported the output says so; TorchScript is still written and checked."""
     import importlib.util
 
-    import cnn_finetune.export as export
+    import cnn_finetune.tools.export as export
 
     real = importlib.util.find_spec
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
@@ -450,7 +450,7 @@ def test_export_without_onnx_says_so(trained: SimpleNamespace, tmp_path: Path, m
 def test_export_fails_when_an_export_disagrees(trained: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnx")
-    import cnn_finetune.export as export
+    import cnn_finetune.tools.export as export
 
     real = export.run_onnx
     monkeypatch.setattr(export, "run_onnx", lambda path, x: (real(path, x)[0] + 1e-3, "a broken runtime"))
@@ -502,7 +502,7 @@ def test_an_export_that_cannot_be_written_fails_with_exit_1(trained: SimpleNames
 @pytest.fixture(scope="session")
 def exported(trained: SimpleNamespace) -> Path:
     """The safetensors file export.py writes for the trained model."""
-    from cnn_finetune.export import main
+    from cnn_finetune.tools.export import main
 
     out = trained.work / "export_st"
     assert main(["--model", str(trained.model_path), "--output-dir", str(out), "--no-onnx"]) == 0
@@ -513,9 +513,9 @@ def test_safetensors_model_predicts_exactly_as_its_pth(trained: SimpleNamespace,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors import safe_open
 
-    from cnn_finetune.data_loader import load_dataset
-    from cnn_finetune.evaluate import main as evaluate_main
-    from cnn_finetune.inference import load_inference_model, predict_logits
+    from cnn_finetune.data.loader import load_dataset
+    from cnn_finetune.tools.evaluate import main as evaluate_main
+    from cnn_finetune.tools.inference import load_inference_model, predict_logits
 
     with safe_open(str(exported), framework="pt") as f:  # a standard safetensors file, readable by any tool
         header = f.metadata()
@@ -565,9 +565,9 @@ def test_damaged_or_foreign_safetensors_exits_2_naming_it(exported: Path, png_fo
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import save_file
 
-    from cnn_finetune.evaluate import main as evaluate_main
-    from cnn_finetune.export import main as export_main
-    from cnn_finetune.predict import main as predict_main
+    from cnn_finetune.tools.evaluate import main as evaluate_main
+    from cnn_finetune.tools.export import main as export_main
+    from cnn_finetune.tools.predict import main as predict_main
 
     bad = tmp_path / f"{damage}.safetensors"
     data = exported.read_bytes()
@@ -616,7 +616,7 @@ def synthetic_history(epochs: int = 30) -> list[dict]:
     ([{"epoch": 1, "val_acc": None}], "val_acc", None),
 ])
 def test_best_record(history: list[dict], monitor: str, expected: int | None) -> None:
-    from cnn_finetune.plots import best_record
+    from cnn_finetune.tools.plots import best_record
 
     best = best_record(history, monitor)
     assert (best["epoch"] if best else None) == expected
@@ -624,7 +624,7 @@ def test_best_record(history: list[dict], monitor: str, expected: int | None) ->
 
 def test_training_curves_png(trained: SimpleNamespace, tmp_path: Path) -> None:
     """The real history and a 30-epoch history with events both give a valid picture, quickly."""
-    from cnn_finetune.plots import plot_training_curves
+    from cnn_finetune.tools.plots import plot_training_curves
 
     real = json.loads((trained.out / "history.json").read_text())
     plot_training_curves(real, tmp_path / "real.png")
@@ -642,8 +642,8 @@ def test_training_curves_png(trained: SimpleNamespace, tmp_path: Path) -> None:
 
 
 def test_confusion_matrix_scales_with_classes(tmp_path: Path) -> None:
-    from cnn_finetune.evaluate import metrics_from_confusion, write_reports
-    from cnn_finetune.plots import confusion_figure_geometry
+    from cnn_finetune.tools.evaluate import metrics_from_confusion, write_reports
+    from cnn_finetune.tools.plots import confusion_figure_geometry
 
     sizes = {}
     for names in (list(string.digits), list(string.digits + string.ascii_uppercase + string.ascii_lowercase)):
@@ -665,10 +665,10 @@ def test_confusion_matrix_scales_with_classes(tmp_path: Path) -> None:
 
 
 def test_model_card(trained: SimpleNamespace, tiny_idx: Path, tmp_path: Path) -> None:
-    from cnn_finetune.data_loader import load_dataset, stratified_split
-    from cnn_finetune.evaluate import evaluate_arrays
-    from cnn_finetune.model_card import write_model_card
-    from cnn_finetune.plots import best_record
+    from cnn_finetune.data.loader import load_dataset, stratified_split
+    from cnn_finetune.tools.evaluate import evaluate_arrays
+    from cnn_finetune.tools.model_card import write_model_card
+    from cnn_finetune.tools.plots import best_record
 
     out = trained.out
     config = json.loads((out / "config_finetuned.json").read_text())
@@ -698,7 +698,7 @@ def test_model_card(trained: SimpleNamespace, tiny_idx: Path, tmp_path: Path) ->
 
 
 def test_curve_refresher_redraws_every_epoch_unless_epochs_are_too_short(tmp_path: Path):
-    from cnn_finetune.plots import CurveRefresher
+    from cnn_finetune.tools.plots import CurveRefresher
 
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.5 + e / 100,
                 "best": True, "events": [], "nan_skipped": 0} for e in range(1, 4)]

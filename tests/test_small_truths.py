@@ -17,8 +17,8 @@ from conftest import FAST, ROOT, cli_env, run_cli
 
 from cnn_finetune import __version__
 
-TOOLS = {"cli": ("train_finetuned.py", "train-finetuned"), "evaluate": ("evaluate.py", "cnn-evaluate"),
-         "predict": ("predict.py", "cnn-predict"), "export": ("export.py", "cnn-export")}
+TOOLS = {"cli": ("train_finetuned.py", "train-finetuned"), "tools.evaluate": ("evaluate.py", "cnn-evaluate"),
+         "tools.predict": ("predict.py", "cnn-predict"), "tools.export": ("export.py", "cnn-export")}
 
 
 @pytest.mark.parametrize("module", sorted(TOOLS))
@@ -53,7 +53,7 @@ def test_installed_console_script_and_script_say_their_names(tmp_path: Path):
 
 
 def test_resumed_run_says_it_resumes_and_how_the_run_began(tiny_idx: Path, tmp_path: Path):
-    from cnn_finetune.model import build_model
+    from cnn_finetune.model.cnn import build_model
 
     base = tmp_path / "base.pth"
     torch.save(build_model(10, width=8).state_dict(), base)
@@ -82,7 +82,7 @@ def tiny_model(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def evaluate(model: Path, data: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, str, dict]:
-    from cnn_finetune.evaluate import main
+    from cnn_finetune.tools.evaluate import main
 
     assert main(["--model", str(model), *data, "--output-dir", str(out)]) == 0
     captured = capsys.readouterr()
@@ -95,7 +95,7 @@ def test_evaluate_warns_on_the_training_data_only(tiny_model: Path, tiny_idx: Pa
     assert f"warning: {tiny_idx} is the data this model was trained on" in err
     assert report["data"]["seen_in_training"] == "training"
     # The same digits less one are other data: no warning (held-out data is what evaluation is for).
-    from cnn_finetune.data_loader import load_dataset, write_idx
+    from cnn_finetune.data.loader import load_dataset, write_idx
 
     ds = load_dataset(tiny_idx, use_cache=False)
     folder = tmp_path / "other"
@@ -117,8 +117,8 @@ def test_evaluate_without_data_says_it_uses_the_builtin_sample(tiny_model: Path,
 def test_evaluate_warns_when_the_default_model_meets_its_builtin_sample(tiny_model: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]):
     """A model trained on the built-in sample (the README's run) evaluated without --data."""
-    from cnn_finetune.checkpoint import load_checkpoint, save_checkpoint
-    from cnn_finetune.data_loader import load_dataset
+    from cnn_finetune.files.checkpoint import load_checkpoint, save_checkpoint
+    from cnn_finetune.data.loader import load_dataset
 
     state = load_checkpoint(tiny_model)
     state["data_fingerprint"] = load_dataset(None).fingerprint()  # as train_finetuned.py on the sample writes it

@@ -2,27 +2,37 @@
 
 Python API (what ``scripts/train_finetuned.py`` does, for notebooks and programs)::
 
-    from cnn_finetune import TrainConfig, train
+    from cnn_finetune import TrainConfig, train, load_model_file, load_dataset, predict_proba
     result = train(TrainConfig(epochs=5, output_dir="runs/demo"))
-    result.best_model_path   # models/.../best_model_finetuned.pth
+    model, meta = load_model_file(result.best_model_path)
 
-The module map is in ``docs/ARCHITECTURE.md``.
+These names are the stable face of the package; the sub-packages (``files``, ``data``, ``model``,
+``training``, ``tools``) are its layers, mapped in ``docs/ARCHITECTURE.md``.
 """
 
+from importlib import import_module
 from typing import Any
 
 __version__ = "0.2.0"
-__all__ = ["TrainConfig", "RunResult", "train", "__version__"]
+
+# name -> module that defines it (imported on first use: ``import cnn_finetune`` stays cheap for the
+# tools that only need a part).
+_API = {
+    "TrainConfig": "config",
+    "train": "pipeline",
+    "RunResult": "pipeline",
+    "load_model_file": "model.loading",
+    "predict_proba": "tools.inference",
+    "load_dataset": "data.loader",
+}
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: ``import cnn_finetune`` stays cheap for the tools that only need a part.
-    if name == "TrainConfig":
-        from .config import TrainConfig
-
-        return TrainConfig
-    if name in ("train", "RunResult"):
-        from . import pipeline
-
-        return getattr(pipeline, name)
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'cnn_finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from .config import CHOICES, DEFAULT_CONFIG_PATH, TrainConfig, build_config, default_config_file
 from .errors import EXIT_SIGINT, Interrupted, TrainingFailed, UserError
 from .log import logger
-from .signals import abort_message
+from .training.signals import abort_message
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -42,7 +42,7 @@ def _flag_type(annotation: Any) -> Any:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser (also used by the docs test to list the flags)."""
-    from .runtime import tool_parser  # here: importing the command line stays free of torch
+    from .runtime import tool_parser
 
     p = tool_parser(
         "train_finetuned.py",

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .imageprep import DEFAULT_MAX_PIXELS
-from .rundir import LAST
+from .data.imageprep import DEFAULT_MAX_PIXELS
+from .files.rundir import LAST
 
 DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable copy, used when present
 PACKAGED_CONFIG_PATH = Path(__file__).with_name("default_config.json")
@@ -33,7 +33,7 @@ DEFAULT_OUTPUT_DIR = "models/cnn_modelo_v2_finetuned"
 DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
 # The MNIST base model shipped in the package (scripts/make_base_model.py): the default base when the
 # user has no DEFAULT_BASE_MODEL of their own.
-PACKAGED_BASE_MODEL = Path(__file__).with_name("base_models") / "cnn_v2_mnist5k.pth"
+PACKAGED_BASE_MODEL = Path(__file__).parent / "model" / "base_models" / "cnn_v2_mnist5k.pth"
 MAX_SEED = 2**63 - 1  # a seed fits a signed 64-bit integer wherever it travels (torch, NumPy, JSON readers)
 MAX_WIDTH = 512  # 71 million parameters already; 28x28 digits need a few dozen channels
 MAX_THREADS = 4096  # torch takes a C int; more threads than this is a typo

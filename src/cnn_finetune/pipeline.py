@@ -32,22 +32,41 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .augment import to_unit
-from .checkpoint import atomic_write_json, load_checkpoint
-from .checkpoint_manager import CheckpointManager, load_latest
+from .data.augment import to_unit
+from .files.checkpoint import atomic_write_json, load_checkpoint
+from .training.checkpoint_manager import CheckpointManager, load_latest
 from .config import DEFAULT_BASE_MODEL, TrainConfig, packaged_base_model, resume_mismatches
-from .data_loader import Dataset, SplitData, align_classes, load_dataset, normalization_stats, stratified_split, summarize_counts
+from .data.loader import (
+    Dataset,
+    SplitData,
+    align_classes,
+    load_dataset,
+    normalization_stats,
+    stratified_split,
+    summarize_counts,
+)
 from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
-from .distributed import Dist, from_environment
-from .faults import FaultInjector
+from .training.distributed import Dist, from_environment
+from .training.faults import FaultInjector
 from .log import logger
-from .loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
-from .recipe import resolve
-from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, EVALUATION, GUIDE_ARTIFACTS, LOG, MODEL_CARD, TENSORBOARD, RunDir
-from .mechanisms import RetryBudget
+from .files.loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
+from .training.recipe import resolve
+from .files.rundir import (
+    CONFIG,
+    CONFUSION,
+    CURVES,
+    DATA_REPORT,
+    EVALUATION,
+    GUIDE_ARTIFACTS,
+    LOG,
+    MODEL_CARD,
+    TENSORBOARD,
+    RunDir,
+)
+from .training.mechanisms import RetryBudget
 from .runtime import configure_threads, resolve_device, versions
-from .signals import SignalGuard
-from .trainer import RobustTrainer
+from .training.signals import SignalGuard
+from .training.trainer import RobustTrainer
 
 
 @dataclass
@@ -287,7 +306,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         fingerprint = ds.fingerprint()
     test = load(cfg.test_data, "test") if cfg.test_data is not None else None
     if test is not None:
-        from .evaluate import match_classes
+        from .tools.evaluate import match_classes
 
         match_classes(test.class_names, ds.class_names, test.source)  # unknown classes: exit 2 now, not after training
     if len(val_y) == 0:
@@ -402,8 +421,8 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: 
 
     Under several processes the main one loads the base model; DDP gives its weights to the others."""
     dist = dist or Dist()
-    from .model import load_base_model
-    from .plots import CurveRefresher
+    from .model.loading import load_base_model
+    from .tools.plots import CurveRefresher
 
     init = None
     if plan.state is None and base is not None and dist.is_main:
@@ -478,7 +497,7 @@ def open_run(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData
 
 def describe_start(cfg: TrainConfig, run: RunDir, plan: ResumePlan, trainer: RobustTrainer) -> None:
     """The start-up lines: the model, the automatic settings, leftovers removed, where it resumes."""
-    from .model import count_parameters
+    from .model.cnn import count_parameters
 
     # On resume the weights come from the checkpoint; init_note says where the run began.
     origin = trainer.init_note if plan.state is None else f"resumes from {plan.source} (the run started {trainer.init_note})"
@@ -545,10 +564,10 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
                   run_config: dict[str, Any], device: torch.device) -> None:
     """After training: final curves, evaluation of the best model on the validation split (and the
     test data, if given), and the model card. A failure here is reported but loses no training."""
-    from .evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
-    from .model import load_model_file
-    from .model_card import write_model_card
-    from .plots import plot_training_curves
+    from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
+    from .model.loading import load_model_file
+    from .tools.model_card import write_model_card
+    from .tools.plots import plot_training_curves
 
     try:
         plot_training_curves(history, run / CURVES, cfg.monitor)

@@ -47,12 +47,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
-from .errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
+from ..files.checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
+from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
-from .log import printable
-from .model import load_model_file
-from .runtime import run_tool, tool_parser
+from ..log import printable
+from ..model.loading import load_model_file
+from ..runtime import run_tool, tool_parser
 
 TOLERANCE = 1e-4
 OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
@@ -255,7 +255,7 @@ def export_sidecar(model_path: Path, meta: dict[str, Any], files: dict[str, str 
                    "value": "logits; softmax gives probabilities, in the order of class_names"},
         "polarity": model_polarity(meta),
         "preprocessing": (
-            "cnn_finetune.imageprep.load_image_file(path, polarity, light=True): grayscale; invert when the "
+            "cnn_finetune.data.imageprep.load_image_file(path, polarity, light=True): grayscale; invert when the "
             "background is bright (polarity auto) or always (invert); 28x28 images are then used as they are, "
             "others are cropped to the strokes, fitted into 20x20 keeping the aspect ratio and centred by mass "
             "in 28x28 (the MNIST layout)"

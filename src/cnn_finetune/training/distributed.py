@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that never comes is a failure; torchrun restarts the group
 

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_json
-from .errors import EXIT_OK, UserError
+from ..files.checkpoint import atomic_write_json
+from ..errors import EXIT_OK, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
-from .log import logger, printable
-from .rundir import CONFUSION, EVALUATION
-from .runtime import resolve_device, run_tool, tool_parser
+from ..log import logger, printable
+from ..files.rundir import CONFUSION, EVALUATION
+from ..runtime import resolve_device, run_tool, tool_parser
 
 TOP_CONFUSED = 10
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .data_loader import load_dataset
+    from ..data.loader import load_dataset
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")

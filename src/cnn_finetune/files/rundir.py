@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
-from .log import logger
+from ..errors import UserError
+from ..log import logger
 
 LAST = "checkpoint_last.pth"
 PREV = "checkpoint_prev.pth"

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 BASE_PATIENCE = 8  # the training guide's default
 PATIENCE_REFERENCE_EPOCHS = 15  # ... for a run of this length; longer runs get proportionally more

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import to_unit
+from ..data.augment import to_unit
 from .distributed import Dist
-from .errors import TrainingFailed
-from .log import logger
+from ..errors import TrainingFailed
+from ..log import logger
 
 
 class Validator:

@@ -21,18 +21,19 @@ import torch
 import torch.nn as nn
 
 from .checkpoint_manager import CheckpointManager
-from .config import TrainConfig
-from .data_loader import SplitData
-from .errors import Interrupted, RolledBack, TrainingFailed, UserError
+from ..config import TrainConfig
+from ..data.loader import SplitData
+from ..errors import Interrupted, RolledBack, TrainingFailed, UserError
 from .faults import FaultInjector
 from .history import TIMING_KEYS, History, epoch_line
-from .log import logger, progress_bar
-from .mechanisms import Clock, EarlyStopping, EpochMetrics, MicroBatcher, NanGuard, Position, RetryBudget, mix_seed
+from ..log import logger, progress_bar
+from .mechanisms import Clock, EarlyStopping, EpochMetrics, NanGuard, Position, RetryBudget, mix_seed
+from .microbatch import MicroBatcher
 from .step import StepRunner
 from .recipe import resolve, segment_lr
-from .model import ARCH, CNNv2, build_model, make_optimizer, unwrap
-from .rundir import RunDir
-from .runtime import configure_threads, versions
+from ..model.cnn import ARCH, CNNv2, build_model, make_optimizer, unwrap
+from ..files.rundir import RunDir
+from ..runtime import configure_threads, versions
 from .sampling import DeviceData
 from .distributed import Dist, data_parallel
 from .signals import SignalGuard

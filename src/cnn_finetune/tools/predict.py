@@ -34,12 +34,12 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 import torch
 
-from .data_formats import csv_kind, is_csv, read_pixel_csv
-from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
-from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
+from ..data.formats import csv_kind, is_csv, read_pixel_csv
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
+from ..data.imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
-from .log import printable
-from .runtime import resolve_device, run_tool, tool_parser
+from ..log import printable
+from ..runtime import resolve_device, run_tool, tool_parser
 
 
 @dataclass

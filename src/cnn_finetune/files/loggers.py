@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .checkpoint import atomic_write_bytes
-from .errors import UserError
-from .log import logger
+from ..errors import UserError
+from ..log import logger
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 

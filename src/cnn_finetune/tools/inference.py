@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from .augment import normalize, to_unit
-from .config import DEFAULT_OUTPUT_DIR
-from .errors import UserError
-from .model import CNNv2, load_model_file
-from .rundir import BEST
+from ..data.augment import normalize, to_unit
+from ..config import DEFAULT_OUTPUT_DIR
+from ..errors import UserError
+from ..model.cnn import CNNv2
+from ..model.loading import load_model_file
+from ..files.rundir import BEST
 
 # What train_finetuned.py writes with its default settings: the tools' default --model.
 DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / BEST
@@ -64,7 +65,7 @@ def model_polarity(meta: dict[str, Any]) -> str:
 
 def model_max_pixels(meta: dict[str, Any]) -> int:
     """The image size limit the model was trained with (the default for files that predate the field)."""
-    from .imageprep import DEFAULT_MAX_PIXELS
+    from ..data.imageprep import DEFAULT_MAX_PIXELS
 
     return int((meta.get("config") or {}).get("max_image_pixels", DEFAULT_MAX_PIXELS))
 

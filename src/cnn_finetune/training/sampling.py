@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .data_loader import SplitData, class_weights
+from ..data.loader import SplitData, class_weights
 from .mechanisms import mix_seed
 
 

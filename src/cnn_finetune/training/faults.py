@@ -35,9 +35,9 @@ from typing import Any, Iterator, Protocol
 import torch
 import torch.nn as nn
 
-from . import checkpoint
-from .errors import UserError
-from .rundir import LAST
+from ..files import checkpoint
+from ..errors import UserError
+from ..files.rundir import LAST
 
 KINDS = ("oom", "oomall", "valoom", "error", "nan", "shape", "kill", "sigint", "sigterm", "sighup", "sigint2")
 

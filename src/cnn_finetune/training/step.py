@@ -22,11 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import AugmentParams, augment_batch, normalize
-from .config import TrainConfig
+from ..data.augment import AugmentParams, augment_batch, normalize
+from ..config import TrainConfig
 from .distributed import Dist
-from .mechanisms import EpochMetrics, MicroBatcher, mix_seed
-from .model import CNNv2, deferred_bn_stats, ghost_groups, grad_norm, split_for_micro_batches
+from .mechanisms import EpochMetrics, mix_seed
+from .microbatch import MicroBatcher
+from ..model.cnn import CNNv2, deferred_bn_stats, grad_norm
+from .microbatch import ghost_groups, split_for_micro_batches
 from .sampling import DeviceData
 
 

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CheckpointError
-from .log import printable
+from ..errors import CheckpointError
+from ..log import printable
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"

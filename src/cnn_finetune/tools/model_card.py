@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import atomic_write_bytes
-from .log import printable
+from ..files.checkpoint import atomic_write_bytes
+from ..log import printable
 from .plots import best_record
-from .rundir import BEST as BEST_MODEL
-from .rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, HISTORY, MODEL_CARD
+from ..files.rundir import BEST as BEST_MODEL
+from ..files.rundir import CONFIG, CONFUSION, CURVES, DATA_REPORT, HISTORY, MODEL_CARD
 SKIPPED_SHOWN = 20  # skipped files listed in the card; all of them are in data_report.json
 CONFUSED_SHOWN = 5
 
@@ -199,9 +199,9 @@ def _usage_section(out_dir: Path, cfg: dict[str, Any]) -> list[str]:
         "```python",
         "from pathlib import Path",
         "import torch",
-        "from cnn_finetune.model import load_model_file",
-        "from cnn_finetune.imageprep import load_image_file",
-        "from cnn_finetune.inference import predict_proba",
+        "from cnn_finetune.model.cnn import load_model_file",
+        "from cnn_finetune.data.imageprep import load_image_file",
+        "from cnn_finetune.tools.inference import predict_proba",
         "",
         f'model, meta = load_model_file("{model}")  # eval mode; meta: class_names, normalization, config, ...',
         f'pixels = load_image_file(Path("digit.png"), polarity=meta["config"]["polarity"], light=True)  # "{polarity}": uint8 28x28',

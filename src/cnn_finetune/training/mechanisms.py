@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import TrainingFailed
+from ..errors import TrainingFailed
 
 # ------------------------------------------------------------------------------------------------
 # Metric comparison shared by early stopping, the best-K keeper and the plots
@@ -80,56 +80,6 @@ class EarlyStopping:
         """Restore the state saved by ``state_dict``."""
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         self.best_tiebreak = state.get("best_tiebreak")
-
-
-class MicroBatcher:
-    """How many micro-batches a step is split into after CUDA out-of-memory errors.
-
-    The count doubles on each OOM and is halved again after ``probe_steps`` clean steps, so a
-    transient memory spike does not slow the rest of the run.
-    """
-
-    def __init__(self, probe_steps: int = 200) -> None:
-        self.probe_steps = probe_steps
-        self.parts = 1
-        self.clean_steps = 0
-
-    def on_oom(self) -> int:
-        """Double the split after an OOM; returns the new number of micro-batches."""
-        self.parts *= 2
-        self.clean_steps = 0
-        return self.parts
-
-    def split_after_oom(self, split: Callable[[int], list[int]], advice: str) -> list[int]:
-        """Double the split after an OOM; returns the new micro-batch sizes, ``split(parts)``.
-
-        Raises ``TrainingFailed`` (with ``advice``) when the batch cannot be cut any finer.
-        """
-        before = split(self.parts)
-        sizes = split(self.on_oom())
-        if len(sizes) <= len(before):
-            raise TrainingFailed(f"out of memory even with micro-batches of {min(before)} sample(s) (one batch-norm group): "
-                                 + advice)
-        return sizes
-
-    def on_success(self) -> bool:
-        """Count a clean step; returns True when the split was just reduced (a probe)."""
-        if self.parts == 1:
-            return False
-        self.clean_steps += 1
-        if self.probe_steps > 0 and self.clean_steps >= self.probe_steps:
-            self.parts //= 2
-            self.clean_steps = 0
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data state for the checkpoint."""
-        return {"parts": self.parts, "clean_steps": self.clean_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by ``state_dict``."""
-        self.parts, self.clean_steps = int(state["parts"]), int(state["clean_steps"])
 
 
 class NanGuard:

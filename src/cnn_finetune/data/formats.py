@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .imageprep import SIDE
 
 PIXELS = SIDE * SIDE

@@ -28,12 +28,11 @@ from typing import Any, BinaryIO, Iterable
 import numpy as np
 import torch
 
-from .errors import DataError
-from .log import logger
-from .data_formats import (LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, read_labels_csv, read_npz,
-                           read_pixel_csv)
+from ..errors import DataError
+from ..log import logger
+from .formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, read_labels_csv, read_npz, read_pixel_csv
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
-from .runtime import physical_memory
+from ..runtime import physical_memory
 
 CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -227,7 +226,7 @@ def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
     ds = build()
     ds.cache = "miss"
     try:
-        from .checkpoint import atomic_torch_save
+        from ..files.checkpoint import atomic_torch_save
 
         cache_dir.mkdir(parents=True, exist_ok=True)
         blob = {k: getattr(ds, k) for k in ("images", "labels", "class_names", "source", "kind",
@@ -554,7 +553,7 @@ def builtin_sample_path() -> Path:
     The 5,000 digits ship inside the package (``cnn_finetune/data/``, with a README on their origin
     and licence), so the sample needs no other package and no download.
     """
-    folder = Path(__file__).with_name("data")
+    folder = Path(__file__).with_name("sample")
     for name in BUILTIN_FILES:
         if not (folder / name).is_file():
             raise DataError(f"the built-in MNIST sample {folder / name} is missing from the installed package; "

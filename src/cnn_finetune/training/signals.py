@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, Iterator
 
-from .errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, Interrupted
+from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 
 EXIT_CODES = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 if hasattr(signal, "SIGHUP"):  # not on Windows

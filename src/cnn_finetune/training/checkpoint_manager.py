@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, link_or_copy, load_newest_valid, save_checkpoint
-from .errors import ArtifactWriteError
-from .log import logger
+from ..files.checkpoint import atomic_write_bytes, atomic_write_json, link_or_copy, load_newest_valid, save_checkpoint
+from ..errors import ArtifactWriteError
+from ..log import logger
 from .mechanisms import MODE_OF_METRIC
-from .loggers import metrics_csv
-from .rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
+from ..files.loggers import metrics_csv
+from ..files.rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
 
 
 class BestKeeper:

@@ -1,0 +1,119 @@
+"""Base models and model files: weights from a ``.pth`` or ``.safetensors`` file into a CNN v2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .cnn import ARCH, CNNv2, build_model
+
+
+def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes: list[str] | None,
+                     class_names: list[str], source: str) -> str:
+    """Load a base model's weights into ``model``, replacing the head when the classes differ.
+
+    Feature layers must match exactly (a clear error names the first mismatch). Head rows of
+    classes present in both models are kept, so fine-tuning 0-9 to 0-9 plus letters keeps the digits.
+    Returns a one-line description of what was done.
+    """
+    own = model.state_dict()
+    feats = {k: v for k, v in state.items() if k.startswith("features.")}
+    missing = [k for k in own if k.startswith("features.") and k not in feats]
+    if missing or not feats:
+        raise UserError(f"base model {source} is not a CNN v2 (missing {missing[0] if missing else 'features.*'}); pass weights saved by this program with --base-model, or --base-model none to train from scratch")
+    for k, v in feats.items():
+        if k not in own:
+            raise UserError(f"base model {source} has an unexpected layer {k}; it is not a CNN v2 of this program")
+        if own[k].shape != v.shape:
+            raise UserError(f"base model {source} does not fit: layer {k} has shape {tuple(v.shape)}, the model here needs {tuple(own[k].shape)} (is --width different from the base model's?)")
+    new_state = dict(own)
+    new_state.update(feats)
+    head_w, head_b = state.get("head.weight"), state.get("head.bias")
+    kept = 0
+    if head_w is not None and head_w.shape[1] == own["head.weight"].shape[1]:
+        if base_classes is None and head_w.shape[0] == len(class_names):
+            new_state["head.weight"], new_state["head.bias"] = head_w, head_b
+            kept = len(class_names)
+        elif base_classes is not None:
+            w, b = own["head.weight"].clone(), own["head.bias"].clone()
+            for i, name in enumerate(class_names):
+                if name in base_classes:
+                    j = base_classes.index(name)
+                    w[i], b[i] = head_w[j], head_b[j]
+                    kept += 1
+            new_state["head.weight"], new_state["head.bias"] = w, b
+    model.load_state_dict(new_state)
+    if kept == len(class_names):
+        return f"fine-tuning from {source}: all layers loaded"
+    return f"fine-tuning from {source}: feature layers loaded, classifier head new ({kept} of {len(class_names)} classes carried over)"
+
+
+def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
+    """Load weights from a model file, checkpoint, ``.safetensors`` file or plain state dict saved by
+    this program."""
+    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
+
+    if path.suffix == SAFETENSORS_SUFFIX:
+        try:
+            weights, meta = load_safetensors(path)
+        except CheckpointError as err:
+            raise UserError(f"base model cannot be used: {err}", path=str(path)) from None
+        return adapt_state_dict(model, weights, (meta or {}).get("class_names"), class_names, str(path))
+    try:
+        state = load_checkpoint(path)
+        if "model" not in state:
+            raise UserError(f"base model {path} is a checkpoint of this program but holds no model weights")
+        weights = state["model"]
+        base_classes = state.get("class_names")
+    except CheckpointError as err:
+        try:  # a plain state_dict saved with torch.save(model.state_dict())
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+            base_classes = None
+        except Exception:
+            raise UserError(f"base model cannot be used: {err}") from None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise UserError(f"base model {path} holds neither a model of this program nor a state dict of tensors") from None
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
+        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none")
+    return adapt_state_dict(model, weights, base_classes, class_names, str(path))
+
+
+def read_model_file(path: Path) -> dict[str, Any]:
+    """The state inside a model file: a ``.pth`` written by training, or a ``.safetensors`` written by
+    export.py (weights under ``model``, the metadata beside them). Raises ``CheckpointError``."""
+    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
+
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return load_checkpoint(path)
+    weights, meta = load_safetensors(path)
+    if meta is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a model written by this program (its header has no "
+                              "cnn_finetune metadata); use a .safetensors file written by export.py", path=str(path))
+    return {**meta, "model": weights}
+
+
+def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tuple[CNNv2, dict[str, Any]]:
+    """Load ``best_model_finetuned.pth`` (or a best-epoch file, a checkpoint, or a ``.safetensors``
+    file written by export.py) for inference.
+
+    Returns the model in eval mode and its metadata: class names, normalisation, epoch, metrics.
+    """
+    from ..files.checkpoint import CheckpointError
+
+    try:
+        state = read_model_file(Path(path))
+    except CheckpointError as err:
+        raise UserError(f"model file cannot be used: {err}") from None
+    if "arch" not in state or "model" not in state:
+        raise UserError(f"{path} is not a model saved by this program (no architecture or weights inside)")
+    if state["arch"] != ARCH:
+        raise UserError(f"{path} holds architecture {state['arch']!r}; this program knows {ARCH!r}")
+    model = build_model(**state["arch_params"])
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    meta = {k: v for k, v in state.items() if k != "model"}
+    return model, meta
