@@ -30,6 +30,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import DataError
+from ..files.kinds import open_regular
+from ..runtime import physical_memory
 from .imageprep import SIDE
 
 PIXELS = SIDE * SIDE
@@ -64,9 +66,18 @@ def is_csv(path: Path) -> bool:
 def open_maybe_gzip(path: Path) -> BinaryIO:
     """``path`` opened for reading bytes, decompressed on the fly when it is gzip (told by its first
     two bytes, not by its name), so that a reader can stop early without decompressing it whole."""
-    with open(path, "rb") as fh:
+    fh = open_regular(path)  # a FIFO or a device raises NotRegularFile (an OSError) instead of blocking
+    try:
         gz = fh.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    if not gz:
+        return fh
+    stream = gzip.GzipFile(fileobj=fh, mode="rb")
+    stream.myfileobj = fh  # type: ignore[attr-defined]  # closed with the stream, as gzip.open(path) does
+    return stream  # type: ignore[return-value]
 
 
 def read_lines(path: Path) -> list[str]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files.kinds import kind_of_mode, special_kind
 from ..log import logger
 from .formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, read_labels_csv, read_npz, read_pixel_csv
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
@@ -136,6 +137,10 @@ def load_dataset(
         ds = _cached(_builtin_key(), cache, _load_builtin)
     else:
         root, part = _npz_part(Path(path), part)
+        what = special_kind(root)
+        if what not in (None, "a folder"):
+            raise DataError(f"data path {root} is {what}, not a file or folder of data; pass a folder of class folders, an IDX "
+                            "images file, a .npz, a CSV of pixels or a folder with a labels.csv", path=str(root))
         if not root.exists():
             raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, a .npz, "
                             "a CSV of pixels, a folder with a labels.csv, or omit --data for the built-in MNIST sample", path=str(root))
@@ -266,10 +271,12 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str
                     if name.startswith("."):
                         continue
                     file = Path(dirpath) / name
-                    if file.suffix.lower() in IMAGE_EXTENSIONS:
-                        files.append((section, class_dir.name, file))
-                    else:
+                    if file.suffix.lower() not in IMAGE_EXTENSIONS:
                         ignored += 1
+                    elif (what := special_kind(file)) is not None:  # a FIFO would hang the first read
+                        unreadable.append({"path": str(file), "reason": f"{what}, not an image file: skipped without opening it"})
+                    else:
+                        files.append((section, class_dir.name, file))
     if not class_dirs:
         where = " and ".join(str(b) for _, b in bases)
         raise DataError(f"no class folders in {where}; put each class's images in its own sub-folder, e.g. {bases[0][1] / '7' / 'img001.png'}")
@@ -284,12 +291,14 @@ def file_identity(path: Path) -> list[Any]:
     ``os`` calls on one descriptor: for thousands of small images this costs about as much again as
     the ``stat`` calls alone (threads only add lock contention when the files are in the page cache).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # never blocks on a FIFO; the fstat below then refuses it without reading
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError:
         return [-1, -1, None]
     try:
         st = os.fstat(fd)
+        if kind_of_mode(st.st_mode) is not None:
+            return [-1, -1, None]
         h = hashlib.blake2b(digest_size=16)
         while chunk := os.read(fd, 1 << 24):
             h.update(chunk)

@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NotRegularFile
 from ..log import printable
+from .kinds import open_regular
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"
@@ -192,7 +193,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist", path=str(path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as fh:  # a FIFO named like a checkpoint must not hang the run
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
+    except NotRegularFile as err:
+        raise CheckpointError(f"{path} is {err.strerror}", path=str(path)) from None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path} cannot be loaded ({type(err).__name__}: {first_line}); it is truncated, corrupt or not a checkpoint",
@@ -241,7 +245,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     from safetensors.torch import load
 
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as fh:  # a FIFO would block the read forever
+            data = fh.read()
         weights = load(data)
         header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every problem

@@ -16,6 +16,7 @@ import torch
 from ..data.augment import normalize, to_unit
 from ..config import DEFAULT_OUTPUT_DIR
 from ..errors import UserError
+from ..files.kinds import special_kind
 from ..model.cnn import CNNv2
 from ..model.loading import load_model_file
 from ..files.rundir import BEST
@@ -34,6 +35,9 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--model {path} is a folder; pass the model file inside it, e.g. {path / BEST}")
+    what = special_kind(path)
+    if what is not None:  # a FIFO would block the read forever
+        raise UserError(f"--model {path} is {what}, not a model file; pass the .pth or .safetensors file itself", path=str(path))
     if not path.exists():
         raise UserError(f"model file {path} does not exist; pass --model PATH, or train one first with scripts/train_finetuned.py")
     try:

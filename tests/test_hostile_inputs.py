@@ -1,0 +1,138 @@
+"""Hostile input files, through the real commands: FIFOs where files should be, sizes that lie,
+a damaged data cache, edited model files, CSV cells and labels past Python's limits, and labels
+lists that reach outside their folder (issue 20, the input cases).
+
+Each test runs train_finetuned.py (``conftest.run_cli``), evaluate.py, predict.py or export.py
+(their ``main``) on a file made to be hostile, and asserts on the exit code, the message and the
+data report. Where the bug was a hang, the command runs in a thread that must finish in time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, finished_run, run_cli
+
+from cnn_finetune.data.loader import load_dataset
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes (FIFOs) need a POSIX system")
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()``, which must return within ``seconds``: a read that blocks on a FIFO fails the test
+    instead of hanging it (the blocked thread is a daemon, left behind)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, in the test's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s: blocked on a FIFO?"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_idx: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny set's 400 real MNIST digits (uint8 N x 28 x 28) and labels."""
+    ds = load_dataset(tiny_idx, use_cache=False)
+    return ds.images[:, 0].numpy(), ds.labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def model_file(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best_model_finetuned.pth of a one-epoch FAST run on the tiny set."""
+    return finished_run([*FAST, "--epochs", "1", "--data", str(tiny_idx)], tmp_path_factory, "hostile_model") / "best_model_finetuned.pth"
+
+
+def png_folder(root: Path, digits: tuple[np.ndarray, np.ndarray], per_class: int = 12) -> Path:
+    """Class folders 0/ and 1/ of real digits as 28x28 PNG files (white strokes on black)."""
+    images, labels = digits
+    for c in (0, 1):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i, k in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            Image.fromarray(images[k]).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "data_report.json").read_text())["train_source"]
+
+
+def predict(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict], str]:
+    from cnn_finetune.tools.predict import main
+
+    code = main([*args, "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else [], captured.err
+
+
+# ------------------------------------------------------------------------------------------------
+# Case 4: FIFOs, sockets and devices are skipped without being opened
+
+
+@needs_fifo
+def test_a_fifo_in_a_class_folder_is_skipped_by_training_and_evaluation(digits, model_file: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.tools.evaluate import main as evaluate_main
+
+    root = png_folder(tmp_path / "data", digits)
+    fifo = root / "0" / "stuck.png"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading blocks forever
+    proc = within(60, lambda: run_cli([*FAST, "--epochs", "1", "--data", str(root), "--output-dir", "out"], tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_images"] == 24
+    assert {"path": str(fifo), "reason": "a FIFO (named pipe), not an image file: skipped without opening it"} in report["skipped"]
+    assert within(60, lambda: evaluate_main(["--model", str(model_file), "--data", str(root), "--output-dir", str(tmp_path / "ev")])) == 0
+    assert "a FIFO (named pipe)" in capsys.readouterr().err + (tmp_path / "ev" / "evaluation.json").read_text()
+
+
+@needs_fifo
+def test_a_fifo_or_device_as_model_base_model_or_image_is_refused_at_once(digits, model_file: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    fifo = tmp_path / "model.pth"
+    os.mkfifo(fifo)
+    image = png_folder(tmp_path / "imgs", digits, per_class=1) / "0" / "0.png"
+    for model in (fifo, Path("/dev/zero")):  # a FIFO blocks; /dev/zero never ends
+        code, _, err = within(30, lambda: predict(capsys, "--model", str(model), str(image)))
+        assert code == 2 and f"--model {model} is a" in err and "not a model file" in err, err
+    proc = within(60, lambda: run_cli([*FAST, "--base-model", str(fifo), "--output-dir", "out"], tmp_path))
+    assert proc.returncode == 2 and f"--base-model {fifo} is a FIFO (named pipe), not a model file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+    # A FIFO among the images to predict: one error line, the other images predicted.
+    pipe = image.parent / "pipe.png"
+    os.mkfifo(pipe)
+    code, records, _ = within(30, lambda: predict(capsys, "--model", str(model_file), str(image.parent)))
+    assert code == 0 and [r["file"] for r in records] == [str(image), str(pipe)]
+    assert records[0]["error"] is None and records[1]["error"] == "a FIFO (named pipe), not an image file: skipped without opening it"
+
+
+@needs_fifo
+def test_a_fifo_beside_an_idx_file_or_as_data_is_exit_2(tiny_idx: Path, tmp_path: Path) -> None:
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    images.write_bytes(tiny_idx.read_bytes())
+    os.mkfifo(tmp_path / "train-labels-idx1-ubyte.gz")
+    proc = within(60, lambda: run_cli([*FAST, "--data", str(images), "--output-dir", "out"], tmp_path))
+    assert proc.returncode == 2 and "a FIFO (named pipe), not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    os.mkfifo(tmp_path / "data.npz")
+    proc = within(60, lambda: run_cli([*FAST, "--data", str(tmp_path / "data.npz"), "--output-dir", "out"], tmp_path))
+    assert proc.returncode == 2 and f"data path {tmp_path / 'data.npz'} is a FIFO (named pipe)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
