@@ -136,3 +136,72 @@ def test_a_fifo_beside_an_idx_file_or_as_data_is_exit_2(tiny_idx: Path, tmp_path
     proc = within(60, lambda: run_cli([*FAST, "--data", str(tmp_path / "data.npz"), "--output-dir", "out"], tmp_path))
     assert proc.returncode == 2 and f"data path {tmp_path / 'data.npz'} is a FIFO (named pipe)" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Case 6: sizes are checked before anything is allocated
+
+
+def forged_model(model_file: Path, path: Path, **changes: Any) -> Path:
+    """``model_file`` saved again as ``path`` (.pth or .safetensors) with ``changes`` to its state and a
+    fresh, valid checksum: what anyone can do, since the checksum has no key."""
+    from cnn_finetune.files.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+
+    state = {**load_checkpoint(model_file), **changes}
+    if path.suffix == ".safetensors":
+        save_safetensors(state, path)
+    else:
+        save_checkpoint(state, path)
+    return path
+
+
+def test_a_model_file_claiming_width_1500_is_refused_before_the_model_is_built(digits, model_file: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.files.checkpoint import load_checkpoint
+    from cnn_finetune.tools.export import main as export_main
+
+    params = load_checkpoint(model_file)["arch_params"]
+    image = png_folder(tmp_path / "imgs", digits, per_class=1) / "0" / "0.png"
+    for suffix in (".safetensors", ".pth"):
+        forged = forged_model(model_file, tmp_path / f"wide{suffix}", arch_params={**params, "width": 1500})
+        code, _, err = predict(capsys, "--model", str(forged), str(image))
+        assert code == 2 and f"model file {forged} says width=1500, outside 1 to 512" in err and "nothing was built" in err, err
+    forged = forged_model(model_file, tmp_path / "odd.safetensors", arch_params={**params, "depth": 7})
+    assert export_main(["--model", str(forged), "--output-dir", str(tmp_path / "exp")]) == 2
+    assert f"model file {forged} has unusable architecture parameters" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_an_npz_whose_header_claims_a_billion_images_is_exit_2(tmp_path: Path) -> None:
+    liar = tmp_path / "liar.npz"
+    with zipfile.ZipFile(liar, "w") as z:  # under 1 KB, claiming 784 GB
+        z.writestr("x_train.npy", npy_header((10**9, 28, 28)) + bytes(100))
+        z.writestr("y_train.npy", npy_header((10**9,)) + bytes(100))
+    assert liar.stat().st_size < 1000
+    proc = run_cli([*FAST, "--data", str(liar), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"x_train in {liar}: its header claims shape (1000000000, 28, 28) of uint8, 784 GB, but the file holds 100 data bytes" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_npz_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
+    bomb, n = tmp_path / "bomb.npz", 350_000  # 274 MB of blank images packed into about 270 KB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("x_test.npy", "w", force_zip64=True) as member:
+            member.write(npy_header((n, 28, 28)))
+            for _ in range(n // 1000):
+                member.write(bytes(784 * 1000))
+        z.writestr("y_test.npy", npy_header((n,)) + bytes(n))
+    assert bomb.stat().st_size < 2_000_000
+    proc = run_cli([*FAST, "--data", str(bomb) + ":test", "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"x_test in {bomb}: its header claims shape ({n}, 28, 28) of uint8, 0.274 GB, packed into" in proc.stderr
+    assert "a zip bomb of blank images, not a data set; refused before unpacking" in proc.stderr
+    assert not (tmp_path / "out").exists()

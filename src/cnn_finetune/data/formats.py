@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import os
 import zipfile
 import zlib
@@ -248,11 +249,13 @@ def read_npz(path: Path, part: str = "train") -> Table:
     """
     x_key, y_key = NPZ_PARTS[part]
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open_regular(path) as fh, np.load(fh, allow_pickle=False) as npz:
             if x_key not in npz.files:
                 held = ", ".join(npz.files) or "no arrays"
                 raise DataError(f"{path} has no {x_key} array (it holds {held}); expected x_train/y_train, and "
                                 "x_test/y_test for --test-data", path=str(path))
+            keys = [x_key] + ([y_key] if y_key in npz.files else [])
+            check_npz_sizes(path, npz.zip, keys)  # from the headers, before any array is allocated
             x = npz[x_key]
             y = npz[y_key] if y_key in npz.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -271,6 +274,38 @@ def read_npz(path: Path, part: str = "train") -> Table:
     images = x[keep].astype(np.uint8) if skip or x.dtype != np.uint8 else x
     return Table(images, [labels[i] for i in keep] if labels is not None else None, keep,
                  sorted(bad_rows), where=f"{x_key}[{{}}]")
+
+
+# Deflate packs at most about 1,000:1, real image arrays 3-20:1. A member that unpacks to more than
+# this many bytes at over _BOMB_RATIO:1 holds (nearly) blank images: a zip bomb, not a data set.
+_BOMB_BYTES, _BOMB_RATIO = 256 << 20, 200
+
+
+def check_npz_sizes(path: Path, archive: zipfile.ZipFile, keys: list[str]) -> None:
+    """Refuse arrays of an ``.npz`` whose ``.npy`` headers claim more than the zip member holds, more
+    than half of this machine's memory (as for IDX files), or that unpack like a zip bomb; reads only
+    the headers. Raises ``DataError`` naming the file and the array."""
+    limit, total = physical_memory() // 2, 0
+    names = set(archive.namelist())
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read_header(member, max_header_size=10000)
+            header_len = member.tell()
+        need = math.prod(shape) * dtype.itemsize
+        total += need
+        where = f"{key} in {path}: its header claims shape {shape} of {dtype}, {need / 1e9:.3g} GB"
+        if need > info.file_size - header_len:
+            raise DataError(f"{where}, but the file holds {max(0, info.file_size - header_len):,} data bytes: the file is damaged "
+                            "or not what its header says", path=str(path))
+        if total > limit:
+            raise DataError(f"{where}, more than half of this machine's memory ({limit * 2 / 1e9:.3g} GB): too large to load",
+                            path=str(path))
+        if need > _BOMB_BYTES and need > _BOMB_RATIO * max(1, info.compress_size):
+            raise DataError(f"{where}, packed into {info.compress_size:,} bytes ({need // max(1, info.compress_size):,}:1): "
+                            "a zip bomb of blank images, not a data set; refused before unpacking", path=str(path))
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .cnn import ARCH, CNNv2, build_model
+from .cnn import ARCH, MAX_CLASSES, MAX_GHOST_SIZE, MAX_WIDTH, CNNv2, build_model
 
 
 def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes: list[str] | None,
@@ -112,8 +112,23 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} is not a model saved by this program (no architecture or weights inside)")
     if state["arch"] != ARCH:
         raise UserError(f"{path} holds architecture {state['arch']!r}; this program knows {ARCH!r}")
-    model = build_model(**state["arch_params"])
+    model = build_model(**checked_arch_params(state.get("arch_params"), str(path)))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k != "model"}
     return model, meta
+
+
+def checked_arch_params(params: Any, source: str) -> dict[str, int]:
+    """A model file's ``arch_params`` checked against the limits of training before anything is built:
+    a forged ``width`` of 1500 would otherwise allocate gigabytes first. Raises ``UserError``."""
+    limits = {"num_classes": (2, MAX_CLASSES), "width": (1, MAX_WIDTH), "bn_ghost_size": (0, MAX_GHOST_SIZE)}
+    if not isinstance(params, dict) or not set(params) <= set(limits) or "num_classes" not in params:
+        raise UserError(f"model file {source} has unusable architecture parameters ({str(params)[:120]}); expected "
+                        f"{', '.join(limits)}: it was not written by this program or was edited", path=source)
+    for name, value in params.items():
+        low, high = limits[name]
+        if type(value) is not int or not low <= value <= high:
+            raise UserError(f"model file {source} says {name}={str(value)[:40]}, outside {low} to {high}: it was not written "
+                            "by this program or was edited; nothing was built", path=source)
+    return params
