@@ -205,3 +205,83 @@ def test_an_npz_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> Non
     assert f"x_test in {bomb}: its header claims shape ({n}, 28, 28) of uint8, 0.274 GB, packed into" in proc.stderr
     assert "a zip bomb of blank images, not a data set; refused before unpacking" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Case 9: CSV cells over the csv module's limit, labels past int()'s limit, labels that are not text;
+# quoted cells read as CSV quotes them (case 11's label "a,b")
+
+HEADER = "label," + ",".join(f"pixel{i}" for i in range(784))
+HUGE = "x" * 200_000  # over the csv module's 131,072 characters
+LONG_NUMBER = "1" * 5000  # over int()'s 4,300 digits
+
+
+def pixel_row(label: object, image: np.ndarray) -> str:
+    return ",".join([str(label), *map(str, image.ravel().tolist())])
+
+
+def test_csv_cells_and_labels_past_the_limits_are_skipped_rows(digits, model_file: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    images, labels = digits
+    rows = [pixel_row(lab, img) for img, lab in zip(images, labels)]
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join([HEADER, *rows[:200], pixel_row(LONG_NUMBER, images[0]), pixel_row(f'"{HUGE}"', images[1]),
+                                *rows[200:]]) + "\n")
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(train), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_images"] == 400 and report["class_names"] == [str(d) for d in range(10)]
+    assert [s["reason"] for s in report["skipped"]] == [
+        "line 202: label of 5,000 characters ('11111111111111111111'...); a class name has at most 255",
+        "line 203: label of 200,000 characters ('xxxxxxxxxxxxxxxxxxxx'...); a class name has at most 255"]
+    # A CSV whose first line holds a cell over the csv module's limit: one error line in predict.py,
+    # the other files still predicted; evaluate.py and training refuse it by name.
+    big = tmp_path / "big.csv"
+    big.write_text(pixel_row(f'"{HUGE}"', images[0]) + "\n")
+    good = tmp_path / "good.csv"
+    good.write_text("\n".join(rows[:3]) + "\n")
+    code, records, err = predict(capsys, "--model", str(model_file), str(big), str(good))
+    assert code == 0 and "Traceback" not in err and [r["file"] for r in records] == [str(big), *(f"{good}:{n}" for n in (1, 2, 3))]
+    assert records[0]["error"].startswith(f"{big} is not a CSV of 28x28 images") and all(r["error"] is None for r in records[1:])
+    proc = run_cli([*FAST, "--data", str(big), "--output-dir", "big_out"], tmp_path)
+    assert proc.returncode == 2 and f"{big} is not a CSV of 28x28 images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_labels_csv_rows_past_the_limits_are_skipped(digits, tmp_path: Path) -> None:
+    root = png_folder(tmp_path / "flat", digits)
+    lines = ["filename,label"] + [f"{c}/{i}.png,{c}" for c in (0, 1) for i in range(12)]
+    lines[5] = f"0/4.png,{LONG_NUMBER}"
+    lines.insert(8, f"{HUGE},3")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(root), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_images"] == 23 and report["class_names"] == ["0", "1"]
+    reasons = [s["reason"] for s in report["skipped"]]
+    assert "line 6: 0/4.png: label of 5,000 characters ('11111111111111111111'...); a class name has at most 255" in reasons
+    assert "line 9: a cell of over 131,072 characters: not a file name and a label" in reasons
+
+
+def test_npz_labels_past_int_limits_or_not_utf8_are_skipped(digits, tmp_path: Path) -> None:
+    images, labels = digits
+    names = np.array([str(v).encode() for v in labels], dtype="S5000")
+    names[3], names[7] = LONG_NUMBER.encode(), b"\xff\xfe7"
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=images, y_train=names)
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(path), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_images"] == 398 and report["class_names"] == [str(d) for d in range(10)]
+    assert [s["reason"] for s in report["skipped"]] == [
+        "x_train[3]: label of 5,000 characters ('11111111111111111111'...); a class name has at most 255",
+        "x_train[7]: label y_train[7] is bytes that are not UTF-8 text; save class names as UTF-8 (or class numbers)"]
+
+
+def test_a_quoted_label_with_a_comma_is_a_class_name(digits, tmp_path: Path) -> None:
+    images, labels = digits
+    lines = [HEADER] + [pixel_row('"a,b"' if lab == 3 else lab, img) for img, lab in zip(images, labels)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(tmp_path / "train.csv"), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_skipped"] == 0 and report["class_counts"]["a,b"] == 40 and "3" not in report["class_names"]
