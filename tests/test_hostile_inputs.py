@@ -208,6 +208,91 @@ def test_an_npz_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------------------
+# Case 8: the safetensors checksum covers the metadata; normalisation and NaN weights are checked
+
+
+def resaved(exported: Path, path: Path, **meta: Any) -> Path:
+    """``exported`` with metadata entries replaced (JSON-encoded), weights and checksum as they were:
+    an edit by hand or by another tool."""
+    from safetensors.torch import load, save
+
+    data = exported.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    header.update({k: json.dumps(v) for k, v in meta.items()})
+    path.write_bytes(save(load(data), metadata=header))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cnn_finetune.tools.export import main
+
+    out = tmp_path_factory.mktemp("hostile_export")
+    assert main(["--model", str(model_file), "--output-dir", str(out), "--no-onnx"]) == 0
+    return out / "best_model_finetuned.safetensors"
+
+
+def test_edited_safetensors_metadata_fails_the_checksum(digits, exported: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.tools.export import main as export_main
+
+    capsys.readouterr()
+    meta = json.loads(json.loads(exported.read_bytes()[8:8 + int.from_bytes(exported.read_bytes()[:8], "little")])
+                      ["__metadata__"]["class_names"])
+    image = png_folder(tmp_path / "imgs", digits, per_class=1) / "0" / "0.png"
+    assert predict(capsys, "--model", str(exported), str(image))[0] == 0
+    edits = {"swapped": {"class_names": [meta[1], meta[0], *meta[2:]]}, "mean": {"normalization": {"mean": 0.5, "std": 0.3}}}
+    for name, edit in edits.items():
+        bad = resaved(exported, tmp_path / f"{name}.safetensors", **edit)
+        code, _, err = predict(capsys, "--model", str(bad), str(image))
+        assert code == 2 and f"{bad} fails its checksum: its weights or metadata" in err, err
+        assert export_main(["--model", str(bad), "--output-dir", str(tmp_path / "re")]) == 2
+        assert "fails its checksum" in capsys.readouterr().err
+    assert not (tmp_path / "re").exists()
+
+
+def test_a_safetensors_file_of_the_previous_format_is_refused_clearly(exported: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load, save
+
+    from cnn_finetune.files.checkpoint import content_digest
+
+    data = exported.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    weights = load(data)
+    old = tmp_path / "old.safetensors"  # as version 1 wrote it: the digest over the weights only
+    old.write_bytes(save(weights, metadata={**header, "cnn_finetune": "cnn_finetune/safetensors/1", "sha256": content_digest(weights)}))
+    code, _, err = predict(capsys, "--model", str(old), str(tmp_path))
+    assert code == 2 and "written by an earlier version of this program (cnn_finetune/safetensors/1)" in err
+    assert "export it again from its .pth with export.py" in err
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("norm", [{"mean": 0.13, "std": 0.0}, {"mean": float("nan"), "std": 0.3}])
+def test_a_model_with_std_0_or_a_nan_mean_is_exit_2(digits, model_file: Path, tmp_path: Path, suffix: str, norm: dict,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    forged = forged_model(model_file, tmp_path / f"norm{suffix}", normalization=norm)
+    image = png_folder(tmp_path / "imgs", digits, per_class=1) / "0" / "0.png"
+    code, records, err = predict(capsys, "--model", str(forged), str(image))
+    assert code == 2 and records == [] and f"model file {forged} has an unusable normalisation" in err, err
+
+
+def test_a_safetensors_base_model_with_nan_weights_is_exit_2_like_its_pth(model_file: Path, tiny_idx: Path,
+                                                                          tmp_path: Path) -> None:
+    from cnn_finetune.files.checkpoint import load_checkpoint
+
+    weights = dict(load_checkpoint(model_file)["model"])
+    key = next(k for k, v in weights.items() if k.startswith("features.") and v.is_floating_point())
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    for suffix in (".pth", ".safetensors"):
+        base = forged_model(model_file, tmp_path / f"nan{suffix}", model=weights)
+        proc = run_cli([*FAST, "--data", str(tiny_idx), "--base-model", str(base), "--output-dir", f"out{suffix}"], tmp_path)
+        assert proc.returncode == 2 and f"base model {base} holds NaN/Inf weights" in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / f"out{suffix}").exists()
+
+
+# ------------------------------------------------------------------------------------------------
 # Case 9: CSV cells over the csv module's limit, labels past int()'s limit, labels that are not text;
 # quoted cells read as CSV quotes them (case 11's label "a,b")
 

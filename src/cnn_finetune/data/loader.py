@@ -41,6 +41,7 @@ LAYOUT_SECTIONS = ("raw", "processed")
 # IDX labels are class numbers: the class names are their values. More than 65,536 would make the
 # classifier's head larger than the rest of the model; MNIST-style files use 0-9 or a few dozen.
 MAX_IDX_LABEL = 65535
+MIN_STD = 1e-6  # the smallest normalisation std: a one-colour data set must not divide by zero
 
 
 @dataclass
@@ -627,7 +628,7 @@ def normalization_stats(images: torch.Tensor) -> tuple[float, float]:
     n = float(hist.sum())
     mean = float((hist * values).sum()) / n
     var = float((hist * (values - mean) ** 2).sum()) / max(1.0, n - 1)
-    return mean, max(var ** 0.5, 1e-6)
+    return mean, max(var ** 0.5, MIN_STD)
 
 
 def align_classes(ds: Dataset, class_names: list[str]) -> Dataset:

@@ -54,14 +54,26 @@ def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes:
 def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
     """Load weights from a model file, checkpoint, ``.safetensors`` file or plain state dict saved by
     this program."""
-    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
+    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_safetensors
 
     if path.suffix == SAFETENSORS_SUFFIX:
         try:
             weights, meta = load_safetensors(path)
         except CheckpointError as err:
             raise UserError(f"base model cannot be used: {err}", path=str(path)) from None
-        return adapt_state_dict(model, weights, (meta or {}).get("class_names"), class_names, str(path))
+        base_classes = (meta or {}).get("class_names")
+    else:
+        weights, base_classes = _pth_weights(path)
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
+        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none", path=str(path))
+    return adapt_state_dict(model, weights, base_classes, class_names, str(path))
+
+
+def _pth_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The weights (and class names, when known) of a ``.pth``: a file of this program or a plain state dict."""
+    from ..files.checkpoint import CheckpointError, load_checkpoint
+
     try:
         state = load_checkpoint(path)
         if "model" not in state:
@@ -76,10 +88,7 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
             raise UserError(f"base model cannot be used: {err}") from None
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise UserError(f"base model {path} holds neither a model of this program nor a state dict of tensors") from None
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
-        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none")
-    return adapt_state_dict(model, weights, base_classes, class_names, str(path))
+    return weights, base_classes
 
 
 def read_model_file(path: Path) -> dict[str, Any]:
