@@ -208,6 +208,39 @@ def test_an_npz_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------------------
+# Case 7: a damaged data cache is noticed, reported and rebuilt
+
+
+def test_a_damaged_cache_is_rebuilt_not_used(model_file: Path, tiny_idx: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnn_finetune.files.checkpoint import load_checkpoint
+    from cnn_finetune.tools.evaluate import main as evaluate_main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CNN_FINETUNE_CACHE", str(cache))
+
+    def evaluate(name: str) -> tuple[dict, str]:
+        assert evaluate_main(["--model", str(model_file), "--data", str(tiny_idx), "--output-dir", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "evaluation.json").read_text()), capsys.readouterr().err
+
+    first, _ = evaluate("first")
+    [file] = cache.glob("*.pt")
+    labels = load_checkpoint(file)["labels"]
+    data = file.read_bytes()
+    at = data.find(labels.numpy().tobytes())  # torch.save stores tensors uncompressed
+    assert at > 0
+    flipped = labels.clone()
+    flipped[:50] = (flipped[:50] + 1) % 10  # 50 of 400 labels now wrong
+    file.write_bytes(data[:at] + flipped.numpy().tobytes() + data[at + len(flipped.numpy().tobytes()):])
+    second, err = evaluate("second")
+    assert f"warning: data cache {file} cannot be used ({file} fails its checksum" in err and "rebuilding it from the sources" in err
+    assert second["accuracy"] == first["accuracy"] and second["predictions"] == first["predictions"]
+    assert torch.equal(load_checkpoint(file)["labels"], labels)  # replaced by a file that verifies
+    third, err = evaluate("third")
+    assert "data cache" not in err and third["accuracy"] == first["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------
 # Case 8: the safetensors checksum covers the metadata; normalisation and NaN weights are checked
 
 

@@ -35,7 +35,7 @@ from .formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, r
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 from ..runtime import physical_memory
 
-CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
+CACHE_VERSION = 4  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes, 4: checksummed files)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LAYOUT_SECTIONS = ("raw", "processed")
 # IDX labels are class numbers: the class names are their values. More than 65,536 would make the
@@ -216,31 +216,51 @@ def _check_usable(ds: Dataset) -> None:
 
 
 def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
-    """Return the dataset for ``key`` from the cache, or build it and store it."""
+    """Return the dataset for ``key`` from the cache, or build it and store it.
+
+    A cache file is a checksummed checkpoint file (``files/checkpoint.py``): one whose bytes were
+    damaged after it was written (a flipped label would silently change every result) fails its
+    SHA-256, is reported once and rebuilt from the sources, and the new file replaces it atomically.
+    """
     if cache_dir is None:
         return build()
+    from ..files.checkpoint import load_checkpoint, save_checkpoint
+
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     file = cache_dir / f"{digest}.pt"
-    if file.exists():
+    if os.path.lexists(file):
         try:
-            blob = torch.load(file, map_location="cpu", weights_only=True)
-            ds = Dataset(**blob)
+            ds = _cached_dataset(load_checkpoint(file))
             ds.cache = "hit"
             return ds
         except Exception as err:  # a damaged cache only costs a rebuild
-            logger.warning(f"data cache {file} is unreadable ({type(err).__name__}); rebuilding it")
+            logger.warning(f"data cache {file} cannot be used ({str(err).splitlines()[0][:200]}); rebuilding it from the sources")
     ds = build()
     ds.cache = "miss"
     try:
-        from ..files.checkpoint import atomic_torch_save
-
         cache_dir.mkdir(parents=True, exist_ok=True)
-        blob = {k: getattr(ds, k) for k in ("images", "labels", "class_names", "source", "kind",
-                                            "skipped", "dropped_classes", "ignored_files")}
-        atomic_torch_save(blob, file)
+        save_checkpoint({k: getattr(ds, k) for k in _CACHED_FIELDS}, file)
     except OSError as err:  # an unwritable cache folder must not stop training
         logger.warning(f"cannot write data cache in {cache_dir}: {err.strerror or err}")
     return ds
+
+
+_CACHED_FIELDS = ("images", "labels", "class_names", "source", "kind", "skipped", "dropped_classes", "ignored_files")
+
+
+def _cached_dataset(blob: dict[str, Any]) -> Dataset:
+    """The dataset a verified cache file holds, its fields checked (a file that verifies may still be
+    another program's, or an older layout); ``ValueError`` says what does not fit."""
+    images, labels, names = blob.get("images"), blob.get("labels"), blob.get("class_names")
+    if set(blob) != set(_CACHED_FIELDS) or not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+            or not isinstance(names, list):
+        raise ValueError(f"unexpected contents {sorted(blob)}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, SIDE, SIDE) \
+            or labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
+        raise ValueError(f"images {images.dtype} {tuple(images.shape)}, labels {labels.dtype} {tuple(labels.shape)}")
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(names)):
+        raise ValueError(f"labels outside the {len(names)} classes")
+    return Dataset(**blob)
 
 
 # ------------------------------------------------------------------------------------------------

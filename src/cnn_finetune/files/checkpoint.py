@@ -142,7 +142,7 @@ def _digest_into(h: "hashlib._Hash", obj: Any) -> None:
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy: a data cache may be gigabytes
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=str):
