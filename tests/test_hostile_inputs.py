@@ -403,3 +403,60 @@ def test_a_quoted_label_with_a_comma_is_a_class_name(digits, tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = report_of(tmp_path / "out")
     assert report["num_skipped"] == 0 and report["class_counts"]["a,b"] == 40 and "3" not in report["class_names"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Case 11: labels lists that reach outside their folder, what a listed entry is, big ICC profiles,
+# too many threads
+
+
+def test_labels_csv_rows_outside_its_folder_are_skipped_with_a_warning(digits, tmp_path: Path) -> None:
+    root = png_folder(tmp_path / "flat", digits)
+    secret = tmp_path / "secret.png"  # beside the data folder: a labels list must not reach it
+    Image.fromarray(digits[0][0]).save(secret)
+    (root / "link.png").symlink_to(secret)
+    (root / "sub").mkdir()
+    lines = ["filename,label"] + [f"{c}/{i}.png,{c}" for c in (0, 1) for i in range(12)]
+    lines += ["../secret.png,0", f"{secret},1", "link.png,0", "sub,1", "0/../../secret.png,0"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pipe.png")
+        lines.append("pipe.png,1")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    proc = within(60, lambda: run_cli([*FAST, "--epochs", "1", "--data", str(root), "--output-dir", "out"], tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = report_of(tmp_path / "out")
+    assert report["num_images"] == 24
+    reasons = {s["reason"] for s in report["skipped"]}
+    real_root = os.path.realpath(root)
+    for line, how in ((26, "../secret.png is a path that climbs out of the folder"), (27, f"{secret} is an absolute path"),
+                      (28, "link.png is a symbolic link that leads out of the folder"),
+                      (30, "0/../../secret.png is a path that climbs out of the folder")):
+        assert f"line {line}: {how} ({os.path.realpath(secret)}); list only files inside {real_root}, or copy them there" in reasons
+    assert f"{root}/labels.csv: 4 row(s) name files outside {root}, skipped" in proc.stderr
+    by_path = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert by_path[str(root / "sub")] == "a folder, not an image file: skipped without opening it (listed on line 29 of labels.csv)"
+    if hasattr(os, "mkfifo"):
+        assert by_path[str(root / "pipe.png")] == ("a FIFO (named pipe), not an image file: skipped without opening it "
+                                                   "(listed on line 31 of labels.csv)")
+
+
+def test_a_png_with_a_10_mb_icc_profile_gets_the_right_reason(digits, tmp_path: Path) -> None:
+    root = png_folder(tmp_path / "data", digits)
+    icc = root / "1" / "icc.png"
+    Image.fromarray(digits[0][0]).save(icc, icc_profile=os.urandom(10 << 20))
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(root), "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [entry] = report_of(tmp_path / "out")["skipped"]
+    assert entry == {"path": str(icc), "reason": "a metadata chunk (ICC colour profile or text) unpacks to more than Pillow's limit "
+                     "of 1,048,576 bytes: a damaged or hostile file, not decoded; save the image again without its profile"}
+
+
+def test_more_threads_than_cores_are_capped_with_a_warning(tiny_idx: Path, tmp_path: Path) -> None:
+    from cnn_finetune.runtime import available_cores
+
+    proc = run_cli([*FAST, "--epochs", "1", "--data", str(tiny_idx), "--num-threads", "4096", "--output-dir", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cores = available_cores()
+    warning = (f"warning: --num-threads 4096 is more than the {cores} CPU core(s) this process may use; using {cores} "
+               "(more threads than cores only slow torch down)")
+    assert proc.stderr.count(warning) == 1, proc.stderr[-2000:]

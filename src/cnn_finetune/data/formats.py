@@ -396,6 +396,22 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> list[str]:
 # A flat image folder with a labels CSV
 
 
+def _outside(file: Path, name: str, inside: str) -> str | None:
+    """Why a listed ``name`` (``file`` once joined to the list's folder) reaches outside the folder
+    ``inside`` (real path), or None. A labels list must not make training read arbitrary files:
+    absolute names, ``..`` that climbs out, and symbolic links that lead out are all refused."""
+    real = os.path.realpath(file)
+    if real.startswith(inside.rstrip(os.sep) + os.sep):
+        return None
+    if os.path.isabs(name):
+        how = "an absolute path"
+    elif ".." in Path(name).parts:
+        how = "a path that climbs out of the folder"
+    else:
+        how = "a symbolic link that leads out of the folder"
+    return f"{name} is {how} ({real}); list only files inside {inside}, or copy them there"
+
+
 def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[str, str]], set[Path]]:
     """Read a ``filename,label`` list: its ``(line, image file, class name)`` entries, its bad rows,
     and every file it names (bad rows included, so that such a file is not reported twice).
@@ -409,6 +425,7 @@ def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[
     rows = _csv_rows(read_lines(path))
     if rows and rows[0][1] and rows[0][1][0].strip().lower() in _FILE_WORDS and rows[0][1][-1].strip().lower() in _LABEL_WORDS:
         rows = rows[1:]  # the header
+    inside = os.path.realpath(path.parent)
     for no, row in rows:
         name, label = (row[0].strip(), row[1].strip()) if len(row) == 2 else ("", "")
         file = Path(os.path.normpath(path.parent / name)) if "\0" not in name else path.parent
@@ -420,6 +437,9 @@ def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[
             problem = "the file name holds a NUL character"
         elif not name:
             problem = "no file name"
+        elif (where := _outside(file, name, inside)) is not None:
+            skipped.append({"path": str(path), "reason": f"line {no}: {where}", "outside": "1"})
+            continue
         elif file in seen:
             problem = f"{name} is listed again (first on line {seen[file]})"
         elif not label or label_problem(label):

@@ -169,4 +169,8 @@ def load_image_file(path: Path, polarity: str = "auto", light: bool = False, max
         raise UnusableImage(f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         text = str(err) or type(err).__name__
+        if "MAX_TEXT_CHUNK" in text:  # Pillow's only sign of it: a plain ValueError naming its limit
+            raise UnusableImage("a metadata chunk (ICC colour profile or text) unpacks to more than Pillow's limit of "
+                                f"{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes: a damaged or hostile file, not decoded; "
+                                "save the image again without its profile") from None
         raise UnusableImage(f"truncated or corrupt image: {text}") from None

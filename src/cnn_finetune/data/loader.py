@@ -391,8 +391,13 @@ def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, wor
     """The images a ``filename,label`` CSV lists; listed files that are missing and image files
     beside them that are not listed are reported as skipped."""
     entries, skipped, named = read_labels_csv(labels_csv)
+    outside = [s for s in skipped if s.get("outside")]
+    if outside:  # a labels list names files for training; one that reaches elsewhere is refused row by row
+        logger.warning(f"{labels_csv}: {len(outside)} row(s) name files outside {labels_csv.parent}, skipped: "
+                       + "; ".join(s["reason"] for s in outside[:3]) + (" ..." if len(outside) > 3 else ""))
+        skipped = [{"path": s["path"], "reason": s["reason"]} for s in skipped]
     present = [(f, label) for no, f, label in entries if f.is_file()]
-    skipped += [{"path": str(f), "reason": f"file not found (listed on line {no} of {labels_csv.name})"}
+    skipped += [{"path": str(f), "reason": f"{_listed_problem(f)} (listed on line {no} of {labels_csv.name})"}
                 for no, f, _ in entries if not f.is_file()]
     for folder in sorted({labels_csv.parent} | {f.parent for f in named}):
         unlisted = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p not in named
@@ -408,6 +413,14 @@ def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, wor
     ds = _cached(key, cache, build)
     ds.skipped = skipped + ds.skipped
     return ds
+
+
+def _listed_problem(file: Path) -> str:
+    """Why a file a labels CSV lists cannot be read: missing, or what it is instead of a file."""
+    what = special_kind(file)
+    if what is None:
+        return "file not found" if not os.path.lexists(file) else "file not found (a broken symbolic link)"
+    return f"{what}, not an image file: skipped without opening it"
 
 
 def _load_pixel_csv(path: Path) -> Dataset:
