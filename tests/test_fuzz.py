@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import FAST, run_cli_in_process
@@ -355,3 +356,151 @@ def test_any_file_or_folder_name_is_kept_and_reported(classes: list[bytes], file
         atomic_write_json(Path(work) / "report.json", first.report())  # JSON for people: always encodable
         report = json.loads((Path(work) / "report.json").read_text(encoding="utf-8"))
         assert report["class_names"] == [printable(c) for c in visible]
+
+
+# --- model files: safetensors metadata, forged with a valid checksum ---------------------------------------
+
+ARCH_VALUES = st.one_of(st.integers(-3, 3), st.sampled_from([0, 4, 1500, 512, 513, 10**9, 2**63, True]), JSON_SCALARS)
+NORM_VALUES = st.sampled_from([0.0, -1.0, 1e-300, 1e300, float("nan"), float("inf"), 0.3, "0.3", None, True])
+METADATA_EDITS = st.fixed_dictionaries({}, optional={
+    "arch_params": st.fixed_dictionaries({"num_classes": ARCH_VALUES, "width": ARCH_VALUES}, optional={
+        "bn_ghost_size": ARCH_VALUES, "depth": ARCH_VALUES}) | JSON_VALUES,
+    "normalization": st.fixed_dictionaries({"mean": NORM_VALUES, "std": NORM_VALUES}) | JSON_VALUES,
+    "class_names": st.lists(st.text(max_size=4), max_size=12) | JSON_VALUES,
+    "arch": st.sampled_from(["cnn_v2", "resnet"]) | JSON_VALUES,
+    "config": JSON_VALUES,
+})
+
+
+def small_model_state() -> dict:
+    """The state of a model file of this program: a width-4 CNN v2 for ten classes."""
+    from cnn_finetune.model.cnn import ARCH, build_model
+
+    model = build_model(10, width=4, bn_ghost_size=32)
+    return {"model": model.state_dict(), "arch": ARCH, "arch_params": {"num_classes": 10, "width": 4, "bn_ghost_size": 32},
+            "class_names": [str(d) for d in range(10)], "normalization": {"mean": 0.13, "std": 0.31}, "config": {}}
+
+
+@given(edits=METADATA_EDITS)
+@example(edits={"arch_params": {"num_classes": 10, "width": 1500, "bn_ghost_size": 32}})  # built 2.6 GB before refusing
+@example(edits={"normalization": {"mean": 0.13, "std": 0.0}})  # "nan%" predictions
+@example(edits={"normalization": {"mean": float("nan"), "std": 0.3}})
+@example(edits={"normalization": {"mean": 0.0, "std": 1e-300}})  # float32 makes it 0: NaN probabilities
+@example(edits={"normalization": [None]})  # AttributeError traceback
+@example(edits={"arch_params": {"num_classes": 10**9, "width": 4}})
+@example(edits={"arch_params": {"num_classes": 10, "width": 4, "depth": 3}})
+def test_any_safetensors_metadata_is_used_or_refused_by_name(edits: dict) -> None:
+    from cnn_finetune.files.checkpoint import save_safetensors
+    from cnn_finetune.tools.inference import load_inference_model, predict_proba
+
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "model.safetensors"
+        save_safetensors({**small_model_state(), **edits}, path)
+        try:
+            model, meta = load_inference_model(path)
+        except UserError as err:
+            assert str(path) in str(err), str(err)
+            return
+        probs = predict_proba(model, meta, torch.zeros((2, 1, 28, 28), dtype=torch.uint8))
+        assert probs.shape == (2, len(meta["class_names"])) and bool(probs.isfinite().all())
+
+
+# --- .npz files: any .npy header -------------------------------------------------------------------------
+
+NPY_SHAPES = st.lists(st.sampled_from([0, 1, 2, 3, 28, 784, 10**9, 2**62, -1]), max_size=4).map(tuple)
+NPY_DESCRS = st.sampled_from(["|u1", "<f4", "<f8", "<i8", "|b1", "|S3", "<U2", "|O", "<c8", "|V4", "bogus"])
+
+
+@st.composite
+def npy_member(draw: st.DrawFn) -> bytes:
+    """An .npy file: a header of any shape and type (lying or not) and some data bytes."""
+    header = repr({"descr": draw(NPY_DESCRS), "fortran_order": draw(st.booleans()), "shape": draw(NPY_SHAPES)}).encode()
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    data = draw(st.sampled_from([b"", bytes(784), bytes(2 * 784), b"\xff" * 100])) + draw(st.binary(max_size=16))
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data
+
+
+@given(x=npy_member(), y=npy_member() | st.none(), compress=st.booleans())
+@example(x=b"\x93NUMPY\x01\x00" + (76).to_bytes(2, "little") + repr({"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}).encode().ljust(75) + b"\n",
+         y=None, compress=False)  # a 922-byte file claiming 10^9 images: _ArrayMemoryError traceback
+@example(x=b"\x93NUMPY\x01\x00" + (76).to_bytes(2, "little") + repr({"descr": "|u1", "fortran_order": False, "shape": (2, 28, 28)}).encode().ljust(75) + b"\n" + bytes(1568),
+         y=b"\x93NUMPY\x01\x00" + (76).to_bytes(2, "little") + repr({"descr": "|S2", "fortran_order": False, "shape": (2,)}).encode().ljust(75) + b"\n" + b"\xff\xfe12",
+         compress=True)  # labels that are not UTF-8: UnicodeDecodeError traceback
+def test_any_npz_header_loads_or_is_refused_naming_the_file(x: bytes, y: bytes | None, compress: bool) -> None:
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "data.npz"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
+            z.writestr("x_train.npy", x)
+            if y is not None:
+                z.writestr("y_train.npy", y)
+        try:
+            ds = load_dataset(path, use_cache=False)
+        except UserError as err:
+            assert str(path) in str(err), str(err)
+            return
+        assert ds.images.shape[1:] == (1, 28, 28) and len(ds.labels) == ds.images.shape[0] > 0
+        assert all(s["reason"] and str(path) in s["path"] for s in ds.skipped)
+
+
+# --- FIFOs where files belong ------------------------------------------------------------------------------
+
+FIFO_PLACES = ["class_image", "idx_labels", "listed_image", "labels_csv", "data_path", "cache_file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes (FIFOs) need a POSIX system")
+@given(place=st.sampled_from(FIFO_PLACES), name=st.sampled_from(["x.png", "a.jpg", "train-labels-idx1-ubyte.gz", "labels.csv"]))
+@example(place="class_image", name="x.png")  # opened by the cache key's hash: training hung forever
+@example(place="idx_labels", name="train-labels-idx1-ubyte.gz")
+def test_a_fifo_anywhere_in_the_data_never_blocks(place: str, name: str) -> None:
+    import threading
+
+    from cnn_finetune.data.loader import write_idx
+
+    with tempfile.TemporaryDirectory() as work:
+        root, cache = Path(work) / "data", Path(work) / "cache"
+        root.mkdir()
+        if place == "idx_labels":
+            write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
+            os.mkfifo(root / "train-labels-idx1-ubyte.gz")
+            data = root / "train-images-idx3-ubyte.gz"
+        elif place == "data_path":
+            os.mkfifo(root / name)
+            data = root / name
+        else:
+            two_good_classes(root)
+            data = root
+            if place == "class_image":
+                os.mkfifo(root / "b_good" / name)
+            elif place in ("listed_image", "labels_csv"):
+                flat = Path(work) / "flat"
+                two_good_classes(flat)
+                data = flat
+                if place == "labels_csv":
+                    os.mkfifo(flat / "labels.csv")
+                else:
+                    name = name if name != "labels.csv" else "x.png"  # the list itself is written below
+                    os.mkfifo(flat / name)
+                    (flat / "labels.csv").write_text(f"b_good/0.png,b\nb_good/1.png,b\nc_good/0.png,c\nc_good/1.png,c\n{name},c\n")
+            else:  # a FIFO where the data cache's file will be looked for
+                load_dataset(root, cache_dir=cache)
+                [file] = cache.glob("*.pt")
+                file.unlink()
+                os.mkfifo(file)
+        outcome: dict = {}
+
+        def load() -> None:
+            try:
+                outcome["ds"] = load_dataset(data, cache_dir=cache)
+            except UserError as err:
+                outcome["err"] = err
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), f"blocked on the FIFO ({place}, {name})"
+        if "err" in outcome:
+            assert "FIFO" in str(outcome["err"]) or str(root) in str(outcome["err"]), str(outcome["err"])
+        else:
+            assert "ds" in outcome and len(outcome["ds"]) >= 4

@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .data.imageprep import DEFAULT_MAX_PIXELS
+from .model.cnn import MAX_WIDTH
 from .files.rundir import LAST
 
 DEFAULT_CONFIG_PATH = Path("configs/finetune.json")  # a checkout's editable copy, used when present
@@ -35,7 +36,6 @@ DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
 # user has no DEFAULT_BASE_MODEL of their own.
 PACKAGED_BASE_MODEL = Path(__file__).parent / "model" / "base_models" / "cnn_v2_mnist5k.pth"
 MAX_SEED = 2**63 - 1  # a seed fits a signed 64-bit integer wherever it travels (torch, NumPy, JSON readers)
-MAX_WIDTH = 512  # 71 million parameters already; 28x28 digits need a few dozen channels
 MAX_THREADS = 4096  # torch takes a C int; more threads than this is a typo
 
 CHOICES: dict[str, tuple[str, ...]] = {

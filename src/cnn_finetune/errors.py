@@ -88,3 +88,8 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = exit_code
         self.saved = saved
         self.second = second
+
+
+class NotRegularFile(OSError):
+    """A path to read is a FIFO, socket, device or folder, not a regular file (``filename``: which;
+    ``strerror``: what it is). An ``OSError``, so that every reader's handler already reports it."""

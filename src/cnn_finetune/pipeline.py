@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .data.augment import to_unit
 from .files.checkpoint import atomic_write_json, load_checkpoint
+from .files.kinds import special_kind
 from .training.checkpoint_manager import CheckpointManager, load_latest
 from .config import DEFAULT_BASE_MODEL, TrainConfig, packaged_base_model, resume_mismatches
 from .data.loader import (
@@ -262,6 +263,10 @@ def resolve_base_model(cfg: TrainConfig, data: PreparedData) -> tuple[Path | Non
     if cfg.base_model is None:
         return None, None
     path = Path(cfg.base_model)
+    what = special_kind(path)
+    if what is not None:  # a FIFO would block the read forever
+        raise UserError(f"--base-model {path} is {what}, not a model file; pass a .pth or .safetensors file, or --base-model none",
+                        path=str(path))
     if path.is_file():
         return path, None
     if cfg.base_model != DEFAULT_BASE_MODEL:

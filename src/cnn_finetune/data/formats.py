@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import os
 import zipfile
 import zlib
@@ -30,6 +31,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import DataError
+from ..files.kinds import open_regular
+from ..runtime import physical_memory
 from .imageprep import SIDE
 
 PIXELS = SIDE * SIDE
@@ -38,6 +41,9 @@ LABELS_CSV = "labels.csv"  # the labels file a flat image folder holds
 NPZ_PARTS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 _CHUNK = 4096  # CSV lines parsed at once: bounds the float64 copy to about 25 MB
 _FILE_WORDS, _LABEL_WORDS = {"filename", "file", "image", "path"}, {"label", "class"}
+# A class name is a folder name elsewhere (255 bytes on every common file system); a longer label is
+# a damaged row, and one of over 4,300 digits cannot even be read as a number (Python's int limit).
+MAX_LABEL_CHARS = 255
 
 
 @dataclass
@@ -64,9 +70,18 @@ def is_csv(path: Path) -> bool:
 def open_maybe_gzip(path: Path) -> BinaryIO:
     """``path`` opened for reading bytes, decompressed on the fly when it is gzip (told by its first
     two bytes, not by its name), so that a reader can stop early without decompressing it whole."""
-    with open(path, "rb") as fh:
+    fh = open_regular(path)  # a FIFO or a device raises NotRegularFile (an OSError) instead of blocking
+    try:
         gz = fh.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    if not gz:
+        return fh
+    stream = gzip.GzipFile(fileobj=fh, mode="rb")
+    stream.myfileobj = fh  # type: ignore[attr-defined]  # closed with the stream, as gzip.open(path) does
+    return stream  # type: ignore[return-value]
 
 
 def read_lines(path: Path) -> list[str]:
@@ -91,7 +106,11 @@ def csv_kind(path: Path) -> str:
             first = next((line for line in text if line.strip()), "")
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", path=str(path)) from None
-    return "labels" if len(next(csv.reader([first]), [])) == 2 else "pixels"
+    try:
+        cells = len(next(csv.reader([first]), []))
+    except csv.Error:  # a cell over the csv module's 131,072 characters: count the commas instead
+        cells = first.count(",") + 1
+    return "labels" if cells == 2 else "pixels"
 
 
 def _cell(text: str) -> str:
@@ -105,6 +124,13 @@ def _class_name(text: str) -> str:
     except ValueError:
         return text
     return str(int(value)) if value.is_integer() else text
+
+
+def label_problem(name: str) -> str | None:
+    """Why a class name read from a file cannot be one, or None (a missing label is the caller's case)."""
+    if len(name) > MAX_LABEL_CHARS:
+        return f"label of {len(name):,} characters ({name[:20]!r}...); a class name has at most {MAX_LABEL_CHARS}"
+    return None
 
 
 def _pixel_problem(values: np.ndarray) -> str | None:
@@ -166,8 +192,13 @@ def _read_chunk(chunk: list[tuple[int, str]], width: int, label: int | None, pix
     row by row, so that only the bad row is skipped and its reason names the cell.
     """
     rows = []
+    quoted: dict[int, str] = {}  # the label of a row whose cells are quoted (a label "a,b" holds a comma)
     for no, line in chunk:
         n = line.count(",") + 1
+        if n != width and '"' in line:
+            line, n, name = _unquoted(line, width, label)
+            if name is not None:
+                quoted[no] = name
         if n == width:
             rows.append((no, line))
         else:
@@ -180,9 +211,9 @@ def _read_chunk(chunk: list[tuple[int, str]], width: int, label: int | None, pix
     images = []
     for (no, line), row in zip(rows, values):
         problem = _row_problem(line, pixel_cols) if row is None else _pixel_problem(row)
-        name = _label_cell(line, label, width)
-        if problem is None and label is not None and not name:
-            problem = "missing label"
+        name = quoted[no] if no in quoted else _label_cell(line, label, width)
+        if problem is None and label is not None:
+            problem = label_problem(name) if name else "missing label"
         if problem is not None:
             out.bad.append((no, problem))
             continue
@@ -191,6 +222,20 @@ def _read_chunk(chunk: list[tuple[int, str]], width: int, label: int | None, pix
             out.labels.append(_class_name(name))
         out.positions.append(no)
     return images
+
+
+def _unquoted(line: str, width: int, label: int | None) -> tuple[str, int, str | None]:
+    """A row with quoted cells read as the csv module reads it: ``(line, cells, label)``, the line
+    rebuilt without quotes (commas inside a cell become spaces), or the row unchanged when the csv
+    module cannot read it either."""
+    try:
+        cells = next(csv.reader([line]), [])
+    except csv.Error:
+        return line, line.count(",") + 1, None
+    if len(cells) != width:
+        return line, len(cells), None
+    name = _cell(cells[label]) if label is not None else None
+    return ",".join(c.replace(",", " ") for c in cells), width, name
 
 
 def _label_cell(line: str, label: int | None, width: int) -> str:
@@ -237,11 +282,13 @@ def read_npz(path: Path, part: str = "train") -> Table:
     """
     x_key, y_key = NPZ_PARTS[part]
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open_regular(path) as fh, np.load(fh, allow_pickle=False) as npz:
             if x_key not in npz.files:
                 held = ", ".join(npz.files) or "no arrays"
                 raise DataError(f"{path} has no {x_key} array (it holds {held}); expected x_train/y_train, and "
                                 "x_test/y_test for --test-data", path=str(path))
+            keys = [x_key] + ([y_key] if y_key in npz.files else [])
+            check_npz_sizes(path, npz.zip, keys)  # from the headers, before any array is allocated
             x = npz[x_key]
             y = npz[y_key] if y_key in npz.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -254,12 +301,62 @@ def read_npz(path: Path, part: str = "train") -> Table:
         ok = (np.isfinite(flat) & (flat >= 0) & (flat <= 255) & (flat == np.round(flat))).all(axis=1)
         bad_rows = [(i, _pixel_problem(flat[i]) or "") for i in np.flatnonzero(~ok).tolist()]
     if labels is not None:
-        bad_rows += [(i, f"missing label ({y_key}[{i}] is NaN or empty)") for i, name in enumerate(labels) if not name]
+        bad_rows += [(i, _npz_label_problem(y_key, i, name)) for i, name in enumerate(labels)
+                     if not name or label_problem(name) or name == _UNDECODABLE]
     skip = {i for i, _ in bad_rows}
     keep = [i for i in range(len(x)) if i not in skip]
     images = x[keep].astype(np.uint8) if skip or x.dtype != np.uint8 else x
     return Table(images, [labels[i] for i in keep] if labels is not None else None, keep,
                  sorted(bad_rows), where=f"{x_key}[{{}}]")
+
+
+# Bytes labels are class names in UTF-8; a label that is not is skipped (this marks it: no text has it).
+_UNDECODABLE = "\0undecodable"
+# Deflate packs at most about 1,000:1, real image arrays 3-20:1. A member that unpacks to more than
+# this many bytes at over _BOMB_RATIO:1 holds (nearly) blank images: a zip bomb, not a data set.
+_BOMB_BYTES, _BOMB_RATIO = 256 << 20, 200
+
+
+def _decoded(value: bytes | str) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return _UNDECODABLE
+
+
+def _npz_label_problem(key: str, i: int, name: str) -> str:
+    if name == _UNDECODABLE:
+        return f"label {key}[{i}] is bytes that are not UTF-8 text; save class names as UTF-8 (or class numbers)"
+    return label_problem(name) or f"missing label ({key}[{i}] is NaN or empty)"
+
+
+def check_npz_sizes(path: Path, archive: zipfile.ZipFile, keys: list[str]) -> None:
+    """Refuse arrays of an ``.npz`` whose ``.npy`` headers claim more than the zip member holds, more
+    than half of this machine's memory (as for IDX files), or that unpack like a zip bomb; reads only
+    the headers. Raises ``DataError`` naming the file and the array."""
+    limit, total = physical_memory() // 2, 0
+    names = set(archive.namelist())
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read_header(member, max_header_size=10000)
+            header_len = member.tell()
+        need = math.prod(shape) * dtype.itemsize
+        total += need
+        where = f"{key} in {path}: its header claims shape {shape} of {dtype}, {need / 1e9:.3g} GB"
+        if need > info.file_size - header_len:
+            raise DataError(f"{where}, but the file holds {max(0, info.file_size - header_len):,} data bytes: the file is damaged "
+                            "or not what its header says", path=str(path))
+        if total > limit:
+            raise DataError(f"{where}, more than half of this machine's memory ({limit * 2 / 1e9:.3g} GB): too large to load",
+                            path=str(path))
+        if need > _BOMB_BYTES and need > _BOMB_RATIO * max(1, info.compress_size):
+            raise DataError(f"{where}, packed into {info.compress_size:,} bytes ({need // max(1, info.compress_size):,}:1): "
+                            "a zip bomb of blank images, not a data set; refused before unpacking", path=str(path))
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -291,12 +388,28 @@ def _npz_labels(path: Path, key: str, y: np.ndarray, n: int) -> list[str]:
     if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
         return [str(int(v)) for v in y.tolist()]
     if y.dtype.kind in "US":
-        return [_class_name(v.decode() if isinstance(v, bytes) else str(v).strip()) for v in y.tolist()]
+        return [_class_name(_decoded(v).strip()) for v in y.tolist()]
     raise DataError(f"{key} in {path} holds {y.dtype} values; expected class indices or names", path=str(path))
 
 
 # ------------------------------------------------------------------------------------------------
 # A flat image folder with a labels CSV
+
+
+def _outside(file: Path, name: str, inside: str) -> str | None:
+    """Why a listed ``name`` (``file`` once joined to the list's folder) reaches outside the folder
+    ``inside`` (real path), or None. A labels list must not make training read arbitrary files:
+    absolute names, ``..`` that climbs out, and symbolic links that lead out are all refused."""
+    real = os.path.realpath(file)
+    if real.startswith(inside.rstrip(os.sep) + os.sep):
+        return None
+    if os.path.isabs(name):
+        how = "an absolute path"
+    elif ".." in Path(name).parts:
+        how = "a path that climbs out of the folder"
+    else:
+        how = "a symbolic link that leads out of the folder"
+    return f"{name} is {how} ({real}); list only files inside {inside}, or copy them there"
 
 
 def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[str, str]], set[Path]]:
@@ -309,24 +422,49 @@ def read_labels_csv(path: Path) -> tuple[list[tuple[int, Path, str]], list[dict[
     entries: list[tuple[int, Path, str]] = []
     skipped: list[dict[str, str]] = []
     seen: dict[Path, int] = {}
-    rows = [(i + 1, row) for i, row in enumerate(csv.reader(read_lines(path))) if any(c.strip() for c in row)]
-    if rows and rows[0][1][0].strip().lower() in _FILE_WORDS and rows[0][1][-1].strip().lower() in _LABEL_WORDS:
+    rows = _csv_rows(read_lines(path))
+    if rows and rows[0][1] and rows[0][1][0].strip().lower() in _FILE_WORDS and rows[0][1][-1].strip().lower() in _LABEL_WORDS:
         rows = rows[1:]  # the header
+    inside = os.path.realpath(path.parent)
     for no, row in rows:
         name, label = (row[0].strip(), row[1].strip()) if len(row) == 2 else ("", "")
-        file = Path(os.path.normpath(path.parent / name))
-        if len(row) != 2:
+        file = Path(os.path.normpath(path.parent / name)) if "\0" not in name else path.parent
+        if not row:
+            problem = f"a cell of over {csv.field_size_limit():,} characters: not a file name and a label"
+        elif len(row) != 2:
             problem = f"{len(row)} values; expected filename,label"
+        elif "\0" in name:
+            problem = "the file name holds a NUL character"
         elif not name:
             problem = "no file name"
+        elif (where := _outside(file, name, inside)) is not None:
+            skipped.append({"path": str(path), "reason": f"line {no}: {where}", "outside": "1"})
+            continue
         elif file in seen:
             problem = f"{name} is listed again (first on line {seen[file]})"
-        elif not label:
+        elif not label or label_problem(label):
             seen[file] = no
-            problem = f"missing label for {name}"
+            problem = f"{name}: {label_problem(label)}" if label else f"missing label for {name}"
         else:
             seen[file] = no
             entries.append((no, file, _class_name(label)))
             continue
         skipped.append({"path": str(path), "reason": f"line {no}: {problem}"})
     return entries, skipped, set(seen)
+
+
+def _csv_rows(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """``(line number, cells)`` of the non-empty rows; a row the csv module cannot read (a cell over
+    its size limit) is kept with no cells, so that the caller skips it with a reason."""
+    reader = csv.reader(lines)
+    rows: list[tuple[int, list[str]]] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error:
+            rows.append((reader.line_num, []))
+            continue
+        if any(c.strip() for c in row):
+            rows.append((reader.line_num, row))

@@ -13,7 +13,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from ..errors import NotRegularFile
+from ..files.kinds import kind_of_mode, open_regular
 
 SIDE = 28  # output side, pixels
 BOX = 20  # the digit is fitted into a BOX x BOX square, as in MNIST
@@ -136,11 +139,15 @@ def load_image_file(path: Path, polarity: str = "auto", light: bool = False, max
     is refused at that point, before its pixels are decoded.
     """
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        what = kind_of_mode(st.st_mode)
+        if what is not None:  # a FIFO or a device would block or never end: not opened
+            raise UnusableImage(f"{what}, not an image file: skipped without opening it")
+        if st.st_size == 0:
             raise UnusableImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd palettes; the result is what counts
-            with Image.open(path) as img:
+            with open_regular(path) as fh, Image.open(fh) as img:
                 img.seek(0)  # first frame of GIF/TIFF/WebP animations
                 width, height = img.size
                 if width * height > max_pixels:
@@ -152,10 +159,18 @@ def load_image_file(path: Path, polarity: str = "auto", light: bool = False, max
         raise
     except PermissionError:
         raise UnusableImage("permission denied (cannot read the file)") from None
+    except NotRegularFile as err:  # swapped for a FIFO after the stat
+        raise UnusableImage(f"{err.strerror}: skipped") from None
+    except FileNotFoundError:
+        raise UnusableImage("file not found (it vanished while the data was read)") from None
     except UnidentifiedImageError:
         raise UnusableImage("not an image: format not recognised") from None
     except Image.DecompressionBombError as err:
         raise UnusableImage(f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         text = str(err) or type(err).__name__
+        if "MAX_TEXT_CHUNK" in text:  # Pillow's only sign of it: a plain ValueError naming its limit
+            raise UnusableImage("a metadata chunk (ICC colour profile or text) unpacks to more than Pillow's limit of "
+                                f"{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes: a damaged or hostile file, not decoded; "
+                                "save the image again without its profile") from None
         raise UnusableImage(f"truncated or corrupt image: {text}") from None

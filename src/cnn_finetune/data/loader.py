@@ -29,17 +29,19 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files.kinds import kind_of_mode, special_kind
 from ..log import logger
 from .formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, read_labels_csv, read_npz, read_pixel_csv
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 from ..runtime import physical_memory
 
-CACHE_VERSION = 3  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes)
+CACHE_VERSION = 4  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes, 4: checksummed files)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LAYOUT_SECTIONS = ("raw", "processed")
 # IDX labels are class numbers: the class names are their values. More than 65,536 would make the
 # classifier's head larger than the rest of the model; MNIST-style files use 0-9 or a few dozen.
 MAX_IDX_LABEL = 65535
+MIN_STD = 1e-6  # the smallest normalisation std: a one-colour data set must not divide by zero
 
 
 @dataclass
@@ -136,6 +138,10 @@ def load_dataset(
         ds = _cached(_builtin_key(), cache, _load_builtin)
     else:
         root, part = _npz_part(Path(path), part)
+        what = special_kind(root)
+        if what not in (None, "a folder"):
+            raise DataError(f"data path {root} is {what}, not a file or folder of data; pass a folder of class folders, an IDX "
+                            "images file, a .npz, a CSV of pixels or a folder with a labels.csv", path=str(root))
         if not root.exists():
             raise DataError(f"data path {root} does not exist; pass a folder of class folders, an IDX images file, a .npz, "
                             "a CSV of pixels, a folder with a labels.csv, or omit --data for the built-in MNIST sample", path=str(root))
@@ -210,31 +216,51 @@ def _check_usable(ds: Dataset) -> None:
 
 
 def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
-    """Return the dataset for ``key`` from the cache, or build it and store it."""
+    """Return the dataset for ``key`` from the cache, or build it and store it.
+
+    A cache file is a checksummed checkpoint file (``files/checkpoint.py``): one whose bytes were
+    damaged after it was written (a flipped label would silently change every result) fails its
+    SHA-256, is reported once and rebuilt from the sources, and the new file replaces it atomically.
+    """
     if cache_dir is None:
         return build()
+    from ..files.checkpoint import load_checkpoint, save_checkpoint
+
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     file = cache_dir / f"{digest}.pt"
-    if file.exists():
+    if os.path.lexists(file):
         try:
-            blob = torch.load(file, map_location="cpu", weights_only=True)
-            ds = Dataset(**blob)
+            ds = _cached_dataset(load_checkpoint(file))
             ds.cache = "hit"
             return ds
         except Exception as err:  # a damaged cache only costs a rebuild
-            logger.warning(f"data cache {file} is unreadable ({type(err).__name__}); rebuilding it")
+            logger.warning(f"data cache {file} cannot be used ({str(err).splitlines()[0][:200]}); rebuilding it from the sources")
     ds = build()
     ds.cache = "miss"
     try:
-        from ..files.checkpoint import atomic_torch_save
-
         cache_dir.mkdir(parents=True, exist_ok=True)
-        blob = {k: getattr(ds, k) for k in ("images", "labels", "class_names", "source", "kind",
-                                            "skipped", "dropped_classes", "ignored_files")}
-        atomic_torch_save(blob, file)
+        save_checkpoint({k: getattr(ds, k) for k in _CACHED_FIELDS}, file)
     except OSError as err:  # an unwritable cache folder must not stop training
         logger.warning(f"cannot write data cache in {cache_dir}: {err.strerror or err}")
     return ds
+
+
+_CACHED_FIELDS = ("images", "labels", "class_names", "source", "kind", "skipped", "dropped_classes", "ignored_files")
+
+
+def _cached_dataset(blob: dict[str, Any]) -> Dataset:
+    """The dataset a verified cache file holds, its fields checked (a file that verifies may still be
+    another program's, or an older layout); ``ValueError`` says what does not fit."""
+    images, labels, names = blob.get("images"), blob.get("labels"), blob.get("class_names")
+    if set(blob) != set(_CACHED_FIELDS) or not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+            or not isinstance(names, list):
+        raise ValueError(f"unexpected contents {sorted(blob)}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, SIDE, SIDE) \
+            or labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
+        raise ValueError(f"images {images.dtype} {tuple(images.shape)}, labels {labels.dtype} {tuple(labels.shape)}")
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(names)):
+        raise ValueError(f"labels outside the {len(names)} classes")
+    return Dataset(**blob)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,10 +292,12 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, str, Path]], int, list[str
                     if name.startswith("."):
                         continue
                     file = Path(dirpath) / name
-                    if file.suffix.lower() in IMAGE_EXTENSIONS:
-                        files.append((section, class_dir.name, file))
-                    else:
+                    if file.suffix.lower() not in IMAGE_EXTENSIONS:
                         ignored += 1
+                    elif (what := special_kind(file)) is not None:  # a FIFO would hang the first read
+                        unreadable.append({"path": str(file), "reason": f"{what}, not an image file: skipped without opening it"})
+                    else:
+                        files.append((section, class_dir.name, file))
     if not class_dirs:
         where = " and ".join(str(b) for _, b in bases)
         raise DataError(f"no class folders in {where}; put each class's images in its own sub-folder, e.g. {bases[0][1] / '7' / 'img001.png'}")
@@ -284,12 +312,14 @@ def file_identity(path: Path) -> list[Any]:
     ``os`` calls on one descriptor: for thousands of small images this costs about as much again as
     the ``stat`` calls alone (threads only add lock contention when the files are in the page cache).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # never blocks on a FIFO; the fstat below then refuses it without reading
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError:
         return [-1, -1, None]
     try:
         st = os.fstat(fd)
+        if kind_of_mode(st.st_mode) is not None:
+            return [-1, -1, None]
         h = hashlib.blake2b(digest_size=16)
         while chunk := os.read(fd, 1 << 24):
             h.update(chunk)
@@ -361,8 +391,13 @@ def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, wor
     """The images a ``filename,label`` CSV lists; listed files that are missing and image files
     beside them that are not listed are reported as skipped."""
     entries, skipped, named = read_labels_csv(labels_csv)
+    outside = [s for s in skipped if s.get("outside")]
+    if outside:  # a labels list names files for training; one that reaches elsewhere is refused row by row
+        logger.warning(f"{labels_csv}: {len(outside)} row(s) name files outside {labels_csv.parent}, skipped: "
+                       + "; ".join(s["reason"] for s in outside[:3]) + (" ..." if len(outside) > 3 else ""))
+        skipped = [{"path": s["path"], "reason": s["reason"]} for s in skipped]
     present = [(f, label) for no, f, label in entries if f.is_file()]
-    skipped += [{"path": str(f), "reason": f"file not found (listed on line {no} of {labels_csv.name})"}
+    skipped += [{"path": str(f), "reason": f"{_listed_problem(f)} (listed on line {no} of {labels_csv.name})"}
                 for no, f, _ in entries if not f.is_file()]
     for folder in sorted({labels_csv.parent} | {f.parent for f in named}):
         unlisted = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p not in named
@@ -378,6 +413,14 @@ def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, wor
     ds = _cached(key, cache, build)
     ds.skipped = skipped + ds.skipped
     return ds
+
+
+def _listed_problem(file: Path) -> str:
+    """Why a file a labels CSV lists cannot be read: missing, or what it is instead of a file."""
+    what = special_kind(file)
+    if what is None:
+        return "file not found" if not os.path.lexists(file) else "file not found (a broken symbolic link)"
+    return f"{what}, not an image file: skipped without opening it"
 
 
 def _load_pixel_csv(path: Path) -> Dataset:
@@ -618,7 +661,7 @@ def normalization_stats(images: torch.Tensor) -> tuple[float, float]:
     n = float(hist.sum())
     mean = float((hist * values).sum()) / n
     var = float((hist * (values - mean) ** 2).sum()) / max(1.0, n - 1)
-    return mean, max(var ** 0.5, 1e-6)
+    return mean, max(var ** 0.5, MIN_STD)
 
 
 def align_classes(ds: Dataset, class_names: list[str]) -> Dataset:

@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NotRegularFile
 from ..log import printable
+from .kinds import open_regular
 from .rundir import temporary_name
 
 FORMAT = "cnn_finetune/1"
@@ -141,7 +142,7 @@ def _digest_into(h: "hashlib._Hash", obj: Any) -> None:
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy: a data cache may be gigabytes
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=str):
@@ -192,7 +193,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist", path=str(path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as fh:  # a FIFO named like a checkpoint must not hang the run
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
+    except NotRegularFile as err:
+        raise CheckpointError(f"{path} is {err.strerror}", path=str(path)) from None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path} cannot be loaded ({type(err).__name__}: {first_line}); it is truncated, corrupt or not a checkpoint",
@@ -210,7 +214,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 SAFETENSORS_SUFFIX = ".safetensors"
-SAFETENSORS_FORMAT = "cnn_finetune/safetensors/1"
+# 2: the SHA-256 covers the metadata (class names, normalisation, architecture) as well as the weights.
+SAFETENSORS_FORMAT = "cnn_finetune/safetensors/2"
+_OLD_SAFETENSORS_FORMATS = ("cnn_finetune/safetensors/1",)  # their digest covered the weights only
+_OWN_KEYS = ("format", "cnn_finetune", "sha256")
+
+
+def _safetensors_digest(weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the weights and every metadata entry (as the strings stored in the header)."""
+    return content_digest({"weights": weights, "metadata": {k: v for k, v in metadata.items() if k not in _OWN_KEYS}})
 
 
 def save_safetensors(state: dict[str, Any], path: Path) -> int:
@@ -218,14 +230,15 @@ def save_safetensors(state: dict[str, Any], path: Path) -> int:
 
     The weights are the tensors; every other entry (class names, normalisation, architecture,
     config, ...) goes into the header's metadata, JSON-encoded because safetensors metadata maps
-    strings to strings. A SHA-256 of the weights makes damage detectable, as in a checkpoint.
+    strings to strings. A SHA-256 of the weights and the metadata makes damage detectable, as in a
+    checkpoint: swapped class names or an edited mean fail it as a flipped weight does.
     Returns the size in bytes.
     """
     from safetensors.torch import save
 
     weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
-    metadata = {"format": "pt", "cnn_finetune": SAFETENSORS_FORMAT, "sha256": content_digest(weights)}
-    metadata.update({k: json.dumps(v) for k, v in state.items() if k != "model"})
+    metadata = {k: json.dumps(v) for k, v in state.items() if k != "model" and k not in _OWN_KEYS}
+    metadata.update({"format": "pt", "cnn_finetune": SAFETENSORS_FORMAT, "sha256": _safetensors_digest(weights, metadata)})
     data = save(weights, metadata=metadata)
     atomic_write_bytes(Path(path), data)
     return len(data)
@@ -241,7 +254,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     from safetensors.torch import load
 
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as fh:  # a FIFO would block the read forever
+            data = fh.read()
         weights = load(data)
         header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every problem
@@ -249,12 +263,19 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise CheckpointError(f"{path} cannot be loaded as safetensors ({type(err).__name__}: {first_line}); "
                               "it is truncated, corrupt or not a safetensors file", path=str(path)) from None
     raw = header.get("__metadata__") or {}
+    if raw.get("cnn_finetune") in _OLD_SAFETENSORS_FORMATS:
+        # Its checksum cannot tell whether the class names or the normalisation were edited: refused,
+        # not trusted. The .pth it came from (checksummed whole) exports a new one.
+        raise CheckpointError(f"{path} was written by an earlier version of this program ({raw['cnn_finetune']}), whose checksum "
+                              "does not cover the class names and normalisation; export it again from its .pth with export.py",
+                              path=str(path))
     if raw.get("cnn_finetune") != SAFETENSORS_FORMAT:
         return weights, None
-    if content_digest(weights) != raw.get("sha256"):
-        raise CheckpointError(f"{path} fails its checksum: its weights were damaged after it was written", path=str(path))
+    if _safetensors_digest(weights, raw) != raw.get("sha256"):
+        raise CheckpointError(f"{path} fails its checksum: its weights or metadata (class names, normalisation, "
+                              "architecture) were changed after it was written", path=str(path))
     try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "cnn_finetune", "sha256")}
+        meta = {k: json.loads(v) for k, v in raw.items() if k not in _OWN_KEYS}
     except ValueError:
         raise CheckpointError(f"{path} has a damaged metadata header (not JSON)", path=str(path)) from None
     return weights, meta

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 
 ARCH = "cnn_v2"
+MAX_WIDTH = 512  # 71 million parameters already; 28x28 digits need a few dozen channels
+MAX_CLASSES = 65536  # as many as IDX labels can name (0-65535); a larger head outweighs the rest of the model
+MAX_GHOST_SIZE = 2**63 - 1  # ghost batch-norm groups cost no memory: any size the config takes
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .cnn import ARCH, CNNv2, build_model
+from .cnn import ARCH, MAX_CLASSES, MAX_GHOST_SIZE, MAX_WIDTH, CNNv2, build_model
 
 
 def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes: list[str] | None,
@@ -54,14 +54,26 @@ def adapt_state_dict(model: CNNv2, state: dict[str, torch.Tensor], base_classes:
 def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
     """Load weights from a model file, checkpoint, ``.safetensors`` file or plain state dict saved by
     this program."""
-    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_checkpoint, load_safetensors
+    from ..files.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, load_safetensors
 
     if path.suffix == SAFETENSORS_SUFFIX:
         try:
             weights, meta = load_safetensors(path)
         except CheckpointError as err:
             raise UserError(f"base model cannot be used: {err}", path=str(path)) from None
-        return adapt_state_dict(model, weights, (meta or {}).get("class_names"), class_names, str(path))
+        base_classes = (meta or {}).get("class_names")
+    else:
+        weights, base_classes = _pth_weights(path)
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
+        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none", path=str(path))
+    return adapt_state_dict(model, weights, base_classes, class_names, str(path))
+
+
+def _pth_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The weights (and class names, when known) of a ``.pth``: a file of this program or a plain state dict."""
+    from ..files.checkpoint import CheckpointError, load_checkpoint
+
     try:
         state = load_checkpoint(path)
         if "model" not in state:
@@ -76,10 +88,7 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
             raise UserError(f"base model cannot be used: {err}") from None
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise UserError(f"base model {path} holds neither a model of this program nor a state dict of tensors") from None
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
-        raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none")
-    return adapt_state_dict(model, weights, base_classes, class_names, str(path))
+    return weights, base_classes
 
 
 def read_model_file(path: Path) -> dict[str, Any]:
@@ -112,8 +121,23 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} is not a model saved by this program (no architecture or weights inside)")
     if state["arch"] != ARCH:
         raise UserError(f"{path} holds architecture {state['arch']!r}; this program knows {ARCH!r}")
-    model = build_model(**state["arch_params"])
+    model = build_model(**checked_arch_params(state.get("arch_params"), str(path)))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k != "model"}
     return model, meta
+
+
+def checked_arch_params(params: Any, source: str) -> dict[str, int]:
+    """A model file's ``arch_params`` checked against the limits of training before anything is built:
+    a forged ``width`` of 1500 would otherwise allocate gigabytes first. Raises ``UserError``."""
+    limits = {"num_classes": (2, MAX_CLASSES), "width": (1, MAX_WIDTH), "bn_ghost_size": (0, MAX_GHOST_SIZE)}
+    if not isinstance(params, dict) or not set(params) <= set(limits) or "num_classes" not in params:
+        raise UserError(f"model file {source} has unusable architecture parameters ({str(params)[:120]}); expected "
+                        f"{', '.join(limits)}: it was not written by this program or was edited", path=source)
+    for name, value in params.items():
+        low, high = limits[name]
+        if type(value) is not int or not low <= value <= high:
+            raise UserError(f"model file {source} says {name}={str(value)[:40]}, outside {low} to {high}: it was not written "
+                            "by this program or was edited; nothing was built", path=source)
+    return params

@@ -8,14 +8,17 @@ three tools cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data.augment import normalize, to_unit
+from ..data.loader import MIN_STD
 from ..config import DEFAULT_OUTPUT_DIR
 from ..errors import UserError
+from ..files.kinds import special_kind
 from ..model.cnn import CNNv2
 from ..model.loading import load_model_file
 from ..files.rundir import BEST
@@ -34,6 +37,9 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--model {path} is a folder; pass the model file inside it, e.g. {path / BEST}")
+    what = special_kind(path)
+    if what is not None:  # a FIFO would block the read forever
+        raise UserError(f"--model {path} is {what}, not a model file; pass the .pth or .safetensors file itself", path=str(path))
     if not path.exists():
         raise UserError(f"model file {path} does not exist; pass --model PATH, or train one first with scripts/train_finetuned.py")
     try:
@@ -44,17 +50,32 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"model file {path} cannot be used: its weights do not fit the CNN v2 ({first})") from None
     names = meta.get("class_names")
-    norm = meta.get("normalization") or {}
+    norm = meta.get("normalization")
+    norm = norm if isinstance(norm, dict) else {}
     if not isinstance(names, list) or len(names) != model.num_classes:
         raise UserError(f"model file {path} has no usable class names (found {names!r} for {model.num_classes} outputs); "
                         f"use {BEST} or a best_epoch*.pth file written by train_finetuned.py")
     if not isinstance(norm.get("mean"), (int, float)) or not isinstance(norm.get("std"), (int, float)):
         raise UserError(f"model file {path} lacks the normalisation (mean, std) it was trained with; "
                         f"use {BEST} or a best_epoch*.pth file written by train_finetuned.py")
+    if not (_within(norm["mean"], 0.0, 1.0) and _within(norm["std"], MIN_STD, 1.0)):
+        # Training computes both from pixels scaled to [0, 1], the std at least MIN_STD: anything
+        # else (std 0, a NaN mean, 1e-300 that float32 makes 0) gives "nan%" predictions.
+        raise UserError(f"model file {path} has an unusable normalisation (mean {norm['mean']}, std {norm['std']}; a mean from 0 "
+                        f"to 1 and a std from {MIN_STD} to 1 are needed): it was edited or damaged; use {BEST} written by "
+                        "train_finetuned.py", path=str(path))
     meta = dict(meta)
     meta["class_names"] = [str(n) for n in names]
     meta["path"] = str(path)
     return model, meta
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """``low <= value <= high`` for a finite number (False for NaN, and for an int past float's range)."""
+    try:
+        return math.isfinite(value) and low <= value <= high
+    except OverflowError:
+        return False
 
 
 def model_polarity(meta: dict[str, Any]) -> str:

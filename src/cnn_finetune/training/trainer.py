@@ -73,7 +73,7 @@ class RobustTrainer:
         self.on_epoch_end = on_epoch_end  # e.g. refresh the training curves; never stops training
         self.metrics_logger = metrics_logger  # e.g. TensorBoard: per-step loss and lr at sync points, epoch records
         self.checkpoints = checkpoints or CheckpointManager.for_config(RunDir(cfg.output_dir), cfg, writer=self.dist.is_main)
-        configure_threads(cfg.num_threads)
+        configure_threads(cfg.num_threads, warn=False)  # the command line has said it already, if it was too many
         torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # the initial weights are a function of the seed too
         model = build_model(len(data.class_names), width=cfg.width, bn_ghost_size=cfg.bn_ghost_size)
         self.init_note = init(model) if init is not None else "training from scratch"
