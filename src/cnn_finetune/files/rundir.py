@@ -108,6 +108,27 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir()
                       if p.name not in BEFORE_FIRST_CHECKPOINT and not self._is_our_temporary(p.name))
 
+    @staticmethod
+    def is_best_epoch_member(name: str) -> bool:
+        """True for a best-epoch file name that stays directly inside the folder: no folder part, no
+        '..', not absolute, no NUL (a name read from a checkpoint is untrusted input)."""
+        return (is_best_epoch_name(name) and "/" not in name and "\\" not in name and "\0" not in name
+                and Path(name).name == name and not Path(name).is_absolute())
+
+    def remove_best_epoch_file(self, name: str) -> bool:
+        """Delete the best-epoch file ``name`` of this folder (a link is removed, never what it points to).
+
+        Anything but a best-epoch file directly inside the folder is refused with ``ValueError``: this
+        is the only way a run deletes a best-K file, so no name can make it delete elsewhere.
+        """
+        if not self.is_best_epoch_member(name):
+            raise ValueError(f"{name!r} is not a best-epoch file of {self.path}")
+        path = self.path / name
+        if not (path.is_file() or path.is_symlink()):
+            return False
+        path.unlink()
+        return True
+
     def best_epoch_files(self) -> list[Path]:
         """Best-K files on disk."""
         return sorted(p for p in self.path.glob("best_epoch*.pth") if is_best_epoch_name(p.name)) if self.path.is_dir() else []

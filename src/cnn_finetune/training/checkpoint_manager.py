@@ -24,6 +24,7 @@ from ..files.checkpoint import atomic_write_bytes, atomic_write_json, link_or_co
 from ..errors import ArtifactWriteError
 from ..log import logger
 from .mechanisms import MODE_OF_METRIC
+from .state_check import check_training_state
 from ..files.loggers import metrics_csv
 from ..files.rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
 
@@ -117,7 +118,8 @@ def all_finite(obj: Any) -> bool:
 def load_latest(run: RunDir) -> Loaded:
     """The newest checkpoint of ``run`` that verifies, and the damaged ones met before it; reads only."""
     candidates = run.resume_candidates()
-    state, path, problems = load_newest_valid(candidates)
+    # The checksum has no key: a forged checkpoint verifies, so its fields are checked as input too.
+    state, path, problems = load_newest_valid(candidates, lambda s, p: check_training_state(s, run, p))
     newer = candidates[: candidates.index(path)] if path is not None else candidates
     return Loaded(state, path, problems, [p for p in newer if p.exists()])
 
@@ -203,13 +205,14 @@ class CheckpointManager:
     def link_best(self) -> None:
         """Make best_model_finetuned.pth the best-K file of the best epoch (a hard link: no second write)."""
         best = self.keeper.best()
-        if best is not None and (self.run / best["file"]).exists():
+        if best is not None and self.run.is_best_epoch_member(best["file"]) and (self.run / best["file"]).is_file() \
+                and not (self.run / best["file"]).is_symlink():
             self._write(self.run.best, lambda: link_or_copy(self.run / best["file"], self.run.best))
 
     def drop(self, names: list[str]) -> None:
         """Delete best-K files that fell out of the top K."""
         for name in names if self.writer else []:
-            (self.run / name).unlink(missing_ok=True)
+            self.run.remove_best_epoch_file(name)  # refuses any name but a best-epoch file of the folder
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         """Atomically rewrite ``history.json`` and ``metrics.csv`` (the same records, for spreadsheets)."""
@@ -238,7 +241,7 @@ class CheckpointManager:
     def tidy_after_resume(self) -> None:
         """Delete best-K files an unrecorded epoch left, and point the best model at the recorded best."""
         for stray in self.keeper.stray_files() if self.writer else []:
-            stray.unlink(missing_ok=True)
+            self.run.remove_best_epoch_file(stray.name)
         self.link_best()
 
     def state_dict(self) -> dict[str, Any]:
