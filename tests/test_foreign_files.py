@@ -124,3 +124,49 @@ def test_a_forged_last_checkpoint_falls_back_to_the_previous_one(reference_run: 
     assert_same_weights(reference_run / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
     assert [p.name.split(".damaged-")[0] for p in (tmp_path / "out").glob("*.damaged-*")] == ["checkpoint_last.pth"]
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["finished"]["reason"] == "completed"
+
+
+# --- only an earlier run is ever moved aside ---------------------------------------------------------------
+
+
+def plant_home(folder: Path) -> None:
+    for rel, text in {".bashrc": "export PATH", ".ssh/id_ed25519": "secret key", "Documents/thesis.tex": "chapter 1"}.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+
+
+def plant_class_folders(folder: Path) -> None:
+    for c in ("0", "1", "2"):
+        (folder / c).mkdir(parents=True)
+        (folder / c / "img.png").write_bytes(b"\x89PNG not really")
+
+
+@pytest.mark.parametrize("plant, names", [(plant_class_folders, "0, 1, 2"), (plant_home, ".bashrc, .ssh, Documents")])
+def test_no_resume_never_moves_a_folder_that_is_not_a_run(tiny_idx: Path, tmp_path: Path, plant, names: str):
+    plant(tmp_path / "mine")
+    before = tree(tmp_path, skip=("cache",))
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "mine"]
+    proc = run_cli([*args, "--no-resume"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"--no-resume moves aside only the folder of an earlier run, and mine holds files that are not this "
+            f"program's ({names}); nothing was moved") in proc.stderr
+    assert tree(tmp_path, skip=("cache",)) == before and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    # Without --no-resume: refused too, and not called the files of an earlier run (they are not).
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"mine holds files that are not this program's ({names}) and no checkpoint" in proc.stderr
+    assert "earlier run (" not in proc.stderr and "use --no-resume" not in proc.stderr
+    assert tree(tmp_path, skip=("cache",)) == before
+
+
+def test_no_resume_still_moves_a_run_folder_with_exports_and_file_manager_files(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--epochs", "1", "--data", str(tiny_idx), "--output-dir", "out"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    (tmp_path / "out" / "export").mkdir()  # export.py's default folder, beside the model
+    (tmp_path / "out" / "export" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "out" / ".DS_Store").write_bytes(b"finder")
+    before = tree(tmp_path / "out")
+    proc = run_cli([*args, "--no-resume"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert len(moved) == 1 and tree(moved[0]) == before

@@ -48,7 +48,7 @@ from .data.loader import (
 from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .training.distributed import Dist, from_environment
 from .training.faults import FaultInjector
-from .log import logger
+from .log import logger, printable
 from .files.loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
 from .training.recipe import resolve
 from .files.rundir import (
@@ -62,6 +62,7 @@ from .files.rundir import (
     MODEL_CARD,
     TENSORBOARD,
     RunDir,
+    not_a_run_message,
 )
 from .training.mechanisms import RetryBudget
 from .runtime import configure_threads, resolve_device, versions
@@ -343,6 +344,8 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
         if run.has_files() and Path.cwd().resolve().is_relative_to(run.path.resolve()):
             raise UserError(f"--no-resume cannot move {run.path} aside: it is (or contains) the current folder; choose "
                             "another --output-dir, e.g. a sub-folder", path=str(run.path))
+        if run.not_ours():  # a data folder, a home folder...: only an earlier run is ever moved
+            raise UserError(not_a_run_message(run, run.not_ours()), path=str(run.path))
         return ResumePlan(fresh.config, move_aside=run.has_files(), notes=fresh.notes)
     loaded = load_latest(run) if run.path.is_dir() else None
     for problem in loaded.problems if loaded else []:
@@ -353,6 +356,12 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
     if loaded is None or loaded.state is None:
         # Without a checkpoint, only the files a run writes before its first checkpoint may be replaced;
         # anything else (a model, a history, reports) belongs to someone: never overwrite it.
+        strangers = run.not_ours()
+        if strangers:
+            shown = ", ".join(printable(n) for n in strangers[:4]) + (f" and {len(strangers) - 4} more" if len(strangers) > 4 else "")
+            raise UserError(f"{run} holds files that are not this program's ({shown}) and no checkpoint: it is not the "
+                            "folder of an earlier run, and a run writes only into a folder of its own; choose an empty "
+                            "or new --output-dir", path=str(run.path))
         foreign = run.foreign_files()
         if foreign:
             raise UserError(f"{run} holds files of an earlier run ({', '.join(foreign[:4])}) but no checkpoint to resume from; "

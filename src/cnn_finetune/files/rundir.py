@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..log import logger
+from ..log import logger, printable
 
 LAST = "checkpoint_last.pth"
 PREV = "checkpoint_prev.pth"
@@ -31,6 +31,9 @@ MODEL_CARD = "model_card.md"
 LOG = "train.log"
 METRICS = "metrics.csv"
 TENSORBOARD = "tensorboard"  # a folder: TensorBoard's event files (--logger tensorboard)
+EXPORT = "export"  # a folder: export.py's default output beside the model file
+# Written into any folder by file managers: they neither make a folder someone's nor stop it being a run's.
+OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 LOCK = ".lock"
 TMP_MARK = ".tmp-"  # atomic writes go through "<name>.tmp-<pid>"
 # The four files of the original training guide, in its order.
@@ -60,7 +63,7 @@ def is_best_epoch_name(name: str) -> bool:
 def is_our_name(name: str) -> bool:
     """True for a file name this program writes into a run folder."""
     ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION, LOG, METRICS,
-            TENSORBOARD,
+            TENSORBOARD, EXPORT,
             f"test_{EVALUATION}", f"test_{CONFUSION}"}
     return name in ours or is_best_epoch_name(name) or bool(DAMAGED_PATTERN.match(name))
 
@@ -128,6 +131,17 @@ class RunDir:
             return False
         path.unlink()
         return True
+
+    def not_ours(self) -> list[str]:
+        """Entries of the folder that this program does not write (class folders, a user's files, ...).
+
+        A folder that holds any is not the folder of an earlier run: a run never moves it aside and,
+        without a checkpoint, never writes into it.
+        """
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if not (is_our_name(p.name) or self._is_our_temporary(p.name) or p.name in OS_CLUTTER))
 
     def best_epoch_files(self) -> list[Path]:
         """Best-K files on disk."""
@@ -214,6 +228,8 @@ class RunDir:
         """Rename a non-empty folder to ``<name>.old-<timestamp>`` (under its lock); returns the new path."""
         if not self.has_files():
             return None
+        if self.not_ours():  # checked in the plan already; never move a folder that is not a run's
+            raise UserError(not_a_run_message(self, self.not_ours()), path=str(self.path))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = self.path.with_name(f"{self.path.name}.old-{stamp}")
         n = 1
@@ -233,3 +249,10 @@ class RunDir:
             raise UserError(f"--no-resume cannot move the earlier run in {self.path} aside: {err.strerror or err}",
                             path=str(self.path)) from None
         return target
+
+
+def not_a_run_message(run: RunDir, names: list[str]) -> str:
+    """Why --no-resume refuses a folder that holds files this program did not write."""
+    shown = ", ".join(printable(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"--no-resume moves aside only the folder of an earlier run, and {run} holds files that are not this "
+            f"program's ({shown}); nothing was moved. Choose an empty or new --output-dir (or move those files out)")
