@@ -170,3 +170,45 @@ def test_no_resume_still_moves_a_run_folder_with_exports_and_file_manager_files(
     assert proc.returncode == 0, proc.stderr[-3000:]
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
     assert len(moved) == 1 and tree(moved[0]) == before
+
+
+# --- the output folder and the data stay apart -------------------------------------------------------------
+
+
+def image_folder(root: Path, per_class: int = 12) -> Path:
+    """A plain <class>/ tree of real PNG files, two classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            arr = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+            arr[4:24, (6 if c == "a" else 16):(12 if c == "a" else 22)] = 255
+            Image.fromarray(arr).save(root / c / f"{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("flag", ["--data", "--val-data", "--test-data"])
+def test_an_output_folder_inside_the_data_is_refused_and_creates_nothing(tiny_idx: Path, tmp_path: Path, flag: str):
+    image_folder(tmp_path / "data")
+    before = tree(tmp_path, skip=("cache",))
+    data = [] if flag == "--data" else ["--data", str(tiny_idx)]
+    for extra in ([], ["--no-resume"]):
+        proc = run_cli([*FAST, *data, flag, "data", "--output-dir", "data/run", *extra], cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"--output-dir data/run is inside the data folder data ({flag})" in proc.stderr
+        assert tree(tmp_path, skip=("cache",)) == before  # data/run was not created
+
+
+@pytest.mark.parametrize("flag", ["--data", "--val-data", "--test-data"])
+def test_data_inside_the_output_folder_is_refused_and_nothing_is_moved(tiny_idx: Path, tmp_path: Path, flag: str):
+    image_folder(tmp_path / "out" / "mydata")
+    before = tree(tmp_path, skip=("cache",))
+    data = [] if flag == "--data" else ["--data", str(tiny_idx)]
+    for extra in ([], ["--no-resume"]):
+        proc = run_cli([*FAST, *data, flag, "out/mydata", "--output-dir", "out", *extra], cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"the data out/mydata ({flag}) is inside --output-dir out" in proc.stderr
+        assert tree(tmp_path, skip=("cache",)) == before

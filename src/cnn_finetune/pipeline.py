@@ -153,6 +153,7 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
         cool_down_after_restart(cfg)
         configure_threads(cfg.num_threads)
         run = RunDir(cfg.output_dir)
+        check_apart_from_data(cfg, run)
         data = local_main_first(dist, lambda: prepare_data(cfg))  # one process per machine fills the data cache
         base, base_note, plan = main_decides(dist, lambda: plan_run(cfg, run, data))
         if plan.state is not None:
@@ -282,6 +283,23 @@ def resolve_base_model(cfg: TrainConfig, data: PreparedData) -> tuple[Path | Non
 
 
 # --- stage 1 ----------------------------------------------------------------------------------------
+
+
+def check_apart_from_data(cfg: TrainConfig, run: RunDir) -> None:
+    """Refuse (exit 2) an output folder inside a data source, or a data source inside the output folder.
+
+    A run folder inside the data becomes a class of the next run (its curves and confusion matrix are
+    images of a class "run"); data inside the run folder would be moved aside with it by --no-resume.
+    """
+    default = "data" if cfg.data is None and Path("data").is_dir() else None
+    for flag, source in (("--data", cfg.data or default), ("--val-data", cfg.val_data), ("--test-data", cfg.test_data)):
+        where = run.overlap(source) if source is not None else None
+        if where == "inside":
+            raise UserError(f"--output-dir {run} is inside the data folder {source} ({flag}): the run's files would become "
+                            "part of the data of the next run; choose an --output-dir outside the data", path=str(run.path))
+        if where == "contains":
+            raise UserError(f"the data {source} ({flag}) is inside --output-dir {run}: the output folder holds only the "
+                            "run's files; choose an --output-dir that does not contain the data", path=str(run.path))
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:

@@ -143,6 +143,17 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir()
                       if not (is_our_name(p.name) or self._is_our_temporary(p.name) or p.name in OS_CLUTTER))
 
+    def overlap(self, other: str | os.PathLike[str]) -> str | None:
+        """``"inside"`` when this folder is ``other`` or lies inside it, ``"contains"`` when ``other`` lies
+        inside this folder, else None (links resolved; a path that cannot be resolved overlaps nothing)."""
+        try:
+            mine, theirs = self.path.resolve(), Path(other).resolve()
+        except (OSError, ValueError, RuntimeError):
+            return None
+        if mine == theirs or mine.is_relative_to(theirs):
+            return "inside"
+        return "contains" if theirs.is_relative_to(mine) else None
+
     def best_epoch_files(self) -> list[Path]:
         """Best-K files on disk."""
         return sorted(p for p in self.path.glob("best_epoch*.pth") if is_best_epoch_name(p.name)) if self.path.is_dir() else []
