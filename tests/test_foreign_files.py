@@ -126,6 +126,27 @@ def test_a_forged_last_checkpoint_falls_back_to_the_previous_one(reference_run: 
     assert load_state(tmp_path / "out" / "checkpoint_last.pth")["finished"]["reason"] == "completed"
 
 
+def _weights_of_another_shape(s: dict[str, Any]) -> None:
+    s["model"][next(iter(s["model"]))] = torch.zeros(3)
+
+
+def _optimizer_state_of_another_model(s: dict[str, Any]) -> None:
+    s["optimizer"]["state"] = {0: {"momentum_buffer": torch.zeros(2)}}
+
+
+@pytest.mark.parametrize("edit", [_weights_of_another_shape, _optimizer_state_of_another_model])
+def test_forged_weights_or_optimizer_state_are_bad_input_not_a_traceback(tiny_idx: Path, tmp_path: Path, edit):
+    args = stopped_run(tiny_idx, tmp_path)
+    for ckpt in ("checkpoint_last.pth", "checkpoint_prev.pth"):
+        forge(tmp_path / "out" / ckpt, edit)
+    before = tree(tmp_path, skip=("cache",))
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{tmp_path / 'out' / 'checkpoint_last.pth'} does not fit the model of its own settings" in proc.stderr
+    assert "damaged or forged" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree(tmp_path, skip=("cache",)) == before
+
+
 # --- only an earlier run is ever moved aside ---------------------------------------------------------------
 
 

@@ -461,11 +461,22 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: 
                             init=init, faults=faults, guard=guard, dist=dist,
                             on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor) if dist.is_main else None)
     if plan.state is not None:
-        trainer.load_state_dict(plan.state)
+        load_checked(trainer, plan, run)
     if plan.extend_to is not None:
         trainer.extend_to(plan.extend_to)
     one_step_check(trainer)
     return trainer
+
+
+def load_checked(trainer: RobustTrainer, plan: ResumePlan, run: RunDir) -> None:
+    """Load the planned checkpoint; weights or an optimizer state that do not fit the model its own settings
+    describe (a forged or damaged file whose checksum was computed again) are bad input, before any write."""
+    try:
+        trainer.load_state_dict(plan.state or {})
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"{run / str(plan.source)} does not fit the model of its own settings ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]}); it was damaged or forged. Move it aside, or use --no-resume to "
+                        "start afresh", path=str(run / str(plan.source))) from None
 
 
 def one_step_check(trainer: RobustTrainer) -> None:
