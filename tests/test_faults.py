@@ -360,31 +360,84 @@ def _wait_for_epochs(out: Path, proc: subprocess.Popen[str], n: int) -> None:
     raise AssertionError(f"the run did not reach epoch {n}: {proc.poll()}")
 
 
+def _break_disk(disk: Path, fault: str) -> None:
+    """Fill the small file system to the last byte, or remount it read-only, under the running training."""
+    if fault == "disk_full":
+        with open(disk / "filler", "wb") as fh:
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+
+def _mend_disk(disk: Path, fault: str) -> None:
+    if fault == "disk_full":
+        (disk / "filler").unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+
+
+REASONS = {"disk_full": "No space left on device", "read_only": "Read-only file system"}
+
+
 @pytest.mark.parametrize("fault", ["disk_full", "read_only"])
-def test_disk_full_or_read_only_stops_cleanly_and_resumes(slow_reference: Path, tiny_idx: Path, tmp_path: Path, fault):
+def test_a_failed_save_is_retried_after_a_cool_down_and_loses_nothing(slow_reference: Path, tiny_idx: Path, tmp_path: Path,
+                                                                     fault):
+    # The disk fails under the running training and is mended during the cool-down after the first failed
+    # save: the same state is written again from memory, and the run ends as if nothing had happened.
+    with small_tmpfs(tmp_path / "disk") as disk:
+        out = disk / "out"
+        args = [*SLOW, "--cooldown", "2", "--data", str(tiny_idx), "--output-dir", str(out)]
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=cli_env(tmp_path),
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+            _wait_for_epochs(out, proc, 1)
+            _break_disk(disk, fault)
+            seen = []
+            for line in proc.stdout:  # the run says it will try again, then cools down for 2 s
+                seen.append(line)
+                if "trying the save again from the state in memory (retry 1/5)" in line:
+                    _mend_disk(disk, fault)
+                    break
+            rest = proc.stdout.read()  # through the same buffer as the lines above (communicate would skip it)
+            proc.wait(timeout=300)
+        stdout, stderr = "".join(seen) + rest, (tmp_path / "stderr.txt").read_text()
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "cannot write " in stdout and f"{REASONS[fault]}; trying the save again" in stdout
+        assert "cooling down 2.0s before retrying" in stdout, stdout[-3000:]
+        assert " on retry 1: training goes on from the state in memory" in stdout, stdout[-3000:]
+        retries = [e for r in history(out) for e in r["events"] if e["type"] == "save_retry"]
+        assert len(retries) == 1 and retries[0]["error"] == REASONS[fault] and retries[0]["attempt"] == 1
+        assert "on retry 1: training goes on" in (out / "train.log").read_text()
+        assert not [e for r in history(out) for e in r["events"] if e["type"] in ("retry", "resumed")]  # no reload
+        assert_same_weights(slow_reference / "checkpoint_last.pth", out / "checkpoint_last.pth")
+        assert stripped_history(slow_reference) == stripped_history(out)
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "read_only"])
+def test_a_disk_that_stays_full_or_read_only_stops_after_the_retries_and_resumes(slow_reference: Path, tiny_idx: Path,
+                                                                                 tmp_path: Path, fault):
     with small_tmpfs(tmp_path / "disk") as disk:
         args = [*SLOW, "--data", str(tiny_idx), "--output-dir", str(disk / "out")]
-        proc = start_cli(args, tmp_path)
+        proc = start_cli([*args, "--cooldown", "0.2", "--max-retries", "3"], tmp_path)
         _wait_for_epochs(disk / "out", proc, 1)
-        if fault == "disk_full":
-            with open(disk / "filler", "wb") as fh:
-                with contextlib.suppress(OSError):
-                    while True:
-                        fh.write(b"\0" * 65536)
-                        fh.flush()
-        else:
-            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        _, err = proc.communicate(timeout=120)
+        _break_disk(disk, fault)
+        out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err
-        reason = "No space left on device" if fault == "disk_full" else "Read-only file system"
-        assert f"{reason}. Training stopped so that it never goes on without checkpoints" in err
+        # Three retries, each after a cool-down twice as long as the one before, then a clear stop.
+        for k, seconds in enumerate(["0.2", "0.4", "0.8"], start=1):
+            assert f"(retry {k}/3)" in out and f"cooling down {seconds}s before retrying" in out
+        assert "(retry 4/3)" not in out
+        assert f"{REASONS[fault]}. Training stopped so that it never goes on without checkpoints (written 4 times" in err
         assert "run the same command to continue" in err
-        state = load_state(disk / "out" / "checkpoint_last.pth")  # still valid
-        assert state["finished"] is None
-        if fault == "disk_full":
-            (disk / "filler").unlink()
-        else:
-            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        # Both checkpoints still verify (checkpoint_prev.pth exists once a second save has been completed).
+        last = load_state(disk / "out" / "checkpoint_last.pth")
+        assert last["finished"] is None and last["position"]["global_step"] % 12 == 0  # the start, or an end of epoch
+        if (disk / "out" / "checkpoint_prev.pth").exists():
+            assert load_state(disk / "out" / "checkpoint_prev.pth")["position"]["global_step"] <= last["position"]["global_step"]
+        _mend_disk(disk, fault)
         proc = run_cli(args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert_same_weights(slow_reference / "checkpoint_last.pth", disk / "out" / "checkpoint_last.pth")

@@ -12,6 +12,7 @@ explores more locally. Every problem the fuzzing found is kept below as an ``@ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -504,3 +505,86 @@ def test_a_fifo_anywhere_in_the_data_never_blocks(place: str, name: str) -> None
             assert "FIFO" in str(outcome["err"]) or str(root) in str(outcome["err"]), str(outcome["err"])
         else:
             assert "ds" in outcome and len(outcome["ds"]) >= 4
+
+
+# --- forged checkpoints: every field is input ---------------------------------------------------------------
+# The checksum of a checkpoint has no key: anyone can edit a field and compute it again. A forged
+# checkpoint_last.pth is used when its fields are plausible, else refused like a damaged one (the run
+# continues from checkpoint_prev.pth); never a traceback, and no file outside the output folder is
+# ever deleted, moved or written, whatever a field names.
+
+CHECKPOINT_FIELDS = ["best_keeper.entries.0.file", "best_keeper.entries.0.epoch", "best_keeper.entries.0.metric",
+                     "best_keeper.entries.0.tiebreak", "best_keeper.entries", "best_keeper.mode", "position.epoch",
+                     "position.step", "position.global_step", "position.steps_per_epoch", "early_stopping.wait",
+                     "early_stopping.best", "early_stopping.best_epoch", "micro_batching.parts", "micro_batching.clean_steps",
+                     "nan_guard.lr_scale", "nan_guard.rollbacks", "timing.epoch_elapsed", "normalization.std",
+                     "normalization.mean", "schedule", "schedule.0.1", "world_size", "finished", "history", "events", "kind",
+                     "init", "config.epochs", "config.output_dir", "config.data", "accumulators.seen", "fine_tuning",
+                     "optimizer.state", "optimizer.param_groups", "arch_params.width", "class_names", "model"]
+# "@name" stands for a path next to the output folder, resolved per example.
+OUTSIDE = ["@notes.txt", "@home/.ssh/id_ed25519", "../notes.txt", "best_epoch001_/../../notes.txt", "checkpoint_last.pth",
+           "config_finetuned.json", "best_epoch001_val_acc0.5000.pth", ".", "", "/"]
+FORGED_VALUES = st.one_of(st.sampled_from([*OUTSIDE, -1, 0, 1, 2, 50, 2**63, -(2**63), 10**30, 0.0, -1.0, 1e308, float("nan"),
+                                           float("inf"), float("-inf"), None, True, False, [], {}, [[0, 1]], [[5, 2]],
+                                           {"reason": "completed", "epoch": 99, "detail": "forged"}]),
+                          st.integers(), st.floats(), st.text(max_size=8))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_idx: Path) -> tuple[Path, list[str]]:
+    """A FAST run stopped by SIGINT after step 14 of 18: checkpoint_last.pth at step 14, checkpoint_prev.pth at 12."""
+    from conftest import run_cli
+
+    work = tmp_path_factory.mktemp("stopped")
+    args = [*FAST, "--keep-best", "1", "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = run_cli(args, cwd=work, faults="sigint@14")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    return work / "out", args
+
+
+def _set_field(state: dict, dotted: str, value: object) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        state = state[int(key)] if isinstance(state, list) else state[key]
+    state[int(last) if isinstance(state, list) else last] = value
+
+
+@given(forgeries=st.lists(st.tuples(st.sampled_from(CHECKPOINT_FIELDS), FORGED_VALUES), min_size=1, max_size=3))
+@example(forgeries=[("best_keeper.entries.0.file", "@home/.ssh/id_ed25519"), ("best_keeper.entries.0.metric", -1.0)])
+@example(forgeries=[("best_keeper.entries.0.file", "../notes.txt"), ("best_keeper.entries.0.metric", -1.0)])
+@example(forgeries=[("position.epoch", -1)])  # ZeroDivisionError, then a retry
+@example(forgeries=[("position.step", 50)])  # an untrained epoch reported "completed"
+@settings(max_examples=6)
+def test_a_forged_checkpoint_field_is_used_or_refused_never_acted_on_outside(stopped_run, forgeries) -> None:
+    import hashlib
+    import shutil
+
+    import torch
+
+    from cnn_finetune.files.checkpoint import content_digest
+
+    source, args = stopped_run
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work)
+        shutil.copytree(source, root / "out")
+        for rel, text in {"notes.txt": "mine", "home/.ssh/id_ed25519": "key", "home/.bashrc": "rc"}.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        payload = torch.load(root / "out" / "checkpoint_last.pth", weights_only=True)
+        for dotted, value in forgeries:
+            value = str(root / value[1:]) if isinstance(value, str) and value.startswith("@") else value
+            with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):  # a forged parent may be gone
+                _set_field(payload["state"], dotted, value)
+        payload["sha256"] = content_digest(payload["state"])
+        torch.save(payload, root / "out" / "checkpoint_last.pth")
+
+        def outside() -> dict[str, str]:
+            return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+                    for p in sorted(root.rglob("*")) if p.relative_to(root).parts[0] not in ("out", "cache")}
+
+        before = outside()
+        proc = run_cli_in_process(args, root)
+        assert proc.returncode in (0, 2), (proc.returncode, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert outside() == before
+        assert not [p for p in root.iterdir() if p.name.startswith("out.old-")]

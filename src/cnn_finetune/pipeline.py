@@ -49,7 +49,7 @@ from .data.loader import (
 from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .training.distributed import Dist, from_environment
 from .training.faults import FaultInjector
-from .log import logger
+from .log import logger, printable
 from .files.loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
 from .training.recipe import resolve
 from .files.rundir import (
@@ -63,6 +63,7 @@ from .files.rundir import (
     MODEL_CARD,
     TENSORBOARD,
     RunDir,
+    not_a_run_message,
 )
 from .training.mechanisms import RetryBudget
 from .runtime import configure_threads, resolve_device, versions
@@ -153,6 +154,7 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
         cool_down_after_restart(cfg)
         configure_threads(cfg.num_threads)
         run = RunDir(cfg.output_dir)
+        check_apart_from_data(cfg, run)
         data = local_main_first(dist, lambda: prepare_data(cfg))  # one process per machine fills the data cache
         base, base_note, plan = main_decides(dist, lambda: plan_run(cfg, run, data))
         if plan.state is not None:
@@ -288,6 +290,23 @@ def resolve_base_model(cfg: TrainConfig, data: PreparedData) -> tuple[Path | Non
 # --- stage 1 ----------------------------------------------------------------------------------------
 
 
+def check_apart_from_data(cfg: TrainConfig, run: RunDir) -> None:
+    """Refuse (exit 2) an output folder inside a data source, or a data source inside the output folder.
+
+    A run folder inside the data becomes a class of the next run (its curves and confusion matrix are
+    images of a class "run"); data inside the run folder would be moved aside with it by --no-resume.
+    """
+    default = "data" if cfg.data is None and Path("data").is_dir() else None
+    for flag, source in (("--data", cfg.data or default), ("--val-data", cfg.val_data), ("--test-data", cfg.test_data)):
+        where = run.overlap(source) if source is not None else None
+        if where == "inside":
+            raise UserError(f"--output-dir {run} is inside the data folder {source} ({flag}): the run's files would become "
+                            "part of the data of the next run; choose an --output-dir outside the data", path=str(run.path))
+        if where == "contains":
+            raise UserError(f"the data {source} ({flag}) is inside --output-dir {run}: the output folder holds only the "
+                            "run's files; choose an --output-dir that does not contain the data", path=str(run.path))
+
+
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Load the training data (and validation and test data), split it, and describe it."""
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
@@ -348,6 +367,8 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
         if run.has_files() and Path.cwd().resolve().is_relative_to(run.path.resolve()):
             raise UserError(f"--no-resume cannot move {run.path} aside: it is (or contains) the current folder; choose "
                             "another --output-dir, e.g. a sub-folder", path=str(run.path))
+        if run.not_ours():  # a data folder, a home folder...: only an earlier run is ever moved
+            raise UserError(not_a_run_message(run, run.not_ours()), path=str(run.path))
         return ResumePlan(fresh.config, move_aside=run.has_files(), notes=fresh.notes)
     loaded = load_latest(run) if run.path.is_dir() else None
     for problem in loaded.problems if loaded else []:
@@ -358,6 +379,12 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
     if loaded is None or loaded.state is None:
         # Without a checkpoint, only the files a run writes before its first checkpoint may be replaced;
         # anything else (a model, a history, reports) belongs to someone: never overwrite it.
+        strangers = run.not_ours()
+        if strangers:
+            shown = ", ".join(printable(n) for n in strangers[:4]) + (f" and {len(strangers) - 4} more" if len(strangers) > 4 else "")
+            raise UserError(f"{run} holds files that are not this program's ({shown}) and no checkpoint: it is not the "
+                            "folder of an earlier run, and a run writes only into a folder of its own; choose an empty "
+                            "or new --output-dir", path=str(run.path))
         foreign = run.foreign_files()
         if foreign:
             raise UserError(f"{run} holds files of an earlier run ({', '.join(foreign[:4])}) but no checkpoint to resume from; "
@@ -439,11 +466,22 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: 
                             init=init, faults=faults, guard=guard, dist=dist,
                             on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor) if dist.is_main else None)
     if plan.state is not None:
-        trainer.load_state_dict(plan.state)
+        load_checked(trainer, plan, run)
     if plan.extend_to is not None:
         trainer.extend_to(plan.extend_to)
     one_step_check(trainer)
     return trainer
+
+
+def load_checked(trainer: RobustTrainer, plan: ResumePlan, run: RunDir) -> None:
+    """Load the planned checkpoint; weights or an optimizer state that do not fit the model its own settings
+    describe (a forged or damaged file whose checksum was computed again) are bad input, before any write."""
+    try:
+        trainer.load_state_dict(plan.state or {})
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"{run / str(plan.source)} does not fit the model of its own settings ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]}); it was damaged or forged. Move it aside, or use --no-resume to "
+                        "start afresh", path=str(run / str(plan.source))) from None
 
 
 def one_step_check(trainer: RobustTrainer) -> None:

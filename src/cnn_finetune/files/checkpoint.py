@@ -281,14 +281,19 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return weights, meta
 
 
-def load_newest_valid(paths: list[Path]) -> tuple[dict[str, Any] | None, Path | None, list[str]]:
-    """The first checkpoint in ``paths`` that verifies, with the problems met on the way."""
+def load_newest_valid(paths: list[Path], check: Callable[[Any, Path], None] | None = None
+                      ) -> tuple[dict[str, Any] | None, Path | None, list[str]]:
+    """The first checkpoint in ``paths`` that verifies (and that ``check``, which raises
+    ``CheckpointError``, accepts), with the problems met on the way."""
     problems = []
     for p in paths:
         if not p.exists():
             continue
         try:
-            return load_checkpoint(p), p, problems
+            state = load_checkpoint(p)
+            if check is not None:
+                check(state, p)
+            return state, p, problems
         except CheckpointError as err:
             problems.append(str(err))
     return None, None, problems

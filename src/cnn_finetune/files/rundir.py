@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..log import logger
+from ..log import logger, printable
 
 LAST = "checkpoint_last.pth"
 PREV = "checkpoint_prev.pth"
@@ -31,6 +31,9 @@ MODEL_CARD = "model_card.md"
 LOG = "train.log"
 METRICS = "metrics.csv"
 TENSORBOARD = "tensorboard"  # a folder: TensorBoard's event files (--logger tensorboard)
+EXPORT = "export"  # a folder: export.py's default output beside the model file
+# Written into any folder by file managers: they neither make a folder someone's nor stop it being a run's.
+OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 LOCK = ".lock"
 TMP_MARK = ".tmp-"  # atomic writes go through "<name>.tmp-<pid>"
 # The four files of the original training guide, in its order.
@@ -60,7 +63,7 @@ def is_best_epoch_name(name: str) -> bool:
 def is_our_name(name: str) -> bool:
     """True for a file name this program writes into a run folder."""
     ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION, LOG, METRICS,
-            TENSORBOARD,
+            TENSORBOARD, EXPORT,
             f"test_{EVALUATION}", f"test_{CONFUSION}"}
     return name in ours or is_best_epoch_name(name) or bool(DAMAGED_PATTERN.match(name))
 
@@ -107,6 +110,49 @@ class RunDir:
             return []
         return sorted(p.name for p in self.path.iterdir()
                       if p.name not in BEFORE_FIRST_CHECKPOINT and not self._is_our_temporary(p.name))
+
+    @staticmethod
+    def is_best_epoch_member(name: str) -> bool:
+        """True for a best-epoch file name that stays directly inside the folder: no folder part, no
+        '..', not absolute, no NUL (a name read from a checkpoint is untrusted input)."""
+        return (is_best_epoch_name(name) and "/" not in name and "\\" not in name and "\0" not in name
+                and Path(name).name == name and not Path(name).is_absolute())
+
+    def remove_best_epoch_file(self, name: str) -> bool:
+        """Delete the best-epoch file ``name`` of this folder (a link is removed, never what it points to).
+
+        Anything but a best-epoch file directly inside the folder is refused with ``ValueError``: this
+        is the only way a run deletes a best-K file, so no name can make it delete elsewhere.
+        """
+        if not self.is_best_epoch_member(name):
+            raise ValueError(f"{name!r} is not a best-epoch file of {self.path}")
+        path = self.path / name
+        if not (path.is_file() or path.is_symlink()):
+            return False
+        path.unlink()
+        return True
+
+    def not_ours(self) -> list[str]:
+        """Entries of the folder that this program does not write (class folders, a user's files, ...).
+
+        A folder that holds any is not the folder of an earlier run: a run never moves it aside and,
+        without a checkpoint, never writes into it.
+        """
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if not (is_our_name(p.name) or self._is_our_temporary(p.name) or p.name in OS_CLUTTER))
+
+    def overlap(self, other: str | os.PathLike[str]) -> str | None:
+        """``"inside"`` when this folder is ``other`` or lies inside it, ``"contains"`` when ``other`` lies
+        inside this folder, else None (links resolved; a path that cannot be resolved overlaps nothing)."""
+        try:
+            mine, theirs = self.path.resolve(), Path(other).resolve()
+        except (OSError, ValueError, RuntimeError):
+            return None
+        if mine == theirs or mine.is_relative_to(theirs):
+            return "inside"
+        return "contains" if theirs.is_relative_to(mine) else None
 
     def best_epoch_files(self) -> list[Path]:
         """Best-K files on disk."""
@@ -193,6 +239,8 @@ class RunDir:
         """Rename a non-empty folder to ``<name>.old-<timestamp>`` (under its lock); returns the new path."""
         if not self.has_files():
             return None
+        if self.not_ours():  # checked in the plan already; never move a folder that is not a run's
+            raise UserError(not_a_run_message(self, self.not_ours()), path=str(self.path))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = self.path.with_name(f"{self.path.name}.old-{stamp}")
         n = 1
@@ -212,3 +260,10 @@ class RunDir:
             raise UserError(f"--no-resume cannot move the earlier run in {self.path} aside: {err.strerror or err}",
                             path=str(self.path)) from None
         return target
+
+
+def not_a_run_message(run: RunDir, names: list[str]) -> str:
+    """Why --no-resume refuses a folder that holds files this program did not write."""
+    shown = ", ".join(printable(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"--no-resume moves aside only the folder of an earlier run, and {run} holds files that are not this "
+            f"program's ({shown}); nothing was moved. Choose an empty or new --output-dir (or move those files out)")

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ..files.checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
+from ..files.rundir import EXPORT
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from ..log import printable
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if not args.tolerance > 0:
         raise UserError(f"--tolerance {args.tolerance} must be positive, e.g. 1e-4")
-    out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "export"
+    out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / EXPORT
     try:
         result = export_model(args.model, out_dir, tolerance=args.tolerance, onnx=not args.no_onnx)
     except OSError as err:  # the folder exists, but a file of the export cannot be written (e.g. a full disk)

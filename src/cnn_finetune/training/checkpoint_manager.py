@@ -5,9 +5,10 @@
 as separate files with ``best_model_finetuned.pth`` as a hard link to the best, writes
 ``history.json``, and tidies what a killed run left (best-epoch files the checkpoint does not know,
 damaged checkpoints). How bytes reach the disk is ``checkpoint.py``'s business; the names are
-``rundir.py``'s. Two promises hold for every file it writes: a file that cannot be written stops the
-run (``ArtifactWriteError``, exit 1) instead of training on without it, and no weights that are NaN
-or infinite are ever saved, so a rollback always finds finite weights.
+``rundir.py``'s. Two promises hold for every file it writes: a file that cannot be written is written
+again from the same state after a cool-down (``on_write_error``, the trainer's retry budget), and
+once no retry is left stops the run (``ArtifactWriteError``, exit 1) instead of training on without
+it; and no weights that are NaN or infinite are ever saved, so a rollback always finds finite weights.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..files.checkpoint import atomic_write_bytes, atomic_write_json, link_or_co
 from ..errors import ArtifactWriteError
 from ..log import logger
 from .mechanisms import MODE_OF_METRIC
+from .state_check import check_training_state
 from ..files.loggers import metrics_csv
 from ..files.rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
 
@@ -117,7 +119,8 @@ def all_finite(obj: Any) -> bool:
 def load_latest(run: RunDir) -> Loaded:
     """The newest checkpoint of ``run`` that verifies, and the damaged ones met before it; reads only."""
     candidates = run.resume_candidates()
-    state, path, problems = load_newest_valid(candidates)
+    # The checksum has no key: a forged checkpoint verifies, so its fields are checked as input too.
+    state, path, problems = load_newest_valid(candidates, lambda s, p: check_training_state(s, run, p))
     newer = candidates[: candidates.index(path)] if path is not None else candidates
     return Loaded(state, path, problems, [p for p in newer if p.exists()])
 
@@ -137,6 +140,9 @@ class CheckpointManager:
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.last_save = time.monotonic()
         self.save_seconds = 0.0  # spent saving since the last take_save_seconds()
+        # Set by the trainer while it trains: called with (file, reason, attempt) when a write fails; it cools
+        # down and returns True to have the same state written again, False when no retry is left.
+        self.on_write_error: Callable[[Path, str, int], bool] | None = None
 
     @classmethod
     def for_config(cls, run: RunDir, cfg: Any, writer: bool = True) -> "CheckpointManager":
@@ -147,16 +153,30 @@ class CheckpointManager:
     # --- writing ---------------------------------------------------------------------------------
 
     def _write(self, path: Path, write: Callable[[], Any]) -> Any:
+        """Run ``write``; a failure (disk full, read-only, a network file system that stops answering) is
+        retried through ``on_write_error`` with the same state, still in memory, then stops the run."""
         if not self.writer:
             return None
-        try:
-            return write()
-        except OSError as err:
-            reason = err.strerror or str(err)
-            raise ArtifactWriteError(
-                f"cannot write {path.name} in {self.run}: {reason}. Training stopped so that it never goes on "
-                f"without checkpoints; {self.run.last} still holds the last saved state. Free disk space or make the "
-                f"folder writable, then run the same command to continue.", path=str(path), reason=reason) from None
+        retries = 0
+        while True:
+            try:
+                result = write()
+                break
+            except OSError as err:
+                reason = err.strerror or str(err)
+                if self.on_write_error is None or not self.on_write_error(path, reason, retries + 1):
+                    raise ArtifactWriteError(self._stopped_message(path, reason, retries), path=str(path),
+                                             reason=reason) from None
+                retries += 1
+        if retries:
+            logger.info(f"wrote {path.name} on retry {retries}: training goes on from the state in memory, nothing lost")
+        return result
+
+    def _stopped_message(self, path: Path, reason: str, retries: int) -> str:
+        tried = f" (written {retries + 1} times, with a cool-down before each retry)" if retries else ""
+        return (f"cannot write {path.name} in {self.run}: {reason}. Training stopped so that it never goes on without "
+                f"checkpoints{tried}; {self.run.last} still holds the last saved state. Free disk space or make the "
+                "folder writable, then run the same command to continue.")
 
     def save_last(self, state: dict[str, Any]) -> bool:
         """Write ``checkpoint_last.pth`` (the previous one becomes ``checkpoint_prev.pth``).
@@ -203,13 +223,14 @@ class CheckpointManager:
     def link_best(self) -> None:
         """Make best_model_finetuned.pth the best-K file of the best epoch (a hard link: no second write)."""
         best = self.keeper.best()
-        if best is not None and (self.run / best["file"]).exists():
+        if best is not None and self.run.is_best_epoch_member(best["file"]) and (self.run / best["file"]).is_file() \
+                and not (self.run / best["file"]).is_symlink():
             self._write(self.run.best, lambda: link_or_copy(self.run / best["file"], self.run.best))
 
     def drop(self, names: list[str]) -> None:
         """Delete best-K files that fell out of the top K."""
         for name in names if self.writer else []:
-            (self.run / name).unlink(missing_ok=True)
+            self.run.remove_best_epoch_file(name)  # refuses any name but a best-epoch file of the folder
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         """Atomically rewrite ``history.json`` and ``metrics.csv`` (the same records, for spreadsheets)."""
@@ -238,7 +259,7 @@ class CheckpointManager:
     def tidy_after_resume(self) -> None:
         """Delete best-K files an unrecorded epoch left, and point the best model at the recorded best."""
         for stray in self.keeper.stray_files() if self.writer else []:
-            stray.unlink(missing_ok=True)
+            self.run.remove_best_epoch_file(stray.name)
         self.link_best()
 
     def state_dict(self) -> dict[str, Any]:

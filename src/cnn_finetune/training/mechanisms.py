@@ -324,6 +324,13 @@ class RetryBudget:
                 + "\n  ".join(self.failures)
             )
 
+    def take(self, where: str, err: BaseException) -> bool:
+        """Count a failure if a retry is left (True); False, counting nothing, when the budget is spent."""
+        if len(self.failures) >= self.max_retries:
+            return False
+        self.record(where, err)
+        return True
+
     def progress(self) -> None:
         """A checkpoint recorded new progress: the next failure cools down from the start again."""
         self.consecutive = 0

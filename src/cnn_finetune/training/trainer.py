@@ -203,6 +203,7 @@ class RobustTrainer:
         Raises ``Interrupted`` on a handled signal (after saving), ``TrainingFailed`` when recovery is
         impossible, ``UserError`` for problems that no retry can fix.
         """
+        self.checkpoints.on_write_error = None if self.dist.enabled else self._retry_save  # under torchrun: the group restarts
         with self.guard.deferring():
             while True:
                 try:
@@ -380,6 +381,16 @@ class RobustTrainer:
         self._cooldown()
         path = self.restore_latest("retry", error=f"{type(err).__name__}: {err}"[:300], attempt=len(self.retries.failures))
         self.log(f"resumed from {path.name} at epoch {pos.epoch + 1}, step {pos.step}")
+
+    def _retry_save(self, path: Path, reason: str, attempt: int) -> bool:
+        """A write failed (disk full, read-only, network drive): cool down; the same state is then written again."""
+        if not self.retries.take(f"writing {path.name} at global step {self.pos.global_step}", OSError(reason)):
+            return False
+        self.history.event("save_retry", file=path.name, error=reason, attempt=attempt, global_step=self.pos.global_step)
+        self.log(f"cannot write {path.name}: {reason}; trying the save again from the state in memory "
+                 f"(retry {len(self.retries.failures)}/{self.cfg.max_retries})")
+        self._cooldown()
+        return True
 
     def _cooldown(self) -> None:
         if not self.retries.cool_down(lambda: self.guard.stop_requested, self.log):
