@@ -49,7 +49,7 @@ from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .training.distributed import Dist, from_environment
 from .training.faults import FaultInjector
 from .log import logger
-from .files.loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
+from .files.loggers import EarlyLines, TensorBoardLogger, check_tensorboard_folder, require_tensorboard, run_log
 from .training.recipe import resolve
 from .files.rundir import (
     CONFIG,
@@ -206,6 +206,7 @@ def plan_run(cfg: TrainConfig, run: RunDir, data: PreparedData) -> tuple[Path | 
     """The base model and the resume plan (the main process reads the files and decides)."""
     if cfg.logger == "tensorboard":
         require_tensorboard()  # before anything is touched: a missing package is bad input
+        check_tensorboard_folder(run / TENSORBOARD)  # so is a file where its folder goes
     base, base_note = resolve_base_model(cfg, data)
     return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None)
 
