@@ -96,6 +96,12 @@ class SignalGuard:
         finally:
             self._deferring = False
 
+    def ignore_from_now(self, signum: int) -> None:
+        """Ignore ``signum`` from now on, also after the guard ends (for a process whose outcome is decided)."""
+        if signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+            self._previous[signum] = signal.SIG_IGN
+
     def __enter__(self) -> "SignalGuard":
         if threading.current_thread() is threading.main_thread():
             for sig in EXIT_CODES:
