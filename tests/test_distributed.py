@@ -157,3 +157,17 @@ def test_faults_for_one_rank():
     assert FaultInjector(spec, rank=0).planned["nan"] == {3} == FaultInjector(spec, rank=1).planned["nan"]
     with pytest.raises(UserError, match="rank number"):
         FaultInjector("oom@12:rx", rank=0)
+
+
+def test_bad_input_under_torchrun_ends_every_worker_with_exit_2(tiny_idx: Path, tmp_path: Path):
+    # A bad --data fails on local rank 0 while rank 1 waits for it to fill the cache (rank 1 ended with a
+    # gloo traceback, exit 1); a missing --base-model is found by rank 0 alone. Every worker must exit 2
+    # with the message, without a traceback, an abort while leaving the group (SIGABRT, "terminate called
+    # without an active exception") or the agent's SIGTERM (-15) replacing its exit code.
+    for bad in (["--data", str(tmp_path / "missing")], ["--data", str(tiny_idx), "--base-model", str(tmp_path / "no.pth")]):
+        proc = torchrun([*FAST, *bad, "--output-dir", "out"], tmp_path)
+        codes = [line.split(":")[1].split()[0] for line in proc.stderr.splitlines() if line.strip().startswith("exitcode")]
+        assert codes == ["2", "2"], proc.stderr[-4000:]
+        assert "does not exist" in proc.stderr and "]: Traceback" not in proc.stderr  # a worker's: [rank1]: Traceback
+        assert "terminate called" not in proc.stderr
+        assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from .errors import EXIT_OK, ArtifactWriteError, TrainingFailed, UserError
 from .training.distributed import Dist, from_environment
 from .training.faults import FaultInjector
 from .log import logger, printable
-from .files.loggers import EarlyLines, TensorBoardLogger, require_tensorboard, run_log
+from .files.loggers import EarlyLines, TensorBoardLogger, check_tensorboard_folder, require_tensorboard, run_log
 from .training.recipe import resolve
 from .files.rundir import (
     CONFIG,
@@ -143,6 +144,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> RunResult:
         try:
             return run_training(cfg, dist, worker_device(device, dist), guard)
         finally:
+            if dist.enabled:
+                # This worker's outcome is decided. As soon as one worker exits with an error, torchrun's
+                # agent sends SIGTERM to the others, which would turn their own exit code (2 for bad input,
+                # 130 after a saved stop) into 143 or -15 while they leave the group and exit.
+                guard.ignore_from_now(signal.SIGTERM)
             dist.close()
 
 
@@ -209,6 +215,7 @@ def plan_run(cfg: TrainConfig, run: RunDir, data: PreparedData) -> tuple[Path | 
     """The base model and the resume plan (the main process reads the files and decides)."""
     if cfg.logger == "tensorboard":
         require_tensorboard()  # before anything is touched: a missing package is bad input
+        check_tensorboard_folder(run / TENSORBOARD)  # so is a file where its folder goes
     base, base_note = resolve_base_model(cfg, data)
     return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None)
 
@@ -230,13 +237,11 @@ def cool_down_after_restart(cfg: TrainConfig) -> None:
 
 
 def local_main_first(dist: Dist, load: Callable[[], Any]) -> Any:
-    """``load()`` on local rank 0 first (it fills the cache), then on the other processes of the machine."""
-    if dist.enabled and dist.local_rank != 0:
-        dist.barrier()
-    result = load()
-    if dist.enabled and dist.local_rank == 0:
-        dist.barrier()
-    return result
+    """``load()`` on local rank 0 first (it fills the cache), then on the other processes of the machine;
+    an error on any of them (bad ``--data``) is raised on every process (``Dist.agree``)."""
+    first = dist.agree(load, run_here=dist.local_rank == 0)
+    later = dist.agree(load, run_here=dist.local_rank != 0)
+    return first if dist.local_rank == 0 else later
 
 
 def main_decides(dist: Dist, decide: Callable[[], Any]) -> Any:

@@ -99,11 +99,21 @@ def tool_parser(default_prog: str, description: str, epilog: str, prog: str | No
 
 
 def run_tool(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-             argv: Sequence[str] | None = None) -> int:
-    """Parse the arguments and run a tool; bad input becomes a one-line message and exit code 2."""
+             argv: Sequence[str] | None = None, interrupted: str = "nothing was written") -> int:
+    """Parse the arguments and run a tool; bad input becomes a one-line message and exit code 2.
+
+    A stop signal (the tool runs inside a ``SignalGuard``, which turns it into ``Interrupted``; a
+    plain ``KeyboardInterrupt`` otherwise) becomes one line, ``interrupted`` saying what is left, and
+    the signal's exit code (130 for Ctrl+C), without a traceback. A stop the tool chose to finish
+    first (``saved``) says so in its own words.
+    """
     args = parser.parse_args(argv)
     try:
         return run(args)
     except UserError as err:
         logger.error(f"error: {err}")
         return err.exit_code
+    except KeyboardInterrupt as stop:
+        name, saved = getattr(stop, "signal_name", "SIGINT"), getattr(stop, "saved", False)
+        logger.error(getattr(stop, "message", "") if saved else f"\n{parser.prog}: stopped by {name}; {interrupted}")
+        return int(getattr(stop, "exit_code", 130))

@@ -361,8 +361,13 @@ def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str, workers:
 
     n_workers = workers or min(8, os.cpu_count() or 1)
     if n_workers > 1 and len(files) > 64:
-        with ThreadPoolExecutor(n_workers) as pool:  # Pillow and NumPy release the GIL while decoding
-            results = list(pool.map(work, files, chunksize=64))
+        pool = ThreadPoolExecutor(n_workers)  # Pillow and NumPy release the GIL while decoding
+        try:
+            results = list(pool.map(work, files))
+        finally:
+            # On Ctrl+C the queued images are dropped: only those being decoded are waited for (a few
+            # milliseconds), not the whole folder, as leaving a ``with`` block would.
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         results = [work(item) for item in files]
     arrays: list[np.ndarray] = []

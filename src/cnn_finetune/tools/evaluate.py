@@ -35,6 +35,7 @@ from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, mo
 from ..log import logger, printable
 from ..files.rundir import CONFUSION, EVALUATION
 from ..runtime import resolve_device, run_tool, tool_parser
+from ..training.signals import SignalGuard
 
 TOP_CONFUSED = 10
 
@@ -242,22 +243,24 @@ def warn_if_seen(meta: dict[str, Any], ds: Any, builtin: bool) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``evaluate.py``; returns the exit code."""
-    return run_tool(build_parser(), _run, argv)
+    """Entry point of ``evaluate.py``; returns the exit code (130 on Ctrl+C, with no report written)."""
+    with SignalGuard() as guard:
+        return run_tool(build_parser(), lambda args: _run(args, guard), argv,
+                        interrupted=f"no report was written (an earlier {EVALUATION} is kept)")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     from ..data.loader import load_dataset
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 512")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
+    logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
     ds = load_dataset(args.data, polarity=model_polarity(meta), use_cache=not args.no_cache,
                       max_pixels=model_max_pixels(meta), part="test")
     mapping = match_classes(ds.class_names, meta["class_names"], ds.source)
     labels = mapping[ds.labels]
-    logger.info(f"model: {args.model} (epoch {meta.get('epoch', '?')}, {len(meta['class_names'])} classes)")
     logger.info(f"data:  {ds.source}: {len(ds)} images, {len(ds.class_names)} classes")
     seen = warn_if_seen(meta, ds, builtin=args.data is None)
     if ds.skipped:
@@ -268,9 +271,14 @@ def _run(args: argparse.Namespace) -> int:
                       "skipped": list(ds.skipped), "fingerprint": ds.fingerprint(), "seen_in_training": seen}
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "evaluation"
     try:
-        paths = write_reports(report, out_dir)
+        # Both reports or neither: a stop between the two would pair a new evaluation.json with an old matrix.
+        with guard.deferring("writing the reports, then stopping"):
+            paths = write_reports(report, out_dir)
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
+    if guard.stop_requested:
+        raise guard.stopped(f"{guard.name} received while the reports were written: {', '.join(map(str, paths))} "
+                            "are complete")
     print()
     print(printable(format_report(report)))
     print()

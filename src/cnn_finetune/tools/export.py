@@ -24,6 +24,12 @@ TorchScript is written and the output says so (exit 0). ONNX Runtime checks the 
 installed, else ONNX's own reference evaluator does. An output folder that cannot be created is bad
 input (exit 2).
 
+A new set replaces an earlier one of the same model name whole or not at all: it is written and
+checked in a hidden staging folder inside the output folder (``.<stem>.export.tmp-<pid>``) and only
+then moved in, the sidecar last. Ctrl+C (or SIGTERM) before that stops within a second with exit
+130 (143) and leaves the earlier set as it was; during the few renames it is held back until they
+are done.
+
 Why the TorchScript-based ONNX exporter (``dynamo=False``): in torch 2.13 it needs only ``onnx``,
 takes well under a second for this network and gives a dynamic batch axis directly, whereas the
 default ``torch.export`` exporter also needs ``onnxscript`` and several seconds. The network is five
@@ -39,6 +45,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -47,13 +54,21 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..files.checkpoint import SAFETENSORS_SUFFIX, atomic_write_bytes, atomic_write_json, save_safetensors
-from ..files.rundir import EXPORT
+from ..files.checkpoint import (
+    SAFETENSORS_SUFFIX,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    replace_file,
+    save_safetensors,
+)
+from ..files.rundir import EXPORT, temporary_name
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from ..log import printable
 from ..model.loading import load_model_file
 from ..runtime import run_tool, tool_parser
+from ..training.signals import SignalGuard
 
 TOLERANCE = 1e-4
 OPSET = 17  # widely supported by runtimes (ONNX Runtime >= 1.14, TensorRT 8.6, OpenVINO)
@@ -157,7 +172,8 @@ def _max_abs_diff(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
     return float((a_t - b.double()).abs().max())
 
 
-def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANCE, onnx: bool = True) -> dict[str, Any]:
+def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANCE, onnx: bool = True,
+                 guard: SignalGuard | None = None) -> dict[str, Any]:
     """Export the model file ``model_path`` into ``out_dir`` and verify the exports.
 
     Returns the sidecar's content: metadata, ``files`` written, and ``checks`` with the maximum
@@ -165,6 +181,10 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     ``onnx_max_abs_diff``), ``passed``, and ``onnx_skipped`` (the reason) when ONNX cannot be made
     here or ``onnx_failed`` when writing or checking it failed. Raises ``UserError`` when the model
     file cannot be used or the folder cannot be created, ``OSError`` when another file cannot be written.
+
+    The set is made and checked in a staging folder inside ``out_dir`` and only then moved in (see
+    ``commit_set``): a stop or a failure before that leaves the earlier set as it was. ``guard``
+    (the command line's) holds a stop signal back during the few renames of the move.
     """
     model, meta = load_inference_model(model_path, "cpu")
     try:
@@ -173,9 +193,48 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
         raise UserError(f"cannot create the output folder {out_dir}: {err.strerror or err}; choose a writable --output-dir",
                         path=str(out_dir)) from None
     stem = Path(model_path).stem
-    ts_path, onnx_path = out_dir / f"{stem}.torchscript.pt", out_dir / f"{stem}.onnx"
-    st_path = out_dir / f"{stem}{SAFETENSORS_SUFFIX}"
-    sidecar_path = out_dir / f"{stem}.preprocessing.json"
+    staging = temporary_name(out_dir / f".{stem}.export")
+    staging.mkdir()
+    try:
+        sidecar = _export_set(model, meta, model_path, staging, tolerance, onnx)
+        with guard.deferring("finishing the export's last renames, then stopping") if guard else contextlib.nullcontext():
+            commit_set(staging, out_dir, set_names(stem))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if guard is not None and guard.stop_requested:
+        raise guard.stopped(f"{guard.name} received while the export was moved into {out_dir}: the new set is complete")
+    return sidecar
+
+
+def set_names(stem: str) -> dict[str, str]:
+    """The file names of one model's export set, the sidecar last."""
+    return {"torchscript": f"{stem}.torchscript.pt", "onnx": f"{stem}.onnx", "safetensors": f"{stem}{SAFETENSORS_SUFFIX}",
+            "sidecar": f"{stem}.preprocessing.json"}
+
+
+def commit_set(staging: Path, out_dir: Path, names: dict[str, str]) -> None:
+    """Move the checked set from ``staging`` into ``out_dir``, replacing the earlier set of the same names.
+
+    The sidecar is the set's record: the old one goes first and the new one comes last, so that at no
+    moment does a sidecar vouch for files of another export (even a kill half-way leaves files with
+    no sidecar, never a mix that says "passed"). A format the new set lacks (ONNX skipped or failed)
+    is removed, not left from the earlier export. The folder is shared (``export/`` beside the model
+    files serves every model there), so files are moved one by one rather than the folder swapped.
+    """
+    (out_dir / names["sidecar"]).unlink(missing_ok=True)
+    for name in names.values():
+        if (staging / name).exists():
+            replace_file(staging / name, out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+    fsync_dir(out_dir)
+
+
+def _export_set(model: torch.nn.Module, meta: dict[str, Any], model_path: Path, folder: Path, tolerance: float,
+                onnx: bool) -> dict[str, Any]:
+    """Write and check every file of the set into ``folder``; returns the sidecar's content."""
+    names = set_names(Path(model_path).stem)
+    ts_path, onnx_path, st_path, sidecar_path = (folder / names[k] for k in ("torchscript", "onnx", "safetensors", "sidecar"))
 
     # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
     example = check_batch(meta, 2, seed=1)
@@ -300,16 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``export.py``; returns the exit code."""
-    return run_tool(build_parser(), _run, argv)
+    """Entry point of ``export.py``; returns the exit code (130 on Ctrl+C, the earlier export left whole)."""
+    with SignalGuard() as guard:
+        return run_tool(build_parser(), lambda args: _run(args, guard), argv,
+                        interrupted="the export folder keeps the earlier set as it was, nothing of this one")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     if not args.tolerance > 0:
         raise UserError(f"--tolerance {args.tolerance} must be positive, e.g. 1e-4")
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / EXPORT
     try:
-        result = export_model(args.model, out_dir, tolerance=args.tolerance, onnx=not args.no_onnx)
+        result = export_model(args.model, out_dir, tolerance=args.tolerance, onnx=not args.no_onnx, guard=guard)
     except OSError as err:  # the folder exists, but a file of the export cannot be written (e.g. a full disk)
         _say(f"error: export failed: cannot write to {out_dir}: {err.strerror or err}; no half-written file is left. "
              "Free some space or choose another --output-dir", error=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from ..data.imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
 from ..log import printable
 from ..runtime import resolve_device, run_tool, tool_parser
+from ..training.signals import SignalGuard
 
 
 @dataclass
@@ -200,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``predict.py``; returns the exit code."""
-    return run_tool(build_parser(), _run, argv)
+    """Entry point of ``predict.py``; returns the exit code (130 on Ctrl+C, with nothing printed)."""
+    with SignalGuard() as guard:
+        return run_tool(build_parser(), lambda args: _run(args, guard), argv,
+                        interrupted="no prediction was printed")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     if args.top_k <= 0:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
     if args.batch_size <= 0:
@@ -214,15 +218,22 @@ def _run(args: argparse.Namespace) -> int:
     files = collect_files(args.inputs)
     if not files:
         raise UserError(f"no image files in {', '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    print(f"predicting {len(files)} image(s) with {printable(str(args.model))}", file=sys.stderr, flush=True)
     results = predict_files(model, meta, files, device, args.top_k, args.batch_size)
     k = max(1, min(args.top_k, len(meta["class_names"])))
+    text = io.StringIO()
     if args.json:
-        write_json(results, sys.stdout)
+        write_json(results, text)
     elif args.csv:
-        write_csv(results, sys.stdout, k)
+        write_csv(results, text, k)
     else:
-        write_text(results, sys.stdout)
-    sys.stdout.flush()
+        write_text(results, text)
+    # Printed whole: a stop while it is written would leave half a JSON list or a CSV cut in a row.
+    with guard.deferring("printing the predictions, then stopping"):
+        sys.stdout.write(text.getvalue())
+        sys.stdout.flush()
+    if guard.stop_requested:
+        raise guard.stopped(f"{guard.name} received while the predictions were printed: they are complete")
     done = sum(r.error is None for r in results)
     failed = len(results) - done
     print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else ""), file=sys.stderr)

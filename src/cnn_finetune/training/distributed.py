@@ -15,16 +15,17 @@ all-reduce). Rank 0 reads and writes files; what it read reaches the others thro
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import TrainingFailed, UserError
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that never comes is a failure; torchrun restarts the group
 
@@ -122,9 +123,45 @@ class Dist:
             dist.barrier(group=self.host_group)
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group, and let go of it at once.
+
+        A process group still referenced when the interpreter shuts down is destroyed during its
+        finalisation, when gloo's threads can no longer be joined properly: about one exit in seven
+        then ended in SIGABRT ("terminate called without an active exception", no Python frame),
+        whatever the outcome of the run. Dropping the references here (this object is the only
+        holder besides ``torch.distributed``'s own tables, which ``destroy_process_group`` empties)
+        frees the groups while the process is whole.
+        """
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+            self.group = self.host_group = None
+            gc.collect()
+
+    def agree(self, work: Callable[[], Any], run_here: bool = True) -> Any:
+        """``work()`` where ``run_here``, then every rank learns whether it failed anywhere.
+
+        A rank that raises ``UserError`` or ``TrainingFailed`` no longer leaves the others waiting in
+        the next collective until its exit breaks the connection (a gloo traceback, exit 1): the
+        error reaches every rank, which raises it too (bad input is exit 2 on every worker). Any other
+        exception is raised where it happened and becomes a ``TrainingFailed`` naming that rank on the
+        others. Returns ``work()``'s result (None where it did not run).
+        """
+        result, failure, raised = None, None, None
+        try:
+            result = work() if run_here else None
+        except (UserError, TrainingFailed) as err:
+            failure = err
+        except Exception as err:  # noqa: BLE001 - told to the others, then raised here
+            raised, failure = err, TrainingFailed(f"process {self.rank} failed: {type(err).__name__}: {err}")
+        if self.enabled:
+            everyone: list[Any] = [None] * self.world
+            dist.all_gather_object(everyone, failure, group=self.host_group)
+            failure = next((f for f in everyone if f is not None), None)
+        if raised is not None:
+            raise raised
+        if failure is not None:
+            raise failure
+        return result
 
 
 def from_environment(device_type: str) -> Dist:

@@ -45,6 +45,7 @@ class SignalGuard:
         self.debounce = debounce
         self._received_at = 0.0
         self._deferring = False
+        self._deferred_note = ""
         self._previous: dict[int, Any] = {}
 
     @property
@@ -79,20 +80,27 @@ class SignalGuard:
             second = self.received is not None
             raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[signum], second=second)
         self.received, self._received_at = signum, time.monotonic()
-        msg = f"\n{name} received: finishing the current step and saving a checkpoint (send it again to abort at once)\n"
+        msg = f"\n{name} received: {self._deferred_note} (send it again to abort at once)\n"
         try:
             os.write(2, msg.encode())  # print() is not safe inside a signal handler
         except OSError:
             pass
 
     @contextmanager
-    def deferring(self) -> Iterator["SignalGuard"]:
-        """Inside, the first signal only sets the flag that the training loop polls."""
-        self._deferring = True
+    def deferring(self, note: str = "finishing the current step and saving a checkpoint") -> Iterator["SignalGuard"]:
+        """Inside, the first signal only sets the flag that the training loop polls (``note``: what
+        the user is told happens before the stop)."""
+        self._deferring, self._deferred_note = True, note
         try:
             yield self
         finally:
             self._deferring = False
+
+    def ignore_from_now(self, signum: int) -> None:
+        """Ignore ``signum`` from now on, also after the guard ends (for a process whose outcome is decided)."""
+        if signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+            self._previous[signum] = signal.SIG_IGN
 
     def __enter__(self) -> "SignalGuard":
         if threading.current_thread() is threading.main_thread():
