@@ -34,7 +34,7 @@ from ..errors import EXIT_OK, UserError
 from .calibration import calibrated_probs, calibration_report, model_temperature
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
 from ..log import logger, printable
-from ..files.rundir import CONFUSION, EVALUATION, RELIABILITY
+from ..files.rundir import CONFUSION, CURVES, EVALUATION, HISTORY, LABEL_REVIEW, RELIABILITY, REPORT
 from ..runtime import resolve_device, run_tool, tool_parser
 
 TOP_CONFUSED = 10
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tool_parser(
         "evaluate.py",
         "Evaluate a trained model on labelled data: accuracy, per-class precision/recall/F1, "
-        f"the most confused classes, {EVALUATION} and {CONFUSION}.",
+        f"the most confused classes, calibration (ECE), {EVALUATION}, {CONFUSION}, {RELIABILITY} and {REPORT}.",
         "Exit codes: 0 done, 2 bad input (model or data missing or unusable).",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
@@ -258,6 +258,33 @@ def warn_if_seen(meta: dict[str, Any], ds: Any, builtin: bool) -> str | None:
     return seen
 
 
+def write_html_report(report: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                      model_path: Path, out_dir: Path) -> Path:
+    """``report.html`` of an evaluation: this data's confusions, worst images and reliability, with the
+    training curves, events and label review of the run beside the model file where they are."""
+    import csv
+    import json
+
+    from .report import ReportInputs, write_report
+
+    run = model_path.parent
+    history: list[dict[str, Any]] = []
+    if (run / HISTORY).is_file():
+        try:
+            history = json.loads((run / HISTORY).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning(f"{run / HISTORY} is unreadable; the report shows no events")
+    review = None
+    if (run / LABEL_REVIEW).is_file():
+        with open(run / LABEL_REVIEW, encoding="utf-8", newline="") as f:
+            review = [{**r, "rank": int(r["rank"]), "score": float(r["score"]) if r["score"] else None}
+                      for _, r in zip(range(50), csv.DictReader(f))]
+    return write_report(out_dir / REPORT, ReportInputs(
+        title=f"Evaluation of {model_path.name}", evaluation=report, images=images, labels=labels,
+        class_names=list(meta["class_names"]), history=history if isinstance(history, list) else [], review=review,
+        pictures={"curves": run / CURVES, "confusion": out_dir / CONFUSION, "reliability": out_dir / RELIABILITY}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit code."""
     return run_tool(build_parser(), _run, argv)
@@ -286,6 +313,7 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "evaluation"
     try:
         paths = write_reports(report, out_dir)
+        paths.append(write_html_report(report, ds.images, labels, meta, Path(args.model), out_dir))
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
     print()
