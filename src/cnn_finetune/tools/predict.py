@@ -259,8 +259,8 @@ def _run(args: argparse.Namespace) -> int:
     done = sum(r.error is None for r in results)
     failed = len(results) - done
     unknown = sum(r.unknown for r in results if r.error is None)
-    print(f"predicted {done} image(s)" + (f", {unknown} of them unknown" if unknown else "")
-          + (f", {failed} could not be read" if failed else ""), file=sys.stderr)
+    print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
+          + (f"; {unknown} answered unknown (calibrated confidence under the threshold)" if unknown else ""), file=sys.stderr)
     if done == 0:
         print("error: no image could be predicted", file=sys.stderr)
         return EXIT_BAD_INPUT
