@@ -231,26 +231,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = args.only.split(",")
     results: dict[str, Any] = {"quick": args.quick}
+    out = args.out
+
+    def keep(name: str, value: dict[str, Any]) -> None:  # written after every section: a long run keeps what it measured
+        results[name] = value
+        print(json.dumps({name: value}, indent=1, ensure_ascii=False), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "labels" in only:
-            results["labels"] = section_labels(args, work)
-            print(json.dumps(results["labels"], indent=1), flush=True)
+        if "report" in only:
+            keep("report", section_report(args, work))
         if "calibration" in only or "unknown" in only:
-            results["calibration"] = section_calibration(args, work, results.get("labels"))
-            print(json.dumps(results["calibration"], indent=1), flush=True)
+            keep("calibration", section_calibration(args, work, None))
         if "unknown" in only:
             model = Path(results["calibration"]["builtin_sample"]["folder"]) / "best_model_finetuned.pth"
-            results["unknown"] = section_unknown(args, work, model)
-            print(json.dumps(results["unknown"], indent=1), flush=True)
-        if "report" in only:
-            results["report"] = section_report(args, work)
-            print(json.dumps(results["report"], indent=1), flush=True)
-    if "tracking" in only:
-        results["tracking"] = section_tracking(args)
-        print(json.dumps(results["tracking"], indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+            keep("unknown", section_unknown(args, work, model))
+        if "tracking" in only:
+            keep("tracking", section_tracking(args))
+        if "labels" in only:
+            keep("labels", section_labels(args, work))
+            if "calibration" in results:
+                results["calibration"]["qmnist30"] = results["labels"]["clean"]
+                keep("calibration", results["calibration"])
     print(f"wrote {args.out}")
     return 0
 
