@@ -48,7 +48,7 @@ SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 QMNIST = Path(os.environ.get("QMNIST_DIR") or ROOT.parent / "shared" / "data" / "qmnist") / "images"
 if not QMNIST.is_dir():
     QMNIST = Path("/work/shared/data/qmnist/images")
-SECTIONS = ("labels", "calibration", "unknown", "report", "tracking")
+SECTIONS = ("labels", "calibration", "unknown", "report", "tracking", "tracking_ops")
 
 
 def mnist_dir() -> Path:
@@ -108,7 +108,7 @@ def section_labels(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import csv
 
     sets = qmnist_sets(work / "qmnist", 8 if args.quick else 30, 0.05)
-    extra = ["--epochs", "3"] if args.quick else []
+    extra = ["--epochs", "3"] if args.quick else (["--epochs", str(args.label_epochs)] if args.label_epochs else [])
     clean = run_default(["--data", str(sets["train"]), "--test-data", str(sets["test"]), *extra], work, "clean")
     flipped = run_default(["--data", str(sets["flipped"]), "--test-data", str(sets["test"]), *extra], work, "flipped")
     with open(Path(flipped["folder"]) / "label_review.csv", encoding="utf-8", newline="") as f:
@@ -223,11 +223,52 @@ def section_tracking(args: argparse.Namespace) -> dict[str, Any]:
             "note": "best of interleaved RobustTrainer.fit runs on the built-in sample, default settings"}
 
 
+def section_tracking_ops(args: argparse.Namespace) -> dict[str, Any]:
+    """The tracker's own operations (margins, index_add_ of sums and counts) against one training step's
+    forward and backward pass of the default model on a batch of the default size, timed in this process."""
+    from cnn_finetune import TrainConfig
+    from cnn_finetune.model.cnn import build_model
+    from cnn_finetune.training.label_review import MarginTracker
+
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    model = build_model(10, width=cfg.width, bn_ghost_size=cfg.bn_ghost_size).train()
+    x, y = torch.randn(cfg.batch_size, 1, 28, 28), torch.randint(0, 10, (cfg.batch_size,))
+    idx = torch.randperm(4500)[: cfg.batch_size]
+    tracker = MarginTracker(4500, "cpu")
+    good = torch.tensor(True)
+
+    def step() -> torch.Tensor:
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        return logits
+
+    def track(logits: torch.Tensor) -> None:
+        tracker.observe(idx, logits, y)
+        tracker.commit(good)
+
+    logits = step()
+    reps = 5 if args.quick else 30
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    step_s = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps * 20):
+        track(logits)
+    track_s = (time.perf_counter() - t0) / (reps * 20)
+    return {"step_ms": 1000 * step_s, "tracking_ms": 1000 * track_s, "share": track_s / step_s, "target": 0.02,
+            "batch": cfg.batch_size, "width": cfg.width,
+            "note": "forward+backward only (no optimizer step, no augmentation): the share is an upper bound"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark still runs")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trust.json")
+    p.add_argument("--label-epochs", type=int, help="labels section: this many epochs instead of the default command's "
+                                                   "auto length (on a busy CPU the auto length takes long)")
     args = p.parse_args(argv)
     only = args.only.split(",")
     results: dict[str, Any] = {"quick": args.quick}
@@ -248,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         if "unknown" in only:
             model = Path(results["calibration"]["builtin_sample"]["folder"]) / "best_model_finetuned.pth"
             keep("unknown", section_unknown(args, work, model))
+        if "tracking_ops" in only:
+            keep("tracking_ops", section_tracking_ops(args))
         if "tracking" in only:
             keep("tracking", section_tracking(args))
         if "labels" in only:
