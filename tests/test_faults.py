@@ -123,6 +123,11 @@ def test_oom_redoes_the_step_as_micro_batches_with_the_same_result(reference: Pa
     ref_h, got_h = stripped_history(reference), stripped_history(tmp_path / "out")
     for a, b in zip(ref_h, got_h):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.03) and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    # The label review counts the redone step once: every image 3 times (3 epochs), the same margins.
+    ref_r = load_state(reference / "checkpoint_last.pth")["label_review"]
+    got_r = load_state(tmp_path / "out" / "checkpoint_last.pth")["label_review"]
+    assert got_r["times_seen"].tolist() == [3] * 360 == ref_r["times_seen"].tolist()
+    assert torch.allclose(got_r["margin_sum"], ref_r["margin_sum"], atol=1e-2)
 
 
 def test_oom_with_micro_batches_is_remembered_across_a_restart(tiny_idx: Path, tmp_path: Path):

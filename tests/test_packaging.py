@@ -20,7 +20,7 @@ from conftest import ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-RUNTIME = {"torch", "numpy", "pillow", "tqdm", "matplotlib", "safetensors", "filelock"}
+RUNTIME = {"torch", "numpy", "pillow", "tqdm", "matplotlib", "safetensors", "filelock", "jinja2"}
 
 
 def name_of(requirement: str) -> str:
@@ -70,6 +70,7 @@ def test_the_wheel_carries_every_layer_the_sample_and_the_base_model(tmp_path: P
         assert f"cnn_finetune/data/sample/{name}" in names
     assert "cnn_finetune/model/base_models/cnn_v2_mnist5k.pth" in names
     assert "cnn_finetune/default_config.json" in names
+    assert "cnn_finetune/tools/templates/report.html.j2" in names  # report.html's template is package data
     # every module of every layer travels, not only the root
     modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src" / "cnn_finetune").rglob("*.py")}
     assert modules <= names, sorted(modules - names)

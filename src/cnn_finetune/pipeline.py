@@ -60,8 +60,11 @@ from .files.rundir import (
     DATA_REPORT,
     EVALUATION,
     GUIDE_ARTIFACTS,
+    LABEL_REVIEW,
     LOG,
     MODEL_CARD,
+    RELIABILITY,
+    REPORT,
     TENSORBOARD,
     RunDir,
     not_a_run_message,
@@ -190,8 +193,9 @@ def fit_planned(plan: ResumePlan, data: PreparedData, base: Path | None, base_no
         first_save(trainer, plan, run)
         fit = trainer.fit()
         logger.info(fit.message)
+        review = trainer.steps.review.state_dict(dist.sum_)  # every rank: the sum over the ranks is a collective
         if dist.is_main:
-            write_reports(run, cfg, data, trainer.history, run_config, device)
+            write_reports(run, cfg, data, trainer.history, run_config, device, review)
         result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
         log_best(result, cfg)
     return result
@@ -327,11 +331,13 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         val_ds = align_classes(load(cfg.val_data, "test"), ds.class_names)
         sources.append(val_ds)
         train_x, train_y, val_x, val_y = ds.images, ds.labels, val_ds.images, val_ds.labels
+        train_origin = list(ds.origin)
         report["val_source"] = val_ds.report()
         fingerprint = ds.fingerprint() + ":" + val_ds.fingerprint()
     else:
         tr, va = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
         train_x, train_y, val_x, val_y = ds.images[tr], ds.labels[tr], ds.images[va], ds.labels[va]
+        train_origin = [ds.origin[i] for i in tr.tolist()]
         fingerprint = ds.fingerprint()
     test = load(cfg.test_data, "test") if cfg.test_data is not None else None
     if test is not None:
@@ -341,7 +347,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if len(val_y) == 0:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)
-    split = SplitData(train_x, train_y, val_x, val_y, ds.class_names, mean, std, fingerprint)
+    split = SplitData(train_x, train_y, val_x, val_y, ds.class_names, mean, std, fingerprint, train_origin)
     counts = dict(zip(ds.class_names, torch.bincount(train_y, minlength=len(ds.class_names)).tolist()))
     report.update({"split": {"train": len(train_y), "val": len(val_y), "seed": cfg.seed,
                              "val_fraction": None if cfg.val_data else cfg.val_fraction},
@@ -598,7 +604,8 @@ def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: Prep
     history = state.get("history", [])
     if not (run / MODEL_CARD).exists() and (dist or Dist()).is_main:
         with run.lock():
-            write_reports(run, cfg, data, history, manifest(cfg, data, device, state.get("init")), device)
+            write_reports(run, cfg, data, history, manifest(cfg, data, device, state.get("init")), device,
+                          state.get("label_review"))
     best = (state.get("best_keeper") or {}).get("entries") or [None]
     result = RunResult("already_finished", EXIT_OK, message, run.path, best[0], history)
     log_best(result, cfg)
@@ -609,9 +616,11 @@ def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: Prep
 
 
 def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: list[dict[str, Any]],
-                  run_config: dict[str, Any], device: torch.device) -> None:
-    """After training: final curves, evaluation of the best model on the validation split (and the
-    test data, if given), and the model card. A failure here is reported but loses no training."""
+                  run_config: dict[str, Any], device: torch.device, review: dict[str, torch.Tensor] | None = None) -> None:
+    """After training: final curves, the temperature and "unknown" threshold fitted on the validation
+    split (stored in the best model), evaluation of the best model on the validation split (and the
+    test data, if given), the label review, the model card and report.html. A failure here is
+    reported but loses no training."""
     from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
     from .model.loading import load_model_file
     from .tools.model_card import write_model_card
@@ -622,6 +631,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         model, meta = load_model_file(run.best, device)
         meta["path"] = str(run.best)
         split = data.split
+        meta["calibration"] = calibrate(run, model, meta, split, device)
         val = evaluate_arrays(model, meta, split.val_images, split.val_labels, device)
         val["data"] = {"source": "validation split" if cfg.val_data is None else str(cfg.val_data)}
         write_evaluation(val, run.path)
@@ -631,15 +641,61 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
             test = evaluate_arrays(model, meta, data.test.images, labels, device)
             test["data"] = {"source": data.test.source, "num_images": len(data.test)}
             write_evaluation(test, run.path, prefix="test_")
+        rows = label_review(run, model, meta, split, review, device)
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
+        run_report(run, history, meta, val, split, rows)
         line = f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}%"
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
-        logger.info(line + f"; reports: {EVALUATION}, {CONFUSION}, {CURVES}, {MODEL_CARD}")
+        line += f"; temperature {meta['calibration']['temperature']:.3f}, ECE {100 * (val['ece'] or 0):.2f}%"
+        logger.info(line + f"; reports: {EVALUATION}, {CONFUSION}, {CURVES}, {MODEL_CARD}, {LABEL_REVIEW}, {REPORT}")
     except Exception as err:  # noqa: BLE001 - the trained model is safe on disk already
         logger.warning(f"the final reports could not be written ({type(err).__name__}: {err}); "
                        f"the model and checkpoints in {run} are complete")
+
+
+def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData,
+              device: torch.device) -> dict[str, Any]:
+    """Fit the temperature and the "unknown" threshold on the validation split; store both in the best model."""
+    from .tools.calibration import ECE_BINS, KEEP_CORRECT, calibrated_probs, fit_temperature, unknown_threshold
+    from .tools.inference import predict_logits
+    from .training.checkpoint_manager import add_to_best_model
+
+    logits = predict_logits(model, meta, split.val_images, device)
+    temperature = fit_temperature(logits, split.val_labels)
+    threshold = unknown_threshold(calibrated_probs(logits, temperature), split.val_labels)
+    calibration = {"temperature": temperature, "unknown_threshold": threshold, "fitted_on": "validation split",
+                   "num_images": int(split.val_labels.numel()), "keep_correct": KEEP_CORRECT, "ece_bins": ECE_BINS}
+    add_to_best_model(run, {"calibration": calibration})
+    return calibration
+
+
+def label_review(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData,
+                 review: dict[str, torch.Tensor] | None, device: torch.device) -> list[dict[str, Any]] | None:
+    """``label_review.csv``: the training images ranked by the run's area under the margin, with the best
+    model's preferred label and loss on each (unaugmented) image. None when the run kept no margins."""
+    from .tools.inference import predict_logits
+    from .training.label_review import review_rows, write_review
+
+    if review is None or review["margin_sum"].shape[0] != split.train_labels.shape[0]:
+        return None
+    logits = predict_logits(model, meta, split.train_images, device)
+    losses = F.cross_entropy(logits, split.train_labels, reduction="none")
+    rows = review_rows(review, split.train_origin, split.train_labels, logits.argmax(1), losses, meta["class_names"])
+    write_review(run / LABEL_REVIEW, rows)
+    return rows
+
+
+def run_report(run: RunDir, history: list[dict[str, Any]], meta: dict[str, Any], val: dict[str, Any], split: SplitData,
+               rows: list[dict[str, Any]] | None) -> None:
+    """``report.html`` of the run: everything above on one self-contained page."""
+    from .tools.report import ReportInputs, write_report
+
+    write_report(run / REPORT, ReportInputs(
+        title=f"Run report: {run.path.name}", history=history, evaluation=val, images=split.val_images,
+        labels=split.val_labels, class_names=list(meta["class_names"]), review=rows, review_images=split.train_images,
+        pictures={"curves": run / CURVES, "confusion": run / CONFUSION, "reliability": run / RELIABILITY}))
 
 
 def log_best(result: RunResult, cfg: TrainConfig) -> None:

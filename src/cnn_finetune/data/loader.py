@@ -35,7 +35,7 @@ from .formats import LABELS_CSV, NPZ_PARTS, csv_kind, is_csv, open_maybe_gzip, r
 from .imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SIDE, UnusableImage, load_image_file
 from ..runtime import physical_memory
 
-CACHE_VERSION = 4  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes, 4: checksummed files)
+CACHE_VERSION = 5  # bump when preprocessing or the key changes, so old caches are not reused (3: content hashes, 4: checksummed files, 5: origins)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 LAYOUT_SECTIONS = ("raw", "processed")
 # IDX labels are class numbers: the class names are their values. More than 65,536 would make the
@@ -57,6 +57,13 @@ class Dataset:
     dropped_classes: list[str] = field(default_factory=list)  # class folders left without images
     ignored_files: int = 0  # files without an image extension
     cache: str = "off"  # "hit", "miss" or "off"
+    # Where each image came from, for people (label_review.csv): its file, or FILE:LINE of a CSV,
+    # FILE:x_train[i] of a .npz, FILE[i] of an IDX file. Not part of the fingerprint.
+    origin: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.origin) != len(self.labels):  # e.g. made by hand: name the images by their position
+            self.origin = [f"{self.source}[{i}]" for i in range(len(self.labels))]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -102,6 +109,11 @@ class SplitData:
     mean: float
     std: float
     fingerprint: str
+    train_origin: list[str] = field(default_factory=list)  # Dataset.origin of each training image
+
+    def __post_init__(self) -> None:
+        if len(self.train_origin) != len(self.train_labels):
+            self.train_origin = [f"training image {i}" for i in range(len(self.train_labels))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +197,7 @@ def _load_path(root: Path, polarity: str, cache: Path | None, workers: int | Non
 
 
 def _labelled(images: np.ndarray, names: list[str], source: str, kind: str, skipped: list[dict[str, str]],
-              numeric_order: bool = True) -> Dataset:
+              numeric_order: bool = True, origin: list[str] | None = None) -> Dataset:
     """A dataset from uint8 ``N x 28 x 28`` images and a class name per image.
 
     Class names are sorted, integers by value (``"9"`` before ``"10"``, as IDX labels) unless
@@ -199,7 +211,7 @@ def _labelled(images: np.ndarray, names: list[str], source: str, kind: str, skip
     index = {c: i for i, c in enumerate(class_names)}
     pixels = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable memory
     return Dataset(torch.from_numpy(pixels).reshape(-1, 1, SIDE, SIDE), torch.tensor([index[n] for n in names], dtype=torch.int64),
-                   class_names, source=source, kind=kind, skipped=skipped)
+                   class_names, source=source, kind=kind, skipped=skipped, origin=list(origin or []))
 
 
 def _check_usable(ds: Dataset) -> None:
@@ -245,7 +257,7 @@ def _cached(key: dict[str, Any], cache_dir: Path | None, build: Any) -> Dataset:
     return ds
 
 
-_CACHED_FIELDS = ("images", "labels", "class_names", "source", "kind", "skipped", "dropped_classes", "ignored_files")
+_CACHED_FIELDS = ("images", "labels", "class_names", "source", "kind", "skipped", "dropped_classes", "ignored_files", "origin")
 
 
 def _cached_dataset(blob: dict[str, Any]) -> Dataset:
@@ -260,6 +272,9 @@ def _cached_dataset(blob: dict[str, Any]) -> Dataset:
         raise ValueError(f"images {images.dtype} {tuple(images.shape)}, labels {labels.dtype} {tuple(labels.shape)}")
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(names)):
         raise ValueError(f"labels outside the {len(names)} classes")
+    origin = blob.get("origin")
+    if not isinstance(origin, list) or len(origin) != labels.shape[0] or not all(isinstance(o, str) for o in origin):
+        raise ValueError("image origins do not match the images")
     return Dataset(**blob)
 
 
@@ -341,18 +356,19 @@ def _load_folder(root: Path, files: list[tuple[str, str, Path]], sections: list[
     all_classes = sorted({cls for base in ([root / s for s in sections] or [root])
                           for cls in (p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))})
     # Only processed/ images (and plain trees) that are already 28x28 skip the MNIST layout.
-    images, label_names, skipped = _prepare_images([(file, section != "raw", cls) for section, cls, file in files],
-                                                   polarity, workers, max_pixels)
+    images, label_names, skipped, kept = _prepare_images([(file, section != "raw", cls) for section, cls, file in files],
+                                                         polarity, workers, max_pixels)
     layout = "+".join(sections) if sections else "class folders"
-    ds = _labelled(images, label_names, f"{root} ({layout})", "folder", skipped, numeric_order=False)
+    ds = _labelled(images, label_names, f"{root} ({layout})", "folder", skipped, numeric_order=False,
+                   origin=[str(f) for f in kept])
     ds.dropped_classes = [c for c in all_classes if c not in ds.class_names]
     return ds
 
 
 def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str, workers: int | None,
-                    max_pixels: int) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """Preprocess ``(file, light, class name)`` items: the usable images with their class names, and
-    the unusable files with the reason."""
+                    max_pixels: int) -> tuple[np.ndarray, list[str], list[dict[str, str]], list[Path]]:
+    """Preprocess ``(file, light, class name)`` items: the usable images with their class names, the
+    unusable files with the reason, and the files of the usable images."""
     def work(item: tuple[Path, bool, str]) -> np.ndarray | str:
         try:
             return load_image_file(item[0], polarity=polarity, light=item[1], max_pixels=max_pixels)
@@ -373,13 +389,15 @@ def _prepare_images(files: list[tuple[Path, bool, str]], polarity: str, workers:
     arrays: list[np.ndarray] = []
     names: list[str] = []
     skipped: list[dict[str, str]] = []
+    kept: list[Path] = []
     for (file, _light, cls), res in zip(files, results):
         if isinstance(res, str):
             skipped.append({"path": str(file), "reason": res})
         else:
             arrays.append(res)
             names.append(cls)
-    return (np.stack(arrays) if arrays else np.zeros((0, SIDE, SIDE), np.uint8)), names, skipped
+            kept.append(file)
+    return (np.stack(arrays) if arrays else np.zeros((0, SIDE, SIDE), np.uint8)), names, skipped, kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,8 +430,9 @@ def _load_listed_folder(labels_csv: Path, polarity: str, cache: Path | None, wor
 
     def build() -> Dataset:
         # light: 28x28 images are used as they are; other sizes get the MNIST layout (as predict.py does).
-        images, names, bad = _prepare_images([(f, True, label) for f, label in present], polarity, workers, max_pixels)
-        return _labelled(images, names, f"{labels_csv.parent} (images listed in {labels_csv.name})", "listed", bad)
+        images, names, bad, kept = _prepare_images([(f, True, label) for f, label in present], polarity, workers, max_pixels)
+        return _labelled(images, names, f"{labels_csv.parent} (images listed in {labels_csv.name})", "listed", bad,
+                         origin=[str(f) for f in kept])
 
     ds = _cached(key, cache, build)
     ds.skipped = skipped + ds.skipped
@@ -434,7 +453,8 @@ def _load_pixel_csv(path: Path) -> Dataset:
         raise DataError(f"{path} has no label column (784 values per row): training and evaluation need a label per image. "
                         "Add a 'label' column (Kaggle layout: label,pixel0,...,pixel783), or predict its images with "
                         "predict.py", path=str(path))
-    return _labelled(table.images, table.labels, f"{path} (CSV of pixels)", "csv", table.skipped(path))
+    return _labelled(table.images, table.labels, f"{path} (CSV of pixels)", "csv", table.skipped(path),
+                     origin=[f"{path}:{pos}" for pos in table.positions])
 
 
 def _load_npz(path: Path, part: str) -> Dataset:
@@ -443,7 +463,8 @@ def _load_npz(path: Path, part: str) -> Dataset:
     if table.labels is None:
         raise DataError(f"{path} has {x_key} but no {y_key}: training and evaluation need a label per image; "
                         f"save the labels as {y_key} in the same file", path=str(path))
-    return _labelled(table.images, table.labels, f"{path} ({x_key}/{y_key})", "npz", table.skipped(path))
+    return _labelled(table.images, table.labels, f"{path} ({x_key}/{y_key})", "npz", table.skipped(path),
+                     origin=[f"{path}:{x_key}[{pos}]" for pos in table.positions])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,7 +594,8 @@ def _load_idx(images_path: Path) -> Dataset:
         raise DataError(f"IDX images file {images_path} holds 0 images; pass a file with images", path=str(images_path))
     images = read_idx(images_path)
     labels = _class_numbers(read_idx(labels_path), labels_path)
-    return _labelled(images, [str(int(v)) for v in labels.tolist()], str(images_path), "idx", [])
+    return _labelled(images, [str(int(v)) for v in labels.tolist()], str(images_path), "idx", [],
+                     origin=[f"{images_path}[{i}]" for i in range(len(labels))])
 
 
 def _class_numbers(labels: np.ndarray, path: Path) -> np.ndarray:
@@ -622,7 +644,8 @@ def _builtin_key() -> dict[str, Any]:
 
 def _load_builtin() -> Dataset:
     ds = _load_idx(builtin_sample_path())
-    return Dataset(ds.images, ds.labels, ds.class_names, source=BUILTIN_SOURCE, kind="builtin")
+    return Dataset(ds.images, ds.labels, ds.class_names, source=BUILTIN_SOURCE, kind="builtin",
+                   origin=[f"built-in sample[{i}]" for i in range(len(ds))])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -676,7 +699,7 @@ def align_classes(ds: Dataset, class_names: list[str]) -> Dataset:
         raise DataError(f"{ds.source} has classes that the training data lacks: {', '.join(unknown)}; the validation classes must be a subset of {', '.join(class_names)}")
     mapping = torch.tensor([class_names.index(c) for c in ds.class_names], dtype=torch.int64)
     return Dataset(ds.images, mapping[ds.labels], list(class_names), ds.source, ds.kind,
-                   ds.skipped, ds.dropped_classes, ds.ignored_files, ds.cache)
+                   ds.skipped, ds.dropped_classes, ds.ignored_files, ds.cache, ds.origin)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -27,6 +27,9 @@ DATA_REPORT = "data_report.json"
 CURVES = "training_curves.png"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion_matrix.png"
+RELIABILITY = "reliability_diagram.png"  # calibrated confidence against accuracy (evaluation.json's bins)
+LABEL_REVIEW = "label_review.csv"  # training images ranked by the area under the margin: likely wrong labels first
+REPORT = "report.html"  # one self-contained page: curves, confusions, worst images, label review, events
 MODEL_CARD = "model_card.md"
 LOG = "train.log"
 METRICS = "metrics.csv"
@@ -64,7 +67,8 @@ def is_our_name(name: str) -> bool:
     """True for a file name this program writes into a run folder."""
     ours = {LAST, PREV, BEST, HISTORY, CONFIG, DATA_REPORT, CURVES, MODEL_CARD, LOCK, EVALUATION, CONFUSION, LOG, METRICS,
             TENSORBOARD, EXPORT,
-            f"test_{EVALUATION}", f"test_{CONFUSION}"}
+            RELIABILITY, LABEL_REVIEW, REPORT,
+            f"test_{EVALUATION}", f"test_{CONFUSION}", f"test_{RELIABILITY}"}
     return name in ours or is_best_epoch_name(name) or bool(DAMAGED_PATTERN.match(name))
 
 

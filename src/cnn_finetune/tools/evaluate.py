@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 from ..files.checkpoint import atomic_write_json
 from ..errors import EXIT_OK, UserError
+from .calibration import calibrated_probs, calibration_report, model_temperature
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_logits
 from ..log import logger, printable
-from ..files.rundir import CONFUSION, EVALUATION
+from ..files.rundir import CONFUSION, CURVES, EVALUATION, HISTORY, LABEL_REVIEW, RELIABILITY, REPORT
 from ..runtime import resolve_device, run_tool, tool_parser
 from ..training.signals import SignalGuard
 
@@ -105,8 +106,11 @@ def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     Returns a plain-data report (JSON-able): ``num_samples``, ``accuracy``, ``loss`` (mean
     cross-entropy, no label smoothing), macro precision/recall/F1, ``weighted_f1``, ``per_class``,
     ``confusion_matrix`` (rows: true class, columns: predicted; over all of the model's classes),
-    ``most_confused`` pairs, ``predictions`` (predicted class index per image, in input order) and
-    ``model`` (epoch, metrics and file of the model when ``meta`` has them). Inference is float32.
+    ``most_confused`` pairs, ``predictions`` (predicted class index per image, in input order),
+    ``temperature`` (the model's, ``calibration.model_temperature``), ``ece`` (15 bins, after scaling),
+    ``ece_uncalibrated``, ``reliability`` (the bins), per image the calibrated ``confidences`` and
+    ``label_probabilities``, and ``model`` (epoch, metrics and file of the model when ``meta`` has
+    them). Inference is float32.
     """
     class_names = list(meta["class_names"])
     labels = labels.to(torch.int64).cpu()
@@ -116,22 +120,29 @@ def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
         raise ValueError(f"labels must index the model's {len(class_names)} classes; found {int(labels.min())}..{int(labels.max())}")
     logits = predict_logits(model, meta, images_uint8, device, batch_size)
     preds = logits.argmax(1)
+    calibration = calibration_report(logits, labels, model_temperature(meta))
+    probs = calibrated_probs(logits, calibration["temperature"])
     c = len(class_names)
     cm = torch.bincount(labels * c + preds, minlength=c * c).reshape(c, c)
     report = metrics_from_confusion(cm, class_names, top_confused)
     report["loss"] = float(F.cross_entropy(logits, labels)) if labels.numel() else None
+    report.update(calibration)
     report["predictions"] = preds.tolist()
+    # Calibrated: the confidence of the prediction and the probability of the given label, per image (4 digits).
+    report["confidences"] = [round(v, 4) for v in probs.max(1).values.tolist()]
+    report["label_probabilities"] = [round(v, 4) for v in probs.gather(1, labels[:, None]).squeeze(1).tolist()]
     report["model"] = {k: meta[k] for k in ("path", "epoch", "metrics") if k in meta}
     return report
 
 
 def write_reports(report: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]:
-    """Write ``{prefix}evaluation.json`` and ``{prefix}confusion_matrix.png`` into ``out_dir``.
+    """Write ``{prefix}evaluation.json``, ``{prefix}confusion_matrix.png`` and
+    ``{prefix}reliability_diagram.png`` into ``out_dir``.
 
-    Both files are written atomically; returns their paths. ``prefix`` (e.g. ``"test_"``) keeps
+    The files are written atomically; returns their paths. ``prefix`` (e.g. ``"test_"``) keeps
     reports on different data side by side in one folder.
     """
-    from .plots import plot_confusion_matrix
+    from .plots import plot_confusion_matrix, plot_reliability
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +154,11 @@ def write_reports(report: dict[str, Any], out_dir: Path, prefix: str = "") -> li
     if len(title) > 90:
         title = title[:87] + "..."
     plot_confusion_matrix(report["confusion_matrix"], report["class_names"], png_path, title=title)
-    return [json_path, png_path]
+    paths = [json_path, png_path]
+    if report.get("reliability"):
+        paths.append(out_dir / f"{prefix}{RELIABILITY}")
+        plot_reliability(report, paths[-1])
+    return paths
 
 
 def _pct(value: float | None) -> str:
@@ -156,6 +171,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"images:    {report['num_samples']}",
         f"accuracy:  {_pct(report['accuracy']).strip()}%"
         + (f"   (loss {report['loss']:.4f})" if report.get("loss") is not None else ""),
+        f"calibration: temperature {report.get('temperature', 1.0):.3f}, ECE {_pct(report.get('ece')).strip()}% "
+        f"(uncalibrated {_pct(report.get('ece_uncalibrated')).strip()}%)",
         f"macro F1:  {_pct(report['macro_f1']).strip()}%   macro precision {_pct(report['macro_precision']).strip()}%"
         f"   macro recall {_pct(report['macro_recall']).strip()}%",
         "",
@@ -183,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tool_parser(
         "evaluate.py",
         "Evaluate a trained model on labelled data: accuracy, per-class precision/recall/F1, "
-        f"the most confused classes, {EVALUATION} and {CONFUSION}.",
+        f"the most confused classes, calibration (ECE), {EVALUATION}, {CONFUSION}, {RELIABILITY} and {REPORT}.",
         "Exit codes: 0 done, 2 bad input (model or data missing or unusable).",
     )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
@@ -242,6 +259,33 @@ def warn_if_seen(meta: dict[str, Any], ds: Any, builtin: bool) -> str | None:
     return seen
 
 
+def write_html_report(report: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                      model_path: Path, out_dir: Path) -> Path:
+    """``report.html`` of an evaluation: this data's confusions, worst images and reliability, with the
+    training curves, events and label review of the run beside the model file where they are."""
+    import csv
+    import json
+
+    from .report import ReportInputs, write_report
+
+    run = model_path.parent
+    history: list[dict[str, Any]] = []
+    if (run / HISTORY).is_file():
+        try:
+            history = json.loads((run / HISTORY).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning(f"{run / HISTORY} is unreadable; the report shows no events")
+    review = None
+    if (run / LABEL_REVIEW).is_file():
+        with open(run / LABEL_REVIEW, encoding="utf-8", newline="") as f:
+            review = [{**r, "rank": int(r["rank"]), "score": float(r["score"]) if r["score"] else None}
+                      for _, r in zip(range(50), csv.DictReader(f))]
+    return write_report(out_dir / REPORT, ReportInputs(
+        title=f"Evaluation of {model_path.name}", evaluation=report, images=images, labels=labels,
+        class_names=list(meta["class_names"]), history=history if isinstance(history, list) else [], review=review,
+        pictures={"curves": run / CURVES, "confusion": out_dir / CONFUSION, "reliability": out_dir / RELIABILITY}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit code (130 on Ctrl+C, with no report written)."""
     with SignalGuard() as guard:
@@ -274,6 +318,7 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         # Both reports or neither: a stop between the two would pair a new evaluation.json with an old matrix.
         with guard.deferring("writing the reports, then stopping"):
             paths = write_reports(report, out_dir)
+            paths.append(write_html_report(report, ds.images, labels, meta, Path(args.model), out_dir))
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
     if guard.stop_requested:

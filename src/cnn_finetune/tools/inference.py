@@ -123,6 +123,13 @@ def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images_uint8: t
 
 
 def predict_proba(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
-                  device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """Class probabilities (softmax of ``predict_logits``), float32 on the CPU, one row per image."""
-    return torch.softmax(predict_logits(model, meta, images_uint8, device, batch_size), dim=1)
+                  device: torch.device | str = "cpu", batch_size: int = 512, *,
+                  temperature: float | None = None) -> torch.Tensor:
+    """Calibrated class probabilities, float32 on the CPU, one row per image: ``softmax(logits / T)``
+    with the temperature ``T`` fitted on the validation split at the end of training and stored in the
+    model file (``meta["calibration"]``; 1.0 for files without one). ``temperature`` overrides it
+    (``temperature=1.0``: the raw softmax)."""
+    from .calibration import calibrated_probs, model_temperature
+
+    t = model_temperature(meta) if temperature is None else float(temperature)
+    return calibrated_probs(predict_logits(model, meta, images_uint8, device, batch_size), t)

@@ -324,3 +324,35 @@ def _annotate_cells(ax: Any, share: Any, counts: Any, geo: dict[str, float]) -> 
             text = f"{100 * value:.0f}" if value >= 0.005 else "<1"
             ax.text(j, i, text, ha="center", va="center", fontsize=geo["annot_pt"],
                     color="white" if value > 0.3 else "black")
+
+
+def plot_reliability(report: dict[str, Any], path: Path) -> None:
+    """The reliability diagram of an evaluation report: accuracy against calibrated confidence per bin
+    (``report["reliability"]``), the diagonal of perfect calibration, and the share of images per bin."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    bins = report["reliability"]
+    lo = np.array([b["lo"] for b in bins])
+    width = bins[0]["hi"] - bins[0]["lo"]
+    acc = np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins])
+    conf = np.array([np.nan if b["confidence"] is None else b["confidence"] for b in bins])
+    counts = np.array([b["count"] for b in bins], dtype=np.float64)
+    fig = Figure(figsize=(5.2, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.bar(lo, np.nan_to_num(acc), width=width, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
+    top.bar(lo, np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=width, align="edge", color="#dd8452",
+            alpha=0.5, edgecolor="white", label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    ece, raw = report.get("ece"), report.get("ece_uncalibrated")
+    top.set_title(f"Reliability (temperature {report.get('temperature', 1.0):.3f})\nECE "
+                  + (f"{100 * ece:.2f}%" if ece is not None else "n/a")
+                  + (f", uncalibrated {100 * raw:.2f}%" if raw is not None else ""), fontsize=10)
+    bottom.bar(lo, counts / max(counts.sum(), 1), width=width, align="edge", color="#8c8c8c", edgecolor="white")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("calibrated confidence")
+    bottom.set_ylabel("share of images")
+    atomic_write_bytes(Path(path), render_png(fig, dpi=90))

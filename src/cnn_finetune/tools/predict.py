@@ -18,6 +18,13 @@ file (with a header, the first image is on line 2; Kaggle's ``ImageId`` is ``LIN
 pixels are used as they are, as in training: bright strokes on a dark background. A bad row gets
 an error line. Exit codes: 0 when at least one image was predicted, 2 when none was or the model
 cannot be used.
+
+The probabilities are calibrated: the logits are divided by the temperature fitted on the validation
+split at the end of training (stored in the model file). An image whose calibrated confidence (the
+top probability) is under the model's "unknown" threshold is answered ``unknown``, with the best
+guess beside it. The threshold is the calibrated confidence that keeps 99% of the correctly
+classified validation images (``tools/calibration.py``); ``--min-confidence`` sets another one
+(0 never answers unknown).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 from ..data.formats import csv_kind, is_csv, read_pixel_csv
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
 from ..data.imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
+from .calibration import model_threshold
 from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
 from ..log import printable
 from ..runtime import resolve_device, run_tool, tool_parser
@@ -51,11 +59,19 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability), best first
     error: str | None = None
+    unknown: bool = False  # the calibrated confidence is under the threshold
+    threshold: float = 0.0
+
+    @property
+    def confidence(self) -> float | None:
+        """The calibrated probability of the best class (None for an error)."""
+        return self.top[0][1] if self.top else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON output."""
         return {"file": self.file,
                 "predictions": [{"class": c, "probability": p} for c, p in self.top],
+                "confidence": self.confidence, "unknown": self.unknown if self.error is None else None,
                 "error": self.error}
 
 
@@ -121,9 +137,13 @@ def preprocess_file(path: Path, polarity: str, max_pixels: int = DEFAULT_MAX_PIX
 
 
 def predict_files(model: torch.nn.Module, meta: dict[str, Any], items: Sequence[Item],
-                  device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256) -> list[Prediction]:
-    """Preprocess and classify ``items`` (from ``collect_files``); one ``Prediction`` per item, in order."""
+                  device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256,
+                  min_confidence: float | None = None) -> list[Prediction]:
+    """Preprocess and classify ``items`` (from ``collect_files``); one ``Prediction`` per item, in order.
+
+    ``min_confidence``: the "unknown" threshold (None: the model's, ``calibration.model_threshold``)."""
     polarity, max_pixels = model_polarity(meta), model_max_pixels(meta)
+    threshold = model_threshold(meta) if min_confidence is None else float(min_confidence)
     names = meta["class_names"]
     k = max(1, min(top_k, len(names)))
     results: list[Prediction] = []
@@ -146,33 +166,41 @@ def predict_files(model: torch.nn.Module, meta: dict[str, Any], items: Sequence[
         top_p, top_i = probs.topk(k, dim=1)
         for slot, p_row, i_row in zip(slots, top_p.tolist(), top_i.tolist(), strict=True):
             results[slot].top = [(printable(names[i]), float(p)) for i, p in zip(i_row, p_row)]
+            results[slot].unknown, results[slot].threshold = p_row[0] < threshold, threshold
     return results
 
 
 def write_text(results: Sequence[Prediction], out: TextIO) -> None:
-    """One line per file: ``file: 7 (98.1%), 1 (1.2%), ...`` or ``file: error: reason``."""
+    """One line per file: ``file: 7 (98.1%), 1 (1.2%), ...``, ``file: unknown (best guess 7 (31.0%), ...)``
+    or ``file: error: reason``."""
     for r in results:
         if r.error is not None:
             out.write(f"{r.file}: error: {r.error}\n")
+        elif r.unknown:
+            out.write(f"{r.file}: unknown (confidence under {100 * r.threshold:.1f}%; best guess "
+                      + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in r.top) + ")\n")
         else:
             out.write(f"{r.file}: " + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in r.top) + "\n")
 
 
 def write_json(results: Sequence[Prediction], out: TextIO) -> None:
-    """A JSON list with one object per file: ``file``, ``predictions`` [{class, probability}], ``error``."""
+    """A JSON list with one object per file: ``file``, ``predictions`` [{class, probability}], ``confidence``
+    (calibrated), ``unknown`` (true|false; null for an error), ``error``."""
     json.dump([r.to_dict() for r in results], out, indent=2, ensure_ascii=False)
     out.write("\n")
 
 
 def write_csv(results: Sequence[Prediction], out: TextIO, top_k: int) -> None:
-    """CSV with columns ``file, class_1, probability_1, ..., class_k, probability_k, error``."""
+    """CSV with columns ``file, class_1, probability_1, ..., class_k, probability_k, unknown, error``."""
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["file"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "probability")] + ["error"])
+    writer.writerow(["file"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "probability")]
+                    + ["unknown", "error"])
     for r in results:
         cells: list[Any] = []
         for i in range(top_k):
             cells += [r.top[i][0], f"{r.top[i][1]:.6f}"] if i < len(r.top) else ["", ""]
-        writer.writerow([r.file] + cells + [r.error or ""])
+        unknown = "" if r.error is not None else str(r.unknown).lower()
+        writer.writerow([r.file] + cells + [unknown, r.error or ""])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="cpu (default: start-up is faster than the images take), cuda or auto")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="answer 'unknown' when the calibrated confidence is under P (0-1; 0: never). Default: the "
+                        "model's threshold, the confidence that keeps 99%% of the correctly classified validation images")
     return p
 
 
@@ -213,13 +244,15 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 256")
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise UserError(f"--min-confidence {args.min_confidence} must be a probability from 0 to 1, e.g. 0.5")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
     files = collect_files(args.inputs)
     if not files:
         raise UserError(f"no image files in {', '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     print(f"predicting {len(files)} image(s) with {printable(str(args.model))}", file=sys.stderr, flush=True)
-    results = predict_files(model, meta, files, device, args.top_k, args.batch_size)
+    results = predict_files(model, meta, files, device, args.top_k, args.batch_size, args.min_confidence)
     k = max(1, min(args.top_k, len(meta["class_names"])))
     text = io.StringIO()
     if args.json:
@@ -236,7 +269,9 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         raise guard.stopped(f"{guard.name} received while the predictions were printed: they are complete")
     done = sum(r.error is None for r in results)
     failed = len(results) - done
-    print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else ""), file=sys.stderr)
+    unknown = sum(r.unknown for r in results if r.error is None)
+    print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
+          + (f"; {unknown} answered unknown (calibrated confidence under the threshold)" if unknown else ""), file=sys.stderr)
     if done == 0:
         print("error: no image could be predicted", file=sys.stderr)
         return EXIT_BAD_INPUT

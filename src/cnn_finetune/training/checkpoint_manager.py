@@ -14,6 +14,7 @@ it; and no weights that are NaN or infinite are ever saved, so a rollback always
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,20 @@ def load_latest(run: RunDir) -> Loaded:
     state, path, problems = load_newest_valid(candidates, lambda s, p: check_training_state(s, run, p))
     newer = candidates[: candidates.index(path)] if path is not None else candidates
     return Loaded(state, path, problems, [p for p in newer if p.exists()])
+
+
+def add_to_best_model(run: RunDir, extra: dict[str, Any]) -> None:
+    """Write ``extra`` (e.g. the calibration fitted after training) into ``best_model_finetuned.pth`` and the
+    best-epoch file it is a link to, so both stay one file; each is rewritten atomically, checksummed."""
+    from ..files.checkpoint import load_checkpoint
+
+    state = {**load_checkpoint(run.best), **extra}
+    twins = [p for p in run.path.iterdir() if is_best_epoch_name(p.name) and os.path.samefile(p, run.best)]
+    if twins:
+        save_checkpoint(state, twins[0])
+        link_or_copy(twins[0], run.best)
+    else:
+        save_checkpoint(state, run.best)
 
 
 class CheckpointManager:

@@ -30,6 +30,7 @@ from .microbatch import MicroBatcher
 from ..model.cnn import CNNv2, deferred_bn_stats, grad_norm
 from .microbatch import ghost_groups, split_for_micro_batches
 from .sampling import DeviceData
+from .label_review import MarginTracker
 
 
 class PeerOutOfMemory(Exception):
@@ -55,6 +56,8 @@ class StepRunner:
         self.channels_last = channels_last  # the input's memory format follows the model's
         cuda_bf16 = cfg.amp == "auto" and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or cuda_bf16) else None
+        # The area under the margin of every training image, from this step's own logits (label_review.py).
+        self.review = MarginTracker(len(batches.y_train), self.device)
 
     def share_size(self, batch: int) -> int:
         """How many of a global batch of ``batch`` samples this process trains on."""
@@ -85,14 +88,15 @@ class StepRunner:
         start, end, groups = self.dist.shard(ghost_groups(self.model, batch))
         # A rank without a sample this step still takes part in the collectives: one sample, weight 0.
         share, weight = (slice(start, end), 1.0) if end > start else (slice(0, 1), 0.0)
-        xb, yb = xb[share], yb[share]
+        xb, yb, ib = xb[share], yb[share], idx[share]
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         while True:
             try:
-                loss_sum, correct = self._forward_backward(xb, yb, denom, weight)
+                loss_sum, correct = self._forward_backward(xb, yb, ib, denom, weight)
                 break
             except (torch.OutOfMemoryError, PeerOutOfMemory) as err:
+                self.review.discard()  # the step is redone: its margins come again
                 self._split_after_oom(err, yb.shape[0], global_step)
         self.dist.average_buffers(self.model, float(groups))
         norm = grad_norm(self.model, self.cfg.grad_clip)
@@ -100,12 +104,13 @@ class StepRunner:
         bad = self.dist.sum_(bad.to(torch.int32)) > 0  # the skip is decided for every rank at once
         self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
         self.optimizer.step()
+        self.review.commit(~bad if weight > 0 else torch.zeros((), dtype=torch.bool, device=self.device))
         self.metrics.add(loss_sum, correct, int(weight) * yb.shape[0], denom, bad, batch=batch)
         self.last_loss = loss_sum * self.dist.world / denom  # this rank's share, scaled: for per-step logging
         if self.micro.on_success():
             self.on_event("oom_probe", global_step=global_step, micro_batches=self.micro.parts)
 
-    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, denom: Any,
+    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, denom: Any,
                           weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the batch, accumulated over the current number of micro-batches."""
         sizes = split_for_micro_batches(self.model, yb.shape[0], self.micro.parts)
@@ -116,7 +121,7 @@ class StepRunner:
         factor = weight * self.dist.world
         with deferred_bn_stats(self.model, keep=weight > 0):
             try:
-                for last, xs, ys in self._micro_batches(xb, yb, sizes):
+                for last, xs, ys, js in self._micro_batches(xb, yb, ib, sizes):
                     with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                         with self.autocast():
                             logits = self.net(xs)
@@ -127,6 +132,7 @@ class StepRunner:
                             raise PeerOutOfMemory()
                         (part * factor / denom).backward()
                     loss_sum = loss_sum + part.detach() * weight
+                    self.review.observe(js, logits, ys)
                     correct += (logits.detach().argmax(1) == ys).sum() * int(weight)
             except torch.OutOfMemoryError:
                 if self.ddp is not None:
@@ -145,9 +151,10 @@ class StepRunner:
         (logits.float().sum() * 0.0).backward()
 
     @staticmethod
-    def _micro_batches(xb: torch.Tensor, yb: torch.Tensor, sizes: list[int]) -> Iterator[tuple[bool, torch.Tensor, torch.Tensor]]:
-        for i, (xs, ys) in enumerate(zip(xb.split(sizes), yb.split(sizes))):
-            yield i == len(sizes) - 1, xs, ys
+    def _micro_batches(xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor,
+                       sizes: list[int]) -> Iterator[tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for i, (xs, ys, js) in enumerate(zip(xb.split(sizes), yb.split(sizes), ib.split(sizes))):
+            yield i == len(sizes) - 1, xs, ys, js
 
     def _split_after_oom(self, err: BaseException, batch: int, global_step: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)

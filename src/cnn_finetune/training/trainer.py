@@ -129,6 +129,7 @@ class RobustTrainer:
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
             "fine_tuning": self.fine_tuning, "world_size": self.dist.world,
+            "label_review": self.steps.review.state_dict(self.dist.sum_),
         }
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
@@ -138,6 +139,7 @@ class RobustTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.pos.load_state_dict(state["position"])
         self.metrics.load_state_dict(state["accumulators"], owner=self.dist.is_main)
+        self.steps.review.load_state_dict(state.get("label_review"), owner=self.dist.is_main)
         self.early.load_state_dict(state["early_stopping"])
         self.checkpoints.load_state_dict(state["best_keeper"])
         self.micro.load_state_dict(state["micro_batching"])
