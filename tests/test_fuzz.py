@@ -520,7 +520,8 @@ CHECKPOINT_FIELDS = ["best_keeper.entries.0.file", "best_keeper.entries.0.epoch"
                      "nan_guard.lr_scale", "nan_guard.rollbacks", "timing.epoch_elapsed", "normalization.std",
                      "normalization.mean", "schedule", "schedule.0.1", "world_size", "finished", "history", "events", "kind",
                      "init", "config.epochs", "config.output_dir", "config.data", "accumulators.seen", "fine_tuning",
-                     "optimizer.state", "optimizer.param_groups", "arch_params.width", "class_names", "model"]
+                     "optimizer.state", "optimizer.param_groups", "arch_params.width", "class_names", "model", "label_review",
+                     "label_review.margin_sum", "label_review.times_seen"]
 # "@name" stands for a path next to the output folder, resolved per example.
 OUTSIDE = ["@notes.txt", "@home/.ssh/id_ed25519", "../notes.txt", "best_epoch001_/../../notes.txt", "checkpoint_last.pth",
            "config_finetuned.json", "best_epoch001_val_acc0.5000.pth", ".", "", "/"]
@@ -554,6 +555,8 @@ def _set_field(state: dict, dotted: str, value: object) -> None:
 @example(forgeries=[("best_keeper.entries.0.file", "../notes.txt"), ("best_keeper.entries.0.metric", -1.0)])
 @example(forgeries=[("position.epoch", -1)])  # ZeroDivisionError, then a retry
 @example(forgeries=[("position.step", 50)])  # an untrained epoch reported "completed"
+@example(forgeries=[("label_review.margin_sum", [])])  # a KeyError/TypeError when the totals were restored
+@example(forgeries=[("label_review", {})])
 @settings(max_examples=6)
 def test_a_forged_checkpoint_field_is_used_or_refused_never_acted_on_outside(stopped_run, forgeries) -> None:
     import hashlib

@@ -150,6 +150,21 @@ def _schedule_and_end(state: dict[str, Any], epoch: int, planned: int) -> None:
         raise _Forged("history", f"{len(state['history'])} epoch records, but the position is epoch {epoch}")
 
 
+def _label_review(review: Any) -> None:
+    """The label review's totals (absent in checkpoints of older versions): two 1-D tensors of one length."""
+    if review is None:
+        return
+    if not isinstance(review, dict) or set(review) != {"margin_sum", "times_seen"}:
+        raise _Forged("label_review", "not the two totals of the label review")
+    sums, seen = review["margin_sum"], review["times_seen"]
+    if not (isinstance(sums, torch.Tensor) and isinstance(seen, torch.Tensor)) or sums.dim() != 1 or seen.shape != sums.shape:
+        raise _Forged("label_review", "the totals are not two tensors of one image count")
+    if not sums.is_floating_point() or seen.is_floating_point() or seen.dtype == torch.bool:
+        raise _Forged("label_review", f"totals of type {sums.dtype} and {seen.dtype}")
+    if not bool(torch.isfinite(sums).all()) or (seen.numel() and int(seen.min()) < 0):
+        raise _Forged("label_review", "a margin total that is not finite, or a negative count")
+
+
 def check_training_state(state: Any, run: RunDir, path: Path) -> None:
     """Refuse (``CheckpointError``) a training state from ``path`` that a run must not act on.
 
@@ -169,6 +184,7 @@ def check_training_state(state: Any, run: RunDir, path: Path) -> None:
         _best_keeper(run, state["best_keeper"], epoch)
         _mechanisms(state, epoch)
         _schedule_and_end(state, epoch, planned)
+        _label_review(state.get("label_review"))
     except _Forged as err:
         raise CheckpointError(f"{path} holds an unusable value in {err}; it was damaged or forged (the checksum has no "
                               "key), so it is not used", path=str(path)) from None
