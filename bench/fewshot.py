@@ -422,7 +422,11 @@ def main_variants(args: argparse.Namespace) -> int:
     log = args.out.with_suffix(".jsonl")
     log.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    done = [r for r in done if "variant" in r and "test_acc" in r]
+    unique: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in done:  # the first measurement of each (set, setting, seed) counts
+        if "variant" in r and "test_acc" in r:
+            unique.setdefault((r["set"], r["variant"], r["seed"]), r)
+    done = list(unique.values())
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
         work_root = Path(tmp)
