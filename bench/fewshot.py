@@ -11,6 +11,12 @@ each with a test set of other images of the same file (disjoint from the trainin
   newscript30                  a "new script" the base model has never seen: the ten digits and the ten
                                digits rotated by 180 degrees as ten new classes (so 6 and a turned 9,
                                or 2 and a turned 2, must be told apart), 30 images per class
+  qmnist10, qmnist30, qmnist100 real handwriting of another script: 10, 30 and 100 images of each of the
+                               42 Kazakh Cyrillic letters of ../shared/data/qmnist/images (or $QMNIST_DIR),
+                               raw 278x278 RGB PNGs linked (not copied) into class folders and read by the
+                               real command, so its preprocessing is part of what is measured; tested on
+                               the letters' other images (--qmnist-test-per-class, default 170: all of them
+                               for qmnist30)
 
 For each set the real command (scripts/train_finetuned.py, in a subprocess, as a user runs it) trains
 with its default length ("default": epochs auto) and with an epoch sweep (15, 30, 60, 120 epochs), both
@@ -21,6 +27,12 @@ checks the targets of the recipe: the default within 1 point of the best of the 
 its wall time; fine-tuned at least as good as from scratch, and 3 points better at 10 per class.
 ``--extend 15:60`` adds a row per set: train 15 epochs, then run the same command with --epochs 60
 (a finished run is extended), against the direct 60-epoch run.
+
+``--variants fls0.3,fls1.0,fls0.1,frozen,scratch,half,twice --seeds 42,7,1`` runs the recipe sweep
+instead (issue 18): named settings (VARIANTS) on every set and seed, reported as mean ± standard
+deviation over the seeds and the distance to the best setting of the set. Every finished run is a line
+of the .jsonl log next to --out, and runs already there are not run again: a sweep can be cut short,
+extended with more seeds or settings, and summarised again.
 
 Writes bench/results/fewshot.json (or --out) and prints a Markdown table (also --markdown FILE).
 """
