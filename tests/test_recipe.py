@@ -265,6 +265,10 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
         assert f"feature_lr_scale: {why}" in proc.stdout and f"nearest-class-mean accuracy, {verdict}" in why
         assert manifest["config"]["feature_lr_scale"] == 0.3
         assert load_state(tmp_path / name / "checkpoint_last.pth")["automatic"]["feature_lr_scale"] == why
+    # The measurement draws no random number: the default run is the explicit --feature-lr-scale 0.3 run, bit for bit.
+    proc = run_cli([*args, "--data", str(tiny_idx), "--feature-lr-scale", "0.3", "--output-dir", "explicit"], cwd=tmp_path)
+    assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
+    assert_same_weights(tmp_path / "digits" / "checkpoint_last.pth", tmp_path / "explicit" / "checkpoint_last.pth")
     # Extended (resumed) after the default factor changed (a newer version): the run keeps what its start chose.
     monkeypatch.setattr(recipe, "FINETUNE_FEATURE_LR_SCALE", 0.5)
     proc = run_cli([*args[2:], "--epochs", "2", "--data", str(runs["scrambled"][0]), "--output-dir", "scrambled"], cwd=tmp_path)
