@@ -379,8 +379,8 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     fine_tuning = bool(state.get("fine_tuning", started_from_base))
     chosen = state.get("automatic", {}).get("feature_lr_scale")  # why, if the run's start chose it
     keep_scale = fine_tuning and cfg.feature_lr_scale is None and chosen is not None
-    # The factor chosen from the data when the run started stays: measured again on a resumed (or
-    # extended) run it could differ by a rounding, and the run would no longer be the one it was.
+    # The factor chosen automatically when the run started stays, even if the default has changed
+    # since (a newer version): the run goes on as the run it was, instead of being refused.
     saved_scale = state["config"].get("feature_lr_scale")
     resolved = resolve(dataclasses.replace(cfg, feature_lr_scale=saved_scale) if keep_scale else cfg, steps, fine_tuning)
     if keep_scale:

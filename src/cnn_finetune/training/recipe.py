@@ -70,8 +70,8 @@ def auto_feature_lr_scale(separability: float | None) -> tuple[float, str]:
 
     The factor is the same for digits and for scripts the base model has never seen: in the 3-seed
     sweep of issue 18 (docs/PERFORMANCE.md, section 7) 0.3 was the best factor or within 0.3 points of
-    the best on MNIST digits, on turned digits and on real Kazakh Cyrillic letters, and 1.0 lost 1 to
-    2 points on both new scripts, so the measurement does not change the factor: it tells the user how
+    the best on MNIST digits, on turned digits and on real Kazakh Cyrillic letters, and 1.0 lost 1.3
+    and 2.3 points on the two new scripts, so the measurement does not change the factor: it tells the user how
     much of the base model's knowledge applies to their classes."""
     why = f"auto: {FINETUNE_FEATURE_LR_SCALE} (fine-tuning from a base model: the feature layers learn slower than the new head"
     if separability is None:
@@ -111,7 +111,7 @@ def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separabil
 def probe_subset(images: torch.Tensor, labels: torch.Tensor,
                  limit: int = PROBE_MAX_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``limit`` images, the same share of every class, the first ones of each in the split's
-    order: deterministic, and the probe stays a second or two on large sets."""
+    order: deterministic, and the probe stays a few seconds at most on large sets."""
     if len(labels) <= limit:
         return images, labels
     labels_cpu = labels.cpu()
@@ -133,7 +133,7 @@ def feature_separability(features: torch.nn.Module, images: torch.Tensor, labels
 
     Each image's penultimate feature vector (length-normalised) is compared by cosine with the mean
     of every class, its own class's mean taken without it; the share of images nearest to their own
-    class is the result. A second or two on the CPU for a few thousand images, and deterministic
+    class is the result. About a second per thousand images on one CPU thread, and deterministic
     (no random draw, evaluation-mode batch norm). Classes with a single image count as wrong."""
     images, labels = probe_subset(images, labels)
     was_training = features.training
