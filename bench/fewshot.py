@@ -11,6 +11,12 @@ each with a test set of other images of the same file (disjoint from the trainin
   newscript30                  a "new script" the base model has never seen: the ten digits and the ten
                                digits rotated by 180 degrees as ten new classes (so 6 and a turned 9,
                                or 2 and a turned 2, must be told apart), 30 images per class
+  qmnist10, qmnist30, qmnist100 real handwriting of another script: 10, 30 and 100 images of each of the
+                               42 Kazakh Cyrillic letters of ../shared/data/qmnist/images (or $QMNIST_DIR),
+                               raw 278x278 RGB PNGs linked (not copied) into class folders and read by the
+                               real command, so its preprocessing is part of what is measured; tested on
+                               the letters' other images (--qmnist-test-per-class, default 170: all of them
+                               for qmnist30)
 
 For each set the real command (scripts/train_finetuned.py, in a subprocess, as a user runs it) trains
 with its default length ("default": epochs auto) and with an epoch sweep (15, 30, 60, 120 epochs), both
@@ -21,6 +27,12 @@ checks the targets of the recipe: the default within 1 point of the best of the 
 its wall time; fine-tuned at least as good as from scratch, and 3 points better at 10 per class.
 ``--extend 15:60`` adds a row per set: train 15 epochs, then run the same command with --epochs 60
 (a finished run is extended), against the direct 60-epoch run.
+
+``--variants fls0.3,fls1.0,fls0.1,frozen,scratch,half,twice --seeds 42,7,1`` runs the recipe sweep
+instead (issue 18): named settings (VARIANTS) on every set and seed, reported as mean ± standard
+deviation over the seeds and the distance to the best setting of the set. Every finished run is a line
+of the .jsonl log next to --out, and runs already there are not run again: a sweep can be cut short,
+extended with more seeds or settings, and summarised again.
 
 Writes bench/results/fewshot.json (or --out) and prints a Markdown table (also --markdown FILE).
 """
@@ -48,8 +60,31 @@ from cnn_finetune.data.loader import read_idx, write_idx
 
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
-MNIST_DIRS += [ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"]
-SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist", 100), "newscript30": ("newscript", 30)}
+MNIST_DIRS += [d / "shared" / "data" / "mnist" for d in (ROOT.parent, ROOT, ROOT.parents[1])]
+SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist", 100), "newscript30": ("newscript", 30),
+        "qmnist10": ("qmnist", 10), "qmnist30": ("qmnist", 30), "qmnist100": ("qmnist", 100)}
+QMNIST_DIRS = [Path(os.environ["QMNIST_DIR"])] if os.environ.get("QMNIST_DIR") else []
+QMNIST_DIRS += [d / "shared" / "data" / "qmnist" / "images" for d in (ROOT.parent, ROOT, ROOT.parents[1])]  # ROOT.parents[1]: a worktree
+# Named settings of the recipe sweep (--variants): the base model or none, and the flags of the run.
+# "default" is whatever the command does without flags; the others name their factor, so that they
+# measure the same thing whatever the default becomes (fls0.3 is the default before issue 18).
+# "half" and "twice" scale every bound of the automatic length, so they are half and twice the default
+# length whatever the set (the default's epochs hit the fine-tuning ceiling on the 10- and 30-per-class sets).
+VARIANTS = {
+    "default": ("base", []),
+    "fls0.1": ("base", ["--feature-lr-scale", "0.1"]),
+    "fls0.3": ("base", ["--feature-lr-scale", "0.3"]),
+    "fls1.0": ("base", ["--feature-lr-scale", "1.0"]),
+    "frozen": ("base", ["--freeze-features-epochs", "100000"]),
+    "scratch": ("scratch", []),
+    # the length of the automatic default, halved and doubled, at the former default factor 0.3
+    "half": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=400", "--set", "budget_min_epochs=8",
+                      "--set", "budget_max_epochs_finetune=30"]),
+    "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
+                       "--set", "budget_max_epochs_finetune=120"]),
+    "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
+                              "--set", "budget_max_epochs_finetune=120"]),
+}
 
 
 def mnist_test_file() -> tuple[np.ndarray, np.ndarray]:
@@ -60,9 +95,39 @@ def mnist_test_file() -> tuple[np.ndarray, np.ndarray]:
     return read_idx(folder / "t10k-images-idx3-ubyte.gz"), read_idx(folder / "t10k-labels-idx1-ubyte.gz")
 
 
+def qmnist_folder() -> Path:
+    """The real Kazakh Cyrillic letters: one folder of raw PNGs per letter."""
+    folder = next((d for d in QMNIST_DIRS if d.is_dir()), None)
+    if folder is None:
+        raise SystemExit(f"the QMNIST letters are not in {QMNIST_DIRS[0]} (set QMNIST_DIR)")
+    return folder
+
+
+def build_qmnist_set(folder: Path, per_class: int, test_per_class: int, seed: int = 0) -> tuple[Path, Path, int, int]:
+    """Class folders of symbolic links to the raw PNGs (nothing is copied): ``per_class`` images of each
+    letter for training, up to ``test_per_class`` of the others for testing. The real command reads
+    and preprocesses the raw files, so the preprocessing is part of what is measured."""
+    source = qmnist_folder()
+    rng = np.random.default_rng(seed)
+    sizes = [0, 0]
+    for letter in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(letter.glob("*.png"))
+        order = rng.permutation(len(files))
+        picked = (order[:per_class], order[per_class:per_class + test_per_class])
+        for i, (split, idx) in enumerate(zip(("train", "test"), picked)):
+            target = folder / split / letter.name
+            target.mkdir(parents=True, exist_ok=True)
+            for j in idx:
+                (target / files[j].name).symlink_to(files[j])
+            sizes[i] += len(idx)
+    return folder / "train", folder / "test", sizes[0], sizes[1]
+
+
 def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tuple[Path, Path, int, int]:
-    """Write the training and test IDX files of a set; returns their paths and sizes."""
+    """Write the training and test files of a set; returns their paths and sizes."""
     kind, per_class = SETS[name]
+    if kind == "qmnist":
+        return build_qmnist_set(folder, per_class, test_per_class, seed)
     images, labels = mnist_test_file()
     rng = np.random.default_rng(seed)
     train_x, train_y, test_x, test_y = [], [], [], []
@@ -88,10 +153,12 @@ def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tu
     return paths[0], paths[1], len(train_y), len(test_y)
 
 
-def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600) -> dict[str, Any]:
-    """One run of the real command; returns its wall time, exit code, test accuracy and epochs."""
+def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600, cache: Path | None = None) -> dict[str, Any]:
+    """One run of the real command; returns its wall time, exit code, test accuracy and epochs.
+
+    ``cache``: a preprocessed-data cache shared by the runs (the raw PNG sets are decoded once)."""
     out = work / "out"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CNN_FINETUNE_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CNN_FINETUNE_CACHE=str(cache or work / "cache"), PYTHONUNBUFFERED="1")
     env.pop("TRAIN_FAULTS", None)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--output-dir", str(out), "--num-threads", str(threads)],
@@ -106,8 +173,70 @@ def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600
     config = json.loads((out / "config_finetuned.json").read_text())
     result.update({"test_acc": test["accuracy"], "epochs_run": len(history), "epochs_planned": config["config"]["epochs"],
                    "best_epoch": test["model"].get("epoch"), "init_note": config["resolved"].get("init"),
-                   "automatic": config["resolved"].get("automatic", {})})
+                   "automatic": config["resolved"].get("automatic", {}),
+                   "feature_lr_scale": config["config"].get("feature_lr_scale")})
     return result
+
+
+# --- the recipe sweep: named settings (VARIANTS), several seeds, mean and spread ----------------------
+
+
+def plan_variant_runs(sets: list[str], variants: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """Seed by seed (a sweep cut short still has whole seeds), setting by setting in the order given, every set."""
+    return [{"set": s, "variant": v, "seed": seed} for seed in seeds for v in variants for s in sets]
+
+
+def execute_variant(run: dict[str, Any], sets: dict[str, dict[str, Any]], inits: dict[str, str], extra: list[str],
+                    work_root: Path, threads: int, log: Path | None) -> dict[str, Any]:
+    """One run of a named setting through the real command; appended to ``log`` as one JSON line."""
+    s = sets[run["set"]]
+    init, flags = VARIANTS[run["variant"]]
+    name = f"{run['set']}-{run['variant']}-s{run['seed']}"
+    work = work_root / name
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["--data", str(s["train"]), "--test-data", str(s["test"]), "--base-model", inits[init],
+            "--seed", str(run["seed"]), *flags, *extra]
+    result = run_command(args, work, threads, cache=work_root / "cache")
+    print(f"  {name}: " + (f"test {100 * result['test_acc']:.2f}% in {result['seconds']:.1f} s, {result['epochs_run']} epochs"
+                           if "test_acc" in result else f"FAILED ({result['exit_code']}): {result.get('error', '')[-300:]}"),
+          flush=True)
+    if log is not None:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({**run, **result}) + "\n")
+    return {**run, **result}
+
+
+def summarize_variants(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per set and setting: mean, sample standard deviation, range of the test accuracy (points), seconds, n."""
+    table: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if "test_acc" in r:
+            table.setdefault(r["set"], {}).setdefault(r["variant"], []).append(r)
+    for set_name, cells in table.items():
+        for variant, rows in cells.items():
+            acc = np.array([100 * r["test_acc"] for r in rows])
+            cells[variant] = {"mean": float(acc.mean()), "sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                              "min": float(acc.min()), "max": float(acc.max()), "n": len(acc),
+                              "seconds": float(np.mean([r["seconds"] for r in rows])),
+                              "epochs": float(np.mean([r["epochs_run"] for r in rows])),
+                              "seeds": sorted(r["seed"] for r in rows)}
+        best = max(cells, key=lambda v: cells[v]["mean"])
+        for variant, cell in cells.items():
+            cell["minus_best"] = cell["mean"] - cells[best]["mean"]
+    return table
+
+
+def markdown_variants(table: dict[str, dict[str, Any]], variants: list[str]) -> str:
+    """Mean ± sd (n seeds) per set and setting, and the distance to the best setting of the set."""
+    lines = ["| set | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for set_name, cells in table.items():
+        def cell(v: str) -> str:
+            c = cells.get(v)
+            if c is None:
+                return "n/a"
+            return f"{c['mean']:.2f} ± {c['sd']:.2f} (n={c['n']}; {c['minus_best']:+.2f}; {c['seconds']:.0f} s)"
+        lines.append(f"| {set_name} | " + " | ".join(cell(v) for v in variants) + " |")
+    return "\n".join(lines)
 
 
 def plan_runs(sets: dict[str, dict[str, Any]], sweep: list[int], inits: dict[str, str], extra: list[str],
@@ -240,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fewshot.json")
     p.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--variants", default="", help="the recipe sweep instead of the epoch sweep: comma-separated settings of "
+                   + ", ".join(VARIANTS) + "; runs already in the --out .jsonl log are not run again")
+    p.add_argument("--qmnist-test-per-class", type=int, default=170, help="test images per letter of the qmnist sets (default 170)")
     args = p.parse_args(argv)
+    if args.variants:
+        return main_variants(args)
     sweep = [int(e) for e in args.sweep.split(",") if e]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     extend = tuple(int(v) for v in args.extend.split(":")) if args.extend else None
@@ -278,6 +412,57 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(table, sweep)
+    print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0 if all("test_acc" in r for r in results) else 1
+
+
+def main_variants(args: argparse.Namespace) -> int:
+    """The recipe sweep (--variants): every set x setting x seed, mean and spread per cell."""
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    set_names = [s for s in args.sets.split(",") if s]
+    extra = args.extra.split()
+    if args.quick:
+        set_names, args.test_per_class, args.qmnist_test_per_class = set_names[:1], 20, 5
+        extra += ["--epochs", "2"]
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
+    log = args.out.with_suffix(".jsonl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    unique: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in done:  # the first measurement of each (set, setting, seed) counts
+        if "variant" in r and "test_acc" in r:
+            unique.setdefault((r["set"], r["variant"], r["seed"]), r)
+    done = list(unique.values())
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
+        work_root = Path(tmp)
+        inits = {"scratch": "none", "base": base_model(args, work_root, threads)}
+        sets = {}
+        for name in set_names:
+            per_test = args.qmnist_test_per_class if SETS[name][0] == "qmnist" else args.test_per_class
+            train, test, n_train, n_test = build_set(name, work_root / "data" / name, per_test)
+            sets[name] = {"train": train, "test": test, "train_images": n_train, "test_images": n_test}
+            print(f"{name}: {n_train} training images, {n_test} test images", flush=True)
+        have = {(r["set"], r["variant"], r["seed"]) for r in done}
+        runs = [r for r in plan_variant_runs(set_names, variants, seeds) if (r["set"], r["variant"], r["seed"]) not in have]
+        print(f"{len(runs)} runs ({len(have)} already in {log}), {args.jobs} at a time, {threads} thread(s) each", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda r: execute_variant(r, sets, inits, extra, work_root, threads, log), runs))
+    wanted = [r for r in done + results if r["set"] in set_names and r["variant"] in variants and r["seed"] in seeds]
+    table = summarize_variants(wanted)
+    report = {"environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "jobs": args.jobs,
+                              "threads": threads, "extra": args.extra},
+              "sets": {k: {"train_images": v["train_images"], "test_images": v["test_images"]} for k, v in sets.items()},
+              "variants": {v: VARIANTS[v] for v in variants}, "seeds": seeds,
+              "seconds": round(time.perf_counter() - t_start, 1), "summary": table, "runs": wanted}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown_variants(table, variants)
     print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -59,3 +59,30 @@ def test_fewshot_benchmark_fills_its_table(tmp_path: Path):
     assert all(r["init_note"].startswith(("fine-tuning from", "training from scratch")) for r in report["runs"]), \
         [r["init_note"] for r in report["runs"]]
     assert "| mnist10/base |" in proc.stdout and "n/a" not in proc.stdout
+
+
+QMNIST = next((d for d in ([Path(os.environ["QMNIST_DIR"])] if os.environ.get("QMNIST_DIR") else [])
+               + [p / "shared" / "data" / "qmnist" / "images" for p in (ROOT.parent, ROOT, ROOT.parents[1])] if d.is_dir()), None)
+
+
+@pytest.mark.long
+@pytest.mark.skipif(QMNIST is None, reason="the QMNIST letters are not in ../shared/data/qmnist/images (set QMNIST_DIR)")
+def test_fewshot_recipe_sweep_reads_the_raw_letters_and_resumes_from_its_log(tmp_path: Path):
+    """--variants on a qmnist set: raw PNG class folders through the real command, one JSON line per run,
+    and a second call runs nothing that its log already holds."""
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "fewshot.py"), "--quick", "--variants", "fls0.3,frozen", "--sets", "qmnist10",
+           "--seeds", "42", "--jobs", "2", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", QMNIST_DIR=str(QMNIST))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sets"]["qmnist10"] == {"train_images": 420, "test_images": 42 * 5}  # --quick: 5 test images per letter
+    cells = report["summary"]["qmnist10"]
+    assert sorted(cells) == ["fls0.3", "frozen"] and all(c["n"] == 1 and 0 <= c["mean"] <= 100 for c in cells.values()), cells
+    assert max(c["minus_best"] for c in cells.values()) == 0.0
+    assert {r["feature_lr_scale"] for r in report["runs"]} == {0.3, 0.3}  # frozen: the factor of the (frozen) default
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "0 runs (2 already in" in again.stdout
+    assert json.loads(out.read_text())["summary"] == report["summary"]

@@ -52,7 +52,7 @@ from .training.distributed import Dist, from_environment
 from .training.faults import FaultInjector
 from .log import logger, printable
 from .files.loggers import EarlyLines, TensorBoardLogger, check_tensorboard_folder, require_tensorboard, run_log
-from .training.recipe import resolve
+from .training.recipe import Resolved, resolve
 from .files.rundir import (
     CONFIG,
     CONFUSION,
@@ -221,7 +221,7 @@ def plan_run(cfg: TrainConfig, run: RunDir, data: PreparedData) -> tuple[Path | 
         require_tensorboard()  # before anything is touched: a missing package is bad input
         check_tensorboard_folder(run / TENSORBOARD)  # so is a file where its folder goes
     base, base_note = resolve_base_model(cfg, data)
-    return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None)
+    return base, base_note, plan_resume(cfg, run, data, fine_tuning=base is not None, base=base)
 
 
 def worker_device(device: torch.device, dist: Dist) -> torch.device:
@@ -368,13 +368,20 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 # --- stage 2 ----------------------------------------------------------------------------------------
 
 
-def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool) -> ResumePlan:
-    """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse."""
+def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool, base: Path | None = None) -> ResumePlan:
+    """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse.
+
+    A fresh run from ``base`` whose ``feature_lr_scale`` is automatic measures how well the base
+    model's features separate the training classes; a continued run keeps what its start decided."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--output-dir {run.path} is a file, not a folder; choose a folder for the run's files", path=str(run.path))
     _, steps = data.batch_and_steps(cfg.batch_size)
-    fresh = resolve(cfg, steps, fine_tuning)
+
+    def start_afresh() -> Resolved:
+        probe = base is not None and fine_tuning and cfg.feature_lr_scale is None
+        return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None)
     if not cfg.resume:
+        fresh = start_afresh()
         if run.has_files() and Path.cwd().resolve().is_relative_to(run.path.resolve()):
             raise UserError(f"--no-resume cannot move {run.path} aside: it is (or contains) the current folder; choose "
                             "another --output-dir, e.g. a sub-folder", path=str(run.path))
@@ -400,6 +407,7 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
         if foreign:
             raise UserError(f"{run} holds files of an earlier run ({', '.join(foreign[:4])}) but no checkpoint to resume from; "
                             "use --no-resume to move them aside and start afresh, or choose another --output-dir", path=str(run.path))
+        fresh = start_afresh()
         return ResumePlan(fresh.config, notes=fresh.notes)
     plan = plan_continuation(cfg, run, loaded.state, data, steps)
     if loaded.problems:
@@ -411,7 +419,15 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
 def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: PreparedData, steps: int) -> ResumePlan:
     """Continue a checkpoint: the same resolved settings as when it started, and its plan, perhaps extended."""
     started_from_base = str(state.get("init", "")).startswith("fine-tuning")
-    resolved = resolve(cfg, steps, bool(state.get("fine_tuning", started_from_base)))
+    fine_tuning = bool(state.get("fine_tuning", started_from_base))
+    chosen = state.get("automatic", {}).get("feature_lr_scale")  # why, if the run's start chose it
+    keep_scale = fine_tuning and cfg.feature_lr_scale is None and chosen is not None
+    # The factor chosen automatically when the run started stays, even if the default has changed
+    # since (a newer version): the run goes on as the run it was, instead of being refused.
+    saved_scale = state["config"].get("feature_lr_scale")
+    resolved = resolve(dataclasses.replace(cfg, feature_lr_scale=saved_scale) if keep_scale else cfg, steps, fine_tuning)
+    if keep_scale:
+        resolved.notes["feature_lr_scale"] = f"{chosen}; decided when the run started, kept"
     planned = int(state["config"]["epochs"])
     finished = state.get("finished")
     done = int(finished["epoch"]) if finished else int(state["position"]["epoch"])
@@ -435,6 +451,21 @@ def epochs_to_train(cfg: TrainConfig, requested: int, planned: int, done: int, r
         raise UserError(f"--epochs {requested} is fewer than the {planned} epochs the run in {run} was planned with; use "
                         f"--epochs {planned} to continue it, a larger value to extend it, or --no-resume to start afresh")
     return requested if requested > planned else None
+
+
+def base_separability(cfg: TrainConfig, base: Path, data: PreparedData) -> float:
+    """How well the base model's feature layers separate the training classes (``feature_separability``),
+    on a model built and loaded only for this (a base that does not fit fails here as it would later)."""
+    from .model.cnn import build_model
+    from .model.loading import load_base_model
+    from .training.recipe import feature_separability
+
+    split = data.split
+    model = build_model(len(split.class_names), width=cfg.width, bn_ghost_size=cfg.bn_ghost_size)
+    load_base_model(model, base, split.class_names)
+    separability = feature_separability(model.features, split.train_images, split.train_labels, split.mean, split.std)
+    logger.debug(f"base model separability on the training split: {separability:.4f}")
+    return separability
 
 
 def check_resumable(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data: PreparedData) -> None:
@@ -476,6 +507,7 @@ def build_trainer(cfg: TrainConfig, data: PreparedData, plan: ResumePlan, base: 
     trainer = RobustTrainer(cfg, data.split, device, checkpoints=CheckpointManager.for_config(run, cfg, writer=dist.is_main),
                             init=init, faults=faults, guard=guard, dist=dist,
                             on_epoch_end=CurveRefresher(run / CURVES, cfg.monitor) if dist.is_main else None)
+    trainer.automatic = dict(plan.notes)  # saved with the state: a resumed run can say why, too
     if plan.state is not None:
         load_checked(trainer, plan, run)
     if plan.extend_to is not None:

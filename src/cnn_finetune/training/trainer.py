@@ -94,6 +94,7 @@ class RobustTrainer:
         self.clock = Clock()
         self.history = History()
         self.finished: dict[str, Any] | None = None
+        self.automatic: dict[str, str] = {}  # why each automatic setting has its value (the pipeline's notes)
         self.stop_agreed = False  # several processes: every rank acts on a stop signal at the same step
         self._wire(channels_last)
 
@@ -128,7 +129,7 @@ class RobustTrainer:
             "best_keeper": self.checkpoints.state_dict(), "micro_batching": self.micro.state_dict(),
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
-            "fine_tuning": self.fine_tuning, "world_size": self.dist.world,
+            "fine_tuning": self.fine_tuning, "world_size": self.dist.world, "automatic": dict(self.automatic),
             "label_review": self.steps.review.state_dict(self.dist.sum_),
         }
 
@@ -149,6 +150,7 @@ class RobustTrainer:
         self.init_note = state.get("init", self.init_note)
         self.clock.load_state_dict(state["timing"])
         self.fine_tuning = bool(state.get("fine_tuning", self.fine_tuning))
+        self.automatic = dict(state.get("automatic", self.automatic))
         self.segments = [(int(s), int(e)) for s, e in state.get("schedule", [(0, self.cfg.epochs * self.steps_per_epoch)])]
         if carry_over:
             if kept_micro["parts"] > self.micro.parts:
