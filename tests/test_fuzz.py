@@ -521,7 +521,8 @@ CHECKPOINT_FIELDS = ["best_keeper.entries.0.file", "best_keeper.entries.0.epoch"
                      "normalization.mean", "schedule", "schedule.0.1", "world_size", "finished", "history", "events", "kind",
                      "init", "config.epochs", "config.output_dir", "config.data", "accumulators.seen", "fine_tuning",
                      "optimizer.state", "optimizer.param_groups", "arch_params.width", "class_names", "model", "label_review",
-                     "label_review.margin_sum", "label_review.times_seen"]
+                     "label_review.margin_sum", "label_review.times_seen", "automatic",
+                     "automatic.feature_lr_scale"]
 # "@name" stands for a path next to the output folder, resolved per example.
 OUTSIDE = ["@notes.txt", "@home/.ssh/id_ed25519", "../notes.txt", "best_epoch001_/../../notes.txt", "checkpoint_last.pth",
            "config_finetuned.json", "best_epoch001_val_acc0.5000.pth", ".", "", "/"]

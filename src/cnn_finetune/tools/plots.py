@@ -18,7 +18,6 @@ from typing import Any, Sequence
 from ..files.checkpoint import atomic_write_bytes
 from ..log import printable
 from ..training.mechanisms import MODE_OF_METRIC, is_better
-from ..files.rundir import CURVES as CURVES_PNG
 
 # How each kind of history event is drawn: (colour, marker, legend text). Unknown kinds get OTHER.
 EVENT_STYLE: dict[str, tuple[str, str, str]] = {

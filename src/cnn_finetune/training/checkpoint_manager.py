@@ -28,7 +28,7 @@ from ..log import logger
 from .mechanisms import MODE_OF_METRIC
 from .state_check import check_training_state
 from ..files.loggers import metrics_csv
-from ..files.rundir import BEST, HISTORY, LAST, METRICS, RunDir, best_epoch_name, is_best_epoch_name
+from ..files.rundir import HISTORY, METRICS, RunDir, best_epoch_name, is_best_epoch_name
 
 
 class BestKeeper:

@@ -185,6 +185,9 @@ def check_training_state(state: Any, run: RunDir, path: Path) -> None:
         _mechanisms(state, epoch)
         _schedule_and_end(state, epoch, planned)
         _label_review(state.get("label_review"))
+        automatic = state.get("automatic", {})
+        if not isinstance(automatic, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in automatic.items()):
+            raise _Forged("automatic", "not the notes of the automatic settings (names and texts)")
     except _Forged as err:
         raise CheckpointError(f"{path} holds an unusable value in {err}; it was damaged or forged (the checksum has no "
                               "key), so it is not used", path=str(path)) from None

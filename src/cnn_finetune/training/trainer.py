@@ -130,8 +130,7 @@ class RobustTrainer:
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
             "fine_tuning": self.fine_tuning, "world_size": self.dist.world, "automatic": dict(self.automatic),
-            "label_review": self.steps.review.state_dict(self.dist.sum_),
-        }
+            "label_review": self.steps.review.state_dict(self.dist.sum_)}
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
         """Restore a checkpoint. ``carry_over``: keep what this process learnt (OOM split, NaN lr)."""
@@ -152,11 +151,9 @@ class RobustTrainer:
         self.fine_tuning = bool(state.get("fine_tuning", self.fine_tuning))
         self.automatic = dict(state.get("automatic", self.automatic))
         self.segments = [(int(s), int(e)) for s, e in state.get("schedule", [(0, self.cfg.epochs * self.steps_per_epoch)])]
-        if carry_over:
-            if kept_micro["parts"] > self.micro.parts:
-                self.micro.load_state_dict(kept_micro)
-            if kept_nan["rollbacks"] > self.nan.rollbacks:
-                self.nan.load_state_dict(kept_nan)
+        if carry_over:  # keep the finer split and the lower lr this process learnt (ties: the checkpoint's)
+            self.micro.load_state_dict(max(self.micro.state_dict(), kept_micro, key=lambda m: m["parts"]))
+            self.nan.load_state_dict(max(self.nan.state_dict(), kept_nan, key=lambda n: n["rollbacks"]))
 
     def note_resumed(self, source: str) -> None:
         """Record in the history that this process continued from ``source``."""
@@ -298,10 +295,8 @@ class RobustTrainer:
         record = {
             "epoch": epoch_no, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
             "lr": self.lr_of_step(self.pos.global_step - 1), "nan_skipped": skipped, "best": is_best,
-            "seconds": round(self.clock.epoch_seconds(), 3),
-            "images_per_s": round(seen / max(self.clock.train_before, 1e-9), 1),
-            "save_seconds": round(self.checkpoints.save_seconds, 4),
-        }
+            "seconds": round(self.clock.epoch_seconds(), 3), "images_per_s": round(seen / max(self.clock.train_before, 1e-9), 1),
+            "save_seconds": round(self.checkpoints.save_seconds, 4)}
         self.history.close_epoch(record)
         self.log(epoch_line(record, self.cfg.epochs))
         if self.metrics_logger is not None:
