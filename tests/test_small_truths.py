@@ -128,3 +128,27 @@ def test_evaluate_warns_when_the_default_model_meets_its_builtin_sample(tiny_mod
     assert "no --data: evaluating on the built-in MNIST sample" in out
     assert "warning: built-in MNIST sample" in err and "is the data this model was trained on" in err
     assert report["data"]["seen_in_training"] == "training"
+
+
+def test_every_log_handler_gets_encodable_text_for_a_name_that_is_not_utf8() -> None:
+    # pytest's log capture (sent as UTF-8 by xdist), a notebook's handler or a UTF-8 log file must not
+    # meet the lone surrogates that keep a non-UTF-8 file name (os.fsdecode) exact.
+    import logging
+    import os
+
+    from cnn_finetune.log import logger
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        logger.warning("skipped %s: unreadable", os.fsdecode(b"data/cl\xffass/a.png"))
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["skipped data/cl\\xffass/a.png: unreadable"]
+    seen[0].encode("utf-8")

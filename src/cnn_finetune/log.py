@@ -53,6 +53,18 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class _PrintableRecords(logging.Filter):
+    """Escape a record's undecodable bytes once, at the logger, so that every handler gets text it can
+    encode: a notebook's or an embedding program's own handler, pytest's log capture (whose reports
+    xdist sends as UTF-8), a UTF-8 log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 (logging API)
+        message = record.getMessage()
+        if _SURROGATE.search(message):
+            record.msg, record.args = printable(message), None
+        return True
+
+
 def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
     """A per-step tqdm progress bar on stderr (``--verbose``), or None."""
     if not enabled:
@@ -65,6 +77,8 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
 def _install_console_handler() -> None:
     if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
         logger.addHandler(ConsoleHandler())
+    if not any(isinstance(f, _PrintableRecords) for f in logger.filters):
+        logger.addFilter(_PrintableRecords())
     logger.setLevel(logging.INFO)
     logger.propagate = False  # printed once, by our handler, not again by a root handler
 
