@@ -353,6 +353,16 @@ def base_model(args: argparse.Namespace, work_root: Path, threads: int) -> str:
     return str(work / "out" / "best_model_finetuned.pth")
 
 
+def write_report(args: argparse.Namespace, report: dict[str, Any], text: str, results: list[dict[str, Any]]) -> int:
+    """Write the JSON report and the optional markdown table, print the table; 1 when a run failed."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0 if all("test_acc" in r for r in results) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -409,13 +419,7 @@ def main(argv: list[str] | None = None) -> int:
               "sets": {k: {"train_images": v["train_images"], "test_images": v["test_images"]} for k, v in sets.items()},
               "sweep": sweep, "seeds": seeds, "seconds": round(time.perf_counter() - t_start, 1),
               "summary": table, "runs": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(table, sweep)
-    print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0 if all("test_acc" in r for r in results) else 1
+    return write_report(args, report, markdown(table, sweep), results)
 
 
 def main_variants(args: argparse.Namespace) -> int:
@@ -461,12 +465,7 @@ def main_variants(args: argparse.Namespace) -> int:
               "sets": {k: {"train_images": v["train_images"], "test_images": v["test_images"]} for k, v in sets.items()},
               "variants": {v: VARIANTS[v] for v in variants}, "seeds": seeds,
               "seconds": round(time.perf_counter() - t_start, 1), "summary": table, "runs": wanted}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown_variants(table, variants)
-    print("\n" + text + f"\n\n{len(results)} runs in {report['seconds']:.0f} s; written to {args.out}")
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0 if all("test_acc" in r for r in results) else 1
+    return write_report(args, report, markdown_variants(table, variants), results)
 
 
 if __name__ == "__main__":
