@@ -375,7 +375,12 @@ def _break_disk(disk: Path, fault: str) -> None:
                 while True:
                     fh.write(b"\0" * 65536)
     else:
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        # A read-only remount is refused (EBUSY, exit 32) while the run has a file open for writing, which
+        # lasts milliseconds: try again until it takes (seen once in a clean-clone CI run).
+        deadline = time.monotonic() + 10
+        while subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"cannot remount {disk} read-only"
+            time.sleep(0.005)
 
 
 def _mend_disk(disk: Path, fault: str) -> None:
