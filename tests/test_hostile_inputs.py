@@ -138,6 +138,19 @@ def test_a_fifo_beside_an_idx_file_or_as_data_is_exit_2(tiny_idx: Path, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@needs_fifo
+def test_a_fifo_device_or_huge_file_as_config_is_exit_2_without_blocking(tiny_idx: Path, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "config.json")  # reading it would wait for a writer forever
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (2 << 20) + b"{}")
+    for config, message in ((tmp_path / "config.json", "is not a regular file"), (Path("/dev/zero"), "is not a regular file"),
+                            (big, "is 2,097,154 bytes, more than a config can be")):
+        proc = within(60, lambda: run_cli([*FAST, "--data", str(tiny_idx), "--config", str(config), "--output-dir", "out"], tmp_path))
+        assert proc.returncode == 2 and f"config file {config} {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # Case 6: sizes are checked before anything is allocated
 

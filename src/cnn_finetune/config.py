@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,9 +246,20 @@ def resume_free_keys() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] == FREE)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # the full default config is about 2 KB
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a JSON config file; errors name the file and the problem."""
     try:
+        # A FIFO or device (``--config /dev/zero``) would block or fill the memory: only a regular file of a sane size.
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path} is not a regular file (a pipe, device or folder); pass a JSON file "
+                              "with --config", path=str(path))
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {info.st_size:,} bytes, more than a config can be "
+                              f"({MAX_CONFIG_BYTES:,}); pass the JSON config file with --config", path=str(path))
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         line = err.object[:err.start].count(b"\n") + 1
