@@ -473,3 +473,17 @@ def test_more_threads_than_cores_are_capped_with_a_warning(tiny_idx: Path, tmp_p
     warning = (f"warning: --num-threads 4096 is more than the {cores} CPU core(s) this process may use; using {cores} "
                "(more threads than cores only slow torch down)")
     assert proc.stderr.count(warning) == 1, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_model_with_nan_weights_is_exit_2_for_predict_not_nan_answers(digits, model_file: Path, tmp_path: Path, suffix: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cnn_finetune.files.checkpoint import load_checkpoint
+
+    weights = dict(load_checkpoint(model_file)["model"])
+    weights["head.bias"] = weights["head.bias"].clone()
+    weights["head.bias"][0] = float("inf")
+    forged = forged_model(model_file, tmp_path / f"nanmodel{suffix}", model=weights)
+    image = png_folder(tmp_path / "imgs", digits, per_class=1) / "0" / "0.png"
+    code, records, err = predict(capsys, "--model", str(forged), str(image))
+    assert code == 2 and records == [] and f"model file {forged} holds NaN/Inf weights" in err, err
