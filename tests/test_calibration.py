@@ -138,6 +138,18 @@ def test_a_model_file_without_calibration_keeps_the_raw_softmax():
     assert model_temperature({"calibration": {"temperature": float("nan")}}) == 1.0
 
 
+def test_a_damaged_distance_field_means_no_distance_check():
+    from cnn_finetune.tools.calibration import fit_feature_distance, model_distance
+
+    fitted = {**fit_feature_distance(torch.eye(4).repeat(3, 1) + 0.1 * torch.arange(12.0)[:, None], torch.arange(12) % 2),
+              "threshold": 5.0}
+    assert model_distance({"calibration": {"feature_distance": fitted}}) is fitted
+    assert model_distance({"calibration": {"feature_distance": fitted}}, feature_size=96) is None  # another width
+    for broken in ({**fitted, "threshold": float("inf")}, {**fitted, "precision": [[1.0, 2.0]]},
+                   {**fitted, "means": []}, {k: v for k, v in fitted.items() if k != "means"}, "text"):
+        assert model_distance({"calibration": {"feature_distance": broken}}) is None
+
+
 # --- the second signal: the distance in feature space ----------------------------------------------------
 
 
