@@ -683,7 +683,10 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         line = f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}%"
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
-        line += f"; temperature {meta['calibration']['temperature']:.3f}, ECE {100 * (val['ece'] or 0):.2f}%"
+        cal = meta["calibration"]
+        line += f"; temperature {cal['temperature']:.3f}, ECE {100 * (val['ece'] or 0):.2f}%"
+        line += f"; unknown under confidence {cal['unknown_threshold']:.3f}" + (
+            f" or over feature distance {cal['feature_distance']['threshold']:.1f}" if "feature_distance" in cal else "")
         logger.info(line + f"; reports: {EVALUATION}, {CONFUSION}, {CURVES}, {MODEL_CARD}, {LABEL_REVIEW}, {REPORT}")
     except Exception as err:  # noqa: BLE001 - the trained model is safe on disk already
         logger.warning(f"the final reports could not be written ({type(err).__name__}: {err}); "
