@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (default: start-up is faster than the images take), cuda or auto")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--min-confidence", type=float, metavar="P",
-                   help="answer 'unknown' when the calibrated confidence is under P (0-1; 0: never). Default: the "
+                   help="answer 'unknown' when the calibrated confidence is under P (0-1; 0: no confidence check). Default: the "
                         "model's threshold, the confidence that keeps 99%% of the correctly classified validation images")
     p.add_argument("--max-distance", type=float, metavar="D",
                    help="also answer 'unknown' when the squared Mahalanobis distance of the image's features to the "
