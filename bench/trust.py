@@ -14,9 +14,10 @@ Sections (each runs the real command, scripts/train_finetuned.py, in a subproces
   calibration  test ECE after temperature scaling against the unscaled one, on the QMNIST run of
                ``labels`` and on the built-in sample's model (test: the official MNIST test set).
                Target: scaled at most half the unscaled and at most 3%.
-  unknown      the built-in sample's model: calibrated confidence on the MNIST test images against
-               blank images, uniform noise and QMNIST letters (another script). AUROC (target at
-               least 0.9 for blank and noise) and the share of each rejected at the model's threshold.
+  unknown      the built-in sample's model: calibrated confidence, feature distance and the model's
+               "unknown" rule (either check) on the MNIST test images against blank images, uniform
+               noise and QMNIST letters (another script). AUROC of each (target at least 0.9 for
+               blank and noise) and the share of each rejected at the model's thresholds.
   report       report.html for 62 classes: size (target under 5 MB) and time to write (under 2 s).
   tracking     what the margin tracking costs: RobustTrainer.fit on the built-in sample with the
                tracker against the same fit with a tracker that does nothing (interleaved runs).
@@ -108,7 +109,7 @@ def section_labels(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import csv
 
     sets = qmnist_sets(work / "qmnist", 8 if args.quick else 30, 0.05)
-    extra = ["--epochs", "3"] if args.quick else (["--epochs", str(args.label_epochs)] if args.label_epochs else [])
+    extra = ["--epochs", "3"] if args.quick else []  # the default command: its auto length
     clean = run_default(["--data", str(sets["train"]), "--test-data", str(sets["test"]), *extra], work, "clean")
     flipped = run_default(["--data", str(sets["flipped"]), "--test-data", str(sets["test"]), *extra], work, "flipped")
     with open(Path(flipped["folder"]) / "label_review.csv", encoding="utf-8", newline="") as f:
@@ -141,12 +142,14 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
 
 
 def section_unknown(args: argparse.Namespace, work: Path, model_path: Path) -> dict[str, Any]:
-    from cnn_finetune import load_dataset, load_model_file, predict_proba
-    from cnn_finetune.tools.calibration import model_threshold
-    from cnn_finetune.tools.inference import model_polarity
+    """Confidence, feature distance and the model's rule (unknown when EITHER says so) on the MNIST test
+    digits against blank, noise and QMNIST letters. The rule's own score, for its AUROC, is
+    ``max(log(threshold / confidence), log(distance / distance threshold))``: over 0 exactly when the
+    rule answers unknown, and ordered by how far past its threshold the more decided check is."""
+    from cnn_finetune import load_dataset, load_model_file
+    from cnn_finetune.tools.inference import model_polarity, predict_with_unknown
 
     model, meta = load_model_file(model_path)
-    threshold = model_threshold(meta)
     n = 200 if args.quick else 2000
     g = torch.Generator().manual_seed(0)
     inside = load_dataset(mnist_dir() / "t10k-images-idx3-ubyte.gz", cache_dir=work / "cache").images
@@ -154,15 +157,35 @@ def section_unknown(args: argparse.Namespace, work: Path, model_path: Path) -> d
              "noise": torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
              "letters (QMNIST)": load_dataset(QMNIST, polarity=model_polarity(meta), cache_dir=work / "cache").images[:: 4 if args.quick else 1]}
 
-    def confidence(images: torch.Tensor) -> np.ndarray:
-        return predict_proba(model, meta, images).max(1).values.numpy()
+    def signals(images: torch.Tensor) -> dict[str, np.ndarray]:
+        a = predict_with_unknown(model, meta, images)
+        conf, unknown = a.confidence.double().numpy(), a.unknown.numpy()
+        out = {"confidence": conf, "unknown": unknown,
+               "confidence_rejects": conf < a.min_confidence}
+        if a.distance is not None:
+            dist = a.distance.numpy()
+            out.update(distance=dist, distance_rejects=dist > a.max_distance,
+                       rule=np.maximum(np.log(a.min_confidence / np.maximum(conf, 1e-300)) if a.min_confidence > 0
+                                       else -np.inf, np.log(np.maximum(dist, 1e-300) / a.max_distance)))
+        return out
 
-    conf_in = confidence(inside)
-    out = {"threshold": threshold, "mnist_test_rejected": float((conf_in < threshold).mean()), "num_inside": len(conf_in),
-           "target": "AUROC >= 0.9 against blank and noise"}
+    a = predict_with_unknown(model, meta, inside[:1])
+    s_in = signals(inside)
+    out: dict[str, Any] = {"confidence_threshold": a.min_confidence, "distance_threshold": a.max_distance,
+                           "num_inside": len(inside), "target": "AUROC >= 0.9 against blank and noise (the rule)",
+                           "mnist_test_rejected": float(s_in["unknown"].mean()),
+                           "mnist_test_rejected_by_confidence": float(s_in["confidence_rejects"].mean())}
+    if "distance" in s_in:
+        out["mnist_test_rejected_by_distance"] = float(s_in["distance_rejects"].mean())
     for name, images in kinds.items():
-        c = confidence(images)
-        out[name] = {"auroc": auroc(conf_in, c), "rejected": float((c < threshold).mean()), "images": len(c)}
+        s = signals(images)
+        row = {"images": len(images), "rejected": float(s["unknown"].mean()),
+               "auroc_confidence": auroc(s_in["confidence"], s["confidence"]),
+               "rejected_by_confidence": float(s["confidence_rejects"].mean())}
+        if "distance" in s:
+            row.update(auroc_distance=auroc(-s_in["distance"], -s["distance"]), auroc_rule=auroc(-s_in["rule"], -s["rule"]),
+                       rejected_by_distance=float(s["distance_rejects"].mean()))
+        out[name] = row
     return out
 
 
@@ -267,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark still runs")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trust.json")
-    p.add_argument("--label-epochs", type=int, help="labels section: this many epochs instead of the default command's "
-                                                   "auto length (on a busy CPU the auto length takes long)")
+    p.add_argument("--work", type=Path, help="keep the runs in this folder (default: a temporary one, removed)")
     args = p.parse_args(argv)
     only = args.only.split(",")
-    results: dict[str, Any] = {"quick": args.quick}
     out = args.out
+    # A run of some sections keeps the numbers of the others from the last run that wrote the file.
+    earlier = json.loads(out.read_text()) if out.exists() and not args.quick else {}
+    results: dict[str, Any] = {**earlier, "quick": args.quick}
 
     def keep(name: str, value: dict[str, Any]) -> None:  # written after every section: a long run keeps what it measured
         results[name] = value
@@ -281,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else args.work
+        work.mkdir(parents=True, exist_ok=True)
         if "report" in only:
             keep("report", section_report(args, work))
         if "calibration" in only or "unknown" in only:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, load_state
+from conftest import FAST, ROOT, cli_env, finished_run, load_state
 
 
 def run_tool(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -109,16 +109,20 @@ def test_predict_answers_unknown_under_the_threshold(reference_run: Path, tmp_pa
     rows = {}
     for setting in ("0", "1", None):
         args = ["--model", model, str(tmp_path / "noise.png"), str(tmp_path / "one.png"), "--json"]
-        proc = run_tool("predict", args + (["--min-confidence", setting] if setting else []), tmp_path)
+        # The confidence check alone (--max-distance 0); the default also has the distance check (below).
+        extra = ["--min-confidence", setting, "--max-distance", "0"] if setting else []
+        proc = run_tool("predict", args + extra, tmp_path)
         assert proc.returncode == 0, proc.stderr
         rows[setting] = json.loads(proc.stdout)
     assert [r["unknown"] for r in rows["0"]] == [False, False]  # 0: never unknown
     assert [r["unknown"] for r in rows["1"]] == [True, True]  # 1: always (no confidence is above 1)
-    threshold = model_threshold(load_state(reference_run / "best_model_finetuned.pth"))
+    meta = load_state(reference_run / "best_model_finetuned.pth")
+    threshold, limit = model_threshold(meta), meta["calibration"]["feature_distance"]["threshold"]
     for r in rows[None]:
         assert r["confidence"] == r["predictions"][0]["probability"]
-        assert r["unknown"] == (r["confidence"] < threshold)
-    text = run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--min-confidence", "1"], tmp_path)
+        assert r["unknown"] == (r["confidence"] < threshold or r["distance"] > limit)
+    text = run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--min-confidence", "1", "--max-distance", "0"],
+                    tmp_path)
     assert "one.png: unknown (confidence under 100.0%; best guess " in text.stdout
     assert "1 answered unknown" in text.stderr
     csv_out = run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--csv", "--min-confidence", "0"], tmp_path)
@@ -132,3 +136,137 @@ def test_a_model_file_without_calibration_keeps_the_raw_softmax():
 
     assert model_temperature({}) == 1.0 and model_threshold({}) == 0.0
     assert model_temperature({"calibration": {"temperature": float("nan")}}) == 1.0
+
+
+def test_a_damaged_distance_field_means_no_distance_check():
+    from cnn_finetune.tools.calibration import fit_feature_distance, model_distance
+
+    fitted = {**fit_feature_distance(torch.eye(4).repeat(3, 1) + 0.1 * torch.arange(12.0)[:, None], torch.arange(12) % 2),
+              "threshold": 5.0}
+    assert model_distance({"calibration": {"feature_distance": fitted}}) is fitted
+    assert model_distance({"calibration": {"feature_distance": fitted}}, feature_size=96) is None  # another width
+    for broken in ({**fitted, "threshold": float("inf")}, {**fitted, "precision": [[1.0, 2.0]]},
+                   {**fitted, "means": []}, {k: v for k, v in fitted.items() if k != "means"}, "text"):
+        assert model_distance({"calibration": {"feature_distance": broken}}) is None
+
+
+# --- the second signal: the distance in feature space ----------------------------------------------------
+
+
+def pixel_csv(path: Path, images: torch.Tensor) -> Path:
+    """A CSV of pixels (header ``pixel0..pixel783``), one row per uint8 28x28 image: predict.py uses it as it is."""
+    lines = [",".join(f"pixel{i}" for i in range(784))] + [",".join(map(str, im.flatten().tolist())) for im in images]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_distance_fit_by_hand():
+    from cnn_finetune.tools.calibration import distance_threshold, feature_distance, fit_feature_distance
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 3
+    feats = torch.randn(600, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.0]) + 10 * torch.nn.functional.one_hot(labels, 4)
+    fitted = fit_feature_distance(feats, labels, shrinkage=0.0)
+    assert fitted["classes"] == [0, 1, 2] and torch.tensor(fitted["means"]).shape == (3, 4)
+    means = torch.tensor(fitted["means"], dtype=torch.float64)
+    precision = torch.tensor(fitted["precision"], dtype=torch.float64)
+    # The nearest mean, by the textbook formula, for a point of each class and one far from all.
+    points = torch.cat([feats[:3], torch.full((1, 4), 40.0)]).double()
+    by_hand = torch.stack([torch.stack([(p - m) @ precision @ (p - m) for m in means]).min() for p in points])
+    assert torch.allclose(feature_distance(points, fitted), by_hand, rtol=1e-6)
+    # The covariance it inverts is the pooled within-class one (plus the ridge): its diagonal is the variances.
+    assert torch.allclose(torch.diag(torch.linalg.inv(precision)), torch.tensor([1.0, 4.0, 0.25, 1.0], dtype=torch.float64), rtol=0.15)
+    d = feature_distance(feats, fitted)
+    right = torch.ones(600, dtype=torch.bool)
+    right[::7] = False  # wrong answers do not count
+    t = distance_threshold(d, right)
+    assert (d[right] <= t).double().mean() == pytest.approx(0.99, abs=0.003)
+    assert distance_threshold(d, torch.zeros(600, dtype=torch.bool)) is None
+    # Shrinkage keeps the precision finite when a feature never varies (a dead ReLU) and classes hold one image.
+    few = fit_feature_distance(torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]]), torch.tensor([0, 1]))
+    assert torch.isfinite(torch.tensor(few["precision"])).all()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FAST settings trained for 15 epochs (about 85% validation accuracy, some seconds): a model that,
+    like a real one, is confident on uniform noise (the 3-epoch reference run is confident on nothing)."""
+    return finished_run([*FAST, "--epochs", "15", "--data", str(tiny_idx)], tmp_path_factory, "trained15")
+
+
+@pytest.fixture(scope="module")
+def noise_and_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A CSV of 30 uniform-noise images followed by 100 built-in sample digits the tiny runs never train on
+    (tiny_idx takes the first 40 of each class; these are the 41st to 50th)."""
+    from cnn_finetune.data.loader import load_dataset
+
+    ds = load_dataset(None, use_cache=False)
+    digits = torch.cat([ds.images[torch.nonzero(ds.labels == c).flatten()[40:50], 0] for c in range(10)])
+    noise = torch.randint(0, 256, (30, 28, 28), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    return pixel_csv(tmp_path_factory.mktemp("ood") / "noise_then_digits.csv", torch.cat([noise, digits])), 30
+
+
+def test_predict_answers_unknown_for_noise_the_confidence_accepts(trained_run: Path, noise_and_digits: tuple[Path, int],
+                                                                  tmp_path: Path):
+    from cnn_finetune.tools.calibration import model_distance, model_threshold
+
+    csv_path, n_noise = noise_and_digits
+    model = str(trained_run / "best_model_finetuned.pth")
+    meta = load_state(trained_run / "best_model_finetuned.pth")
+    fitted = model_distance(meta)
+    assert fitted is not None and fitted["num_images"] == 360 and torch.tensor(fitted["precision"]).shape == (32, 32)
+    limit, threshold = fitted["threshold"], model_threshold(meta)
+    rows = {}
+    for name, extra in (("rule", []), ("confidence only", ["--max-distance", "0"])):
+        proc = run_tool("predict", ["--model", model, str(csv_path), "--json", *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        rows[name] = json.loads(proc.stdout)
+    noise, digits = rows["rule"][:n_noise], rows["rule"][n_noise:]
+    # Every noise image is far from every class, and answered unknown, ...
+    assert all(r["distance"] > limit and r["unknown"] for r in noise)
+    # ... though the confidence alone accepts them (the answer without the distance check): the network
+    # is over 80% sure of a class on every one.
+    alone = rows["confidence only"][:n_noise]
+    assert all(not r["unknown"] and r["distance"] is None and r["confidence"] > max(threshold, 0.8) for r in alone)
+    # The model's own kind of images (unseen digits) stay near their classes: at most a few are far.
+    assert sum(r["distance"] > limit for r in digits) <= 5
+    assert sum(r["unknown"] for r in digits) <= 15 and min(r["distance"] for r in noise) > 2 * limit
+    for r in rows["rule"]:
+        assert r["unknown"] == (r["confidence"] < threshold or r["distance"] > limit)
+    text = run_tool("predict", ["--model", model, str(csv_path)], tmp_path)
+    assert f"{csv_path}:2: unknown (" in text.stdout and "feature distance" in text.stdout.splitlines()[0]
+    bad = run_tool("predict", ["--model", model, str(csv_path), "--max-distance", "-1"], tmp_path)
+    assert bad.returncode == 2 and "--max-distance -1.0 must be a finite distance of 0 or more" in bad.stderr
+
+
+def test_old_model_files_predict_without_a_distance_check(reference_run: Path, noise_and_digits: tuple[Path, int],
+                                                          tmp_path: Path):
+    from cnn_finetune.files.checkpoint import load_safetensors, save_checkpoint
+    from cnn_finetune.tools.calibration import model_threshold
+
+    csv_path, _ = noise_and_digits
+    state = load_state(reference_run / "best_model_finetuned.pth")
+    cal = dict(state["calibration"])
+    assert "feature_distance" in cal
+    del cal["feature_distance"]
+    save_checkpoint({**state, "calibration": cal}, tmp_path / "before_the_distance.pth")
+    proc = run_tool("predict", ["--model", str(tmp_path / "before_the_distance.pth"), str(csv_path), "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 130 and all(r["distance"] is None for r in rows)
+    assert all(r["unknown"] == (r["confidence"] < model_threshold(state)) for r in rows)
+    # A model file from before calibration altogether (the old-layout fixture): the plain softmax, never unknown.
+    old = Path(__file__).parent / "fixtures" / "premove_run" / "best_model_finetuned.pth"
+    proc = run_tool("predict", ["--model", str(old), str(csv_path), "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["unknown"] is False and r["distance"] is None for r in json.loads(proc.stdout))
+    # The export carries the new fields in the .safetensors metadata, and predicting from it gives the same distances.
+    proc = run_tool("export", ["--model", str(reference_run / "best_model_finetuned.pth"), "--output-dir", "exp", "--no-onnx"],
+                    tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (st,) = (tmp_path / "exp").glob("*.safetensors")
+    assert load_safetensors(st)[1]["calibration"]["feature_distance"] == state["calibration"]["feature_distance"]
+    a = json.loads(run_tool("predict", ["--model", str(st), str(csv_path), "--json"], tmp_path).stdout)
+    b = json.loads(run_tool("predict", ["--model", str(reference_run / "best_model_finetuned.pth"), str(csv_path), "--json"],
+                            tmp_path).stdout)
+    assert [r["distance"] for r in a] == [r["distance"] for r in b] and all(r["distance"] is not None for r in a)

@@ -16,7 +16,7 @@ DOCS = {"README.md": ROOT / "README.md", "guia": ROOT / "docs" / "guia_entrenami
 ARTIFACTS = ["best_model_finetuned.pth", "checkpoint_last.pth", "checkpoint_prev.pth", "history.json",
              "config_finetuned.json", "data_report.json", "training_curves.png", "evaluation.json",
              "confusion_matrix.png", "model_card.md", "train.log", "metrics.csv", "reliability_diagram.png",
-             "label_review.csv", "report.html", "--min-confidence", "temperature", "ece_uncalibrated", '"unknown"']
+             "label_review.csv", "report.html", "--min-confidence", "--max-distance", "feature_distance", "temperature", "ece_uncalibrated", '"unknown"']
 
 
 def flags() -> list[str]:

@@ -23,6 +23,7 @@ _API = {
     "RunResult": "pipeline",
     "load_model_file": "model.loading",
     "predict_proba": "tools.inference",
+    "predict_with_unknown": "tools.inference",
     "load_dataset": "data.loader",
 }
 __all__ = [*_API, "__version__"]

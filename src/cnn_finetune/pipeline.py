@@ -656,6 +656,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
     from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
     from .model.loading import load_model_file
     from .tools.model_card import write_model_card
+    from .tools.inference import predict_logits_and_features
     from .tools.plots import plot_training_curves
 
     try:
@@ -663,7 +664,9 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         model, meta = load_model_file(run.best, device)
         meta["path"] = str(run.best)
         split = data.split
-        meta["calibration"] = calibrate(run, model, meta, split, device)
+        # One forward pass over the unaugmented training split serves the distance check and the review.
+        train_out = predict_logits_and_features(model, meta, split.train_images, device)
+        meta["calibration"] = calibrate(run, model, meta, split, device, train_out)
         val = evaluate_arrays(model, meta, split.val_images, split.val_labels, device)
         val["data"] = {"source": "validation split" if cfg.val_data is None else str(cfg.val_data)}
         write_evaluation(val, run.path)
@@ -673,47 +676,57 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
             test = evaluate_arrays(model, meta, data.test.images, labels, device)
             test["data"] = {"source": data.test.source, "num_images": len(data.test)}
             write_evaluation(test, run.path, prefix="test_")
-        rows = label_review(run, model, meta, split, review, device)
+        rows = label_review(run, meta, split, review, train_out[0])
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
         run_report(run, history, meta, val, split, rows)
         line = f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}%"
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
-        line += f"; temperature {meta['calibration']['temperature']:.3f}, ECE {100 * (val['ece'] or 0):.2f}%"
+        cal = meta["calibration"]
+        line += f"; temperature {cal['temperature']:.3f}, ECE {100 * (val['ece'] or 0):.2f}%"
+        line += f"; unknown under confidence {cal['unknown_threshold']:.3f}" + (
+            f" or over feature distance {cal['feature_distance']['threshold']:.1f}" if "feature_distance" in cal else "")
         logger.info(line + f"; reports: {EVALUATION}, {CONFUSION}, {CURVES}, {MODEL_CARD}, {LABEL_REVIEW}, {REPORT}")
     except Exception as err:  # noqa: BLE001 - the trained model is safe on disk already
         logger.warning(f"the final reports could not be written ({type(err).__name__}: {err}); "
                        f"the model and checkpoints in {run} are complete")
 
 
-def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData,
-              device: torch.device) -> dict[str, Any]:
-    """Fit the temperature and the "unknown" threshold on the validation split; store both in the best model."""
-    from .tools.calibration import ECE_BINS, KEEP_CORRECT, calibrated_probs, fit_temperature, unknown_threshold
-    from .tools.inference import predict_logits
+def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData, device: torch.device,
+              train_out: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Fit the temperature and the "unknown" threshold on the validation split, and the feature distance
+    (class means and shared precision from ``train_out``, the training split's logits and features) with
+    its threshold on the validation split; store them in the best model."""
+    from .tools.calibration import (ECE_BINS, KEEP_CORRECT, calibrated_probs, fit_distance_check, fit_temperature,
+                                    unknown_threshold)
+    from .tools.inference import predict_logits_and_features
     from .training.checkpoint_manager import add_to_best_model
 
-    logits = predict_logits(model, meta, split.val_images, device)
+    logits, val_features = predict_logits_and_features(model, meta, split.val_images, device)
     temperature = fit_temperature(logits, split.val_labels)
     threshold = unknown_threshold(calibrated_probs(logits, temperature), split.val_labels)
     calibration = {"temperature": temperature, "unknown_threshold": threshold, "fitted_on": "validation split",
                    "num_images": int(split.val_labels.numel()), "keep_correct": KEEP_CORRECT, "ece_bins": ECE_BINS}
+    distance = fit_distance_check(train_out[1], split.train_labels, val_features,
+                                  logits.argmax(1) == split.val_labels.cpu())
+    if distance is not None:
+        calibration["feature_distance"] = {**distance, "fitted_on": "training split (means, precision), validation "
+                                           "split (threshold)"}
     add_to_best_model(run, {"calibration": calibration})
     return calibration
 
 
-def label_review(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData,
-                 review: dict[str, torch.Tensor] | None, device: torch.device) -> list[dict[str, Any]] | None:
+def label_review(run: RunDir, meta: dict[str, Any], split: SplitData, review: dict[str, torch.Tensor] | None,
+                 logits: torch.Tensor) -> list[dict[str, Any]] | None:
     """``label_review.csv``: the training images ranked by the run's area under the margin, with the best
-    model's preferred label and loss on each (unaugmented) image. None when the run kept no margins."""
-    from .tools.inference import predict_logits
+    model's preferred label and loss on each (unaugmented) image, from its training-split ``logits``.
+    None when the run kept no margins."""
     from .training.label_review import review_rows, write_review
 
     if review is None or review["margin_sum"].shape[0] != split.train_labels.shape[0]:
         return None
-    logits = predict_logits(model, meta, split.train_images, device)
-    losses = F.cross_entropy(logits, split.train_labels, reduction="none")
+    losses = F.cross_entropy(logits, split.train_labels.cpu(), reduction="none")
     rows = review_rows(review, split.train_origin, split.train_labels, logits.argmax(1), losses, meta["class_names"])
     write_review(run / LABEL_REVIEW, rows)
     return rows

@@ -13,6 +13,19 @@ The expected calibration error (ECE) uses 15 equal-width confidence bins: the sh
 threshold is chosen on the validation split as the confidence that keeps ``KEEP_CORRECT`` (99%) of
 the correctly classified validation images above it (their 1st percentile), so that at most about
 1% of the answers the model gets right are withheld.
+
+The softmax alone cannot tell noise from a digit: the network can be as confident on uniform noise
+as on its own classes, and a temperature only rescales that confidence. The second signal is a
+distance in the penultimate feature space (the vector the linear head reads): the smallest
+Mahalanobis distance (squared) from an image's features to the mean of a class, with one covariance
+shared by all classes (the pooled within-class covariance of the training split's unaugmented images),
+shrunk half-way towards its diagonal (``SHRINKAGE``; with tens of images per class and 96 features
+the pooled covariance alone is singular or nearly so) plus a small ridge. Means and the precision
+matrix are fitted on the training split at the end of a run; the distance threshold is the value
+that keeps ``KEEP_CORRECT`` of the correctly classified validation images at or under it (their 99th
+percentile), the same rule as the confidence. An image is unknown when EITHER signal says so. The
+means and the precision are rounded to float32 before the threshold is chosen, so that the model
+file reproduces exactly what was measured.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ import torch.nn.functional as F
 ECE_BINS = 15
 KEEP_CORRECT = 0.99
 T_MIN, T_MAX = 0.05, 20.0  # a fit outside these says the split is too small or degenerate: clamped
+SHRINKAGE = 0.5  # weight of the diagonal in the shared covariance (0: the pooled covariance as it is)
+RIDGE = 1e-3  # added to the diagonal, relative to the mean variance: keeps dead features' precision finite
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 100) -> float:
@@ -104,3 +119,81 @@ def model_threshold(meta: dict[str, Any]) -> float:
     """The "unknown" threshold stored with a model (0.0: never unknown, for older files)."""
     t = (meta.get("calibration") or {}).get("unknown_threshold", 0.0)
     return float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0
+
+
+# --- the distance in feature space --------------------------------------------------------------------
+
+
+def fit_feature_distance(features: torch.Tensor, labels: torch.Tensor, shrinkage: float = SHRINKAGE) -> dict[str, Any]:
+    """Class means and the shared precision matrix of the Mahalanobis distance, from the unaugmented
+    training images' penultimate ``features`` (N, D) and ``labels`` (N,).
+
+    Classes without an image get no mean (the distance is to the nearest class that has one). The
+    covariance is pooled within classes (N - K degrees of freedom), shrunk towards its diagonal by
+    ``shrinkage``, with ``RIDGE`` times the mean variance added to the diagonal; everything in float64,
+    stored rounded to float32 as plain lists (the model file's metadata is JSON in a safetensors export)."""
+    f, y = features.detach().double().cpu(), labels.detach().long().cpu()
+    present = torch.unique(y)
+    means = torch.stack([f[y == c].mean(0) for c in present.tolist()])
+    centred = f - means[torch.searchsorted(present, y)]
+    cov = centred.T @ centred / max(f.shape[0] - len(present), 1)
+    diag = torch.diag(torch.diag(cov))
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * diag
+    scale = float(torch.diag(cov).mean()) if float(torch.diag(cov).mean()) > 0 else 1.0
+    shrunk = shrunk + RIDGE * scale * torch.eye(f.shape[1], dtype=torch.float64)
+    precision = torch.linalg.inv(shrunk)
+    precision = (precision + precision.T) / 2  # exactly symmetric: the distances cannot go negative by rounding
+    return {"means": means.float().tolist(), "precision": precision.float().tolist(),
+            "classes": present.tolist(), "shrinkage": shrinkage, "ridge": RIDGE, "num_images": int(f.shape[0])}
+
+
+def feature_distance(features: torch.Tensor, fitted: dict[str, Any]) -> torch.Tensor:
+    """The squared Mahalanobis distance of each row of ``features`` to its nearest class mean (float64, CPU)."""
+    means = torch.tensor(fitted["means"], dtype=torch.float64)
+    precision = torch.tensor(fitted["precision"], dtype=torch.float64)
+    f = features.detach().double().cpu()
+    if f.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    fp = f @ precision
+    d = (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)
+    return d.min(1).values.clamp(min=0.0)
+
+
+def distance_threshold(distances: torch.Tensor, correct: torch.Tensor, keep: float = KEEP_CORRECT) -> float | None:
+    """The distance that keeps ``keep`` of the correctly classified images at or under it (None without any)."""
+    right = distances[correct.cpu()].double()
+    if right.numel() == 0:
+        return None
+    return float(torch.quantile(right, keep, interpolation="higher"))
+
+
+def fit_distance_check(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                       val_correct: torch.Tensor) -> dict[str, Any] | None:
+    """The fitted distance (``fit_feature_distance``) and its ``threshold`` chosen on the validation split;
+    None without training images or without a correctly classified validation image (no distance check)."""
+    if train_features.shape[0] == 0:
+        return None
+    fitted = fit_feature_distance(train_features, train_labels)
+    threshold = distance_threshold(feature_distance(val_features, fitted), val_correct)
+    return None if threshold is None else {**fitted, "threshold": threshold, "keep_correct": KEEP_CORRECT}
+
+
+def model_distance(meta: dict[str, Any], feature_size: int | None = None) -> dict[str, Any] | None:
+    """The fitted feature distance stored with a model, or None (files made before it, or a field that
+    does not hold a finite threshold, means and a square precision of the model's feature size)."""
+    fitted = (meta.get("calibration") or {}).get("feature_distance")
+    if not isinstance(fitted, dict):
+        return None
+    try:
+        means = torch.tensor(fitted["means"], dtype=torch.float64)
+        precision = torch.tensor(fitted["precision"], dtype=torch.float64)
+        threshold = float(fitted["threshold"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+    d = precision.shape[0] if precision.dim() == 2 else -1
+    shapes = means.dim() == 2 and means.shape[0] > 0 and means.shape[1] == d and tuple(precision.shape) == (d, d)
+    if not shapes or (feature_size is not None and d != feature_size):
+        return None
+    if not (math.isfinite(threshold) and bool(torch.isfinite(means).all()) and bool(torch.isfinite(precision).all())):
+        return None
+    return fitted

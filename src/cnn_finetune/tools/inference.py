@@ -9,6 +9,7 @@ three tools cannot drift apart.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +106,40 @@ def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images_uint8: t
     Inference runs in float32 without autocast: results do not depend on the device's mixed
     precision, so exported models and predictions on another machine can be compared with it.
     """
+    return _forward(model, meta, images_uint8, device, batch_size, features=False)[0]
+
+
+@torch.no_grad()
+def predict_logits_and_features(model: CNNv2, meta: dict[str, Any], images_uint8: torch.Tensor,
+                                device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict_logits`` and, from the same forward pass, the penultimate features the head reads
+    (float32, CPU, ``N x 4*width``): ``model.head(model.features(x))`` is ``model(x)``, op for op."""
+    return _forward(model, meta, images_uint8, device, batch_size, features=True)
+
+
+def _forward(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, device: torch.device | str,
+             batch_size: int, *, features: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (and features, else an empty tensor) of uint8 images, batched, in eval mode, in float32."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != (1, 28, 28):
         raise ValueError(f"expected uint8 images of shape N x 1 x 28 x 28, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     device = torch.device(device)
     was_training = model.training  # the trainer may pass its live model: give it back as it was
     model.eval()
-    outputs = []
+    outputs, feats = [], []
     try:
         for i in range(0, images_uint8.shape[0], batch_size):
             x = normalise_images(images_uint8[i:i + batch_size].to(device), meta)
-            outputs.append(model(x).float().cpu())
+            if features:
+                f = model.features(x)
+                feats.append(f.float().cpu())
+                outputs.append(model.head(f).float().cpu())
+            else:
+                outputs.append(model(x).float().cpu())
     finally:
         model.train(was_training)
     if not outputs:
-        return torch.zeros((0, len(meta["class_names"])), dtype=torch.float32)
-    return torch.cat(outputs)
+        return torch.zeros((0, len(meta["class_names"])), dtype=torch.float32), torch.zeros((0, 0), dtype=torch.float32)
+    return torch.cat(outputs), torch.cat(feats) if feats else torch.zeros((0, 0), dtype=torch.float32)
 
 
 def predict_proba(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
@@ -133,3 +153,41 @@ def predict_proba(model: torch.nn.Module, meta: dict[str, Any], images_uint8: to
 
     t = model_temperature(meta) if temperature is None else float(temperature)
     return calibrated_probs(predict_logits(model, meta, images_uint8, device, batch_size), t)
+
+
+@dataclass
+class Answers:
+    """What ``predict_with_unknown`` says about each image (one row per image, CPU tensors)."""
+
+    probs: torch.Tensor  # calibrated probabilities, N x classes
+    confidence: torch.Tensor  # the top calibrated probability, N
+    distance: torch.Tensor | None  # squared Mahalanobis distance to the nearest class mean, N (None: no check)
+    unknown: torch.Tensor  # bool, N: confidence under min_confidence OR distance over max_distance
+    min_confidence: float
+    max_distance: float | None  # None: no distance check (a file made before it, or turned off)
+
+
+def predict_with_unknown(model: CNNv2, meta: dict[str, Any], images_uint8: torch.Tensor,
+                         device: torch.device | str = "cpu", batch_size: int = 512, *,
+                         min_confidence: float | None = None, max_distance: float | None = None) -> Answers:
+    """Calibrated probabilities and the "unknown" answer of each image, from one forward pass.
+
+    An image is unknown when EITHER its calibrated confidence is under ``min_confidence`` (default:
+    the model's threshold, ``calibration.model_threshold``; 0 turns the check off) OR the squared
+    Mahalanobis distance of its features to the nearest class mean is over ``max_distance`` (default:
+    the model's, fitted at the end of training; 0 turns the check off; files made before it have none
+    and get no distance check)."""
+    from .calibration import calibrated_probs, feature_distance, model_distance, model_temperature, model_threshold
+
+    logits, feats = predict_logits_and_features(model, meta, images_uint8, device, batch_size)
+    probs = calibrated_probs(logits, model_temperature(meta))
+    confidence = probs.max(1).values if probs.shape[0] else torch.zeros(0)
+    threshold = model_threshold(meta) if min_confidence is None else float(min_confidence)
+    unknown = confidence < threshold
+    fitted = model_distance(meta, int(feats.shape[1]) if feats.shape[0] else None)
+    limit = (fitted or {}).get("threshold") if max_distance is None else (float(max_distance) or None)
+    distance = None
+    if fitted is not None and limit is not None:
+        distance = feature_distance(feats, fitted)
+        unknown = unknown | (distance > limit)
+    return Answers(probs, confidence, distance, unknown, threshold, limit if distance is not None else None)

@@ -24,7 +24,11 @@ split at the end of training (stored in the model file). An image whose calibrat
 top probability) is under the model's "unknown" threshold is answered ``unknown``, with the best
 guess beside it. The threshold is the calibrated confidence that keeps 99% of the correctly
 classified validation images (``tools/calibration.py``); ``--min-confidence`` sets another one
-(0 never answers unknown).
+(0 turns this check off). An image is also unknown when its penultimate features are far from every
+class: the squared Mahalanobis distance to the nearest class mean (fitted on the training split at
+the end of training) over the threshold that keeps 99% of the correctly classified validation
+images; ``--max-distance`` sets another one (0 turns it off), and model files made before it have
+no distance check. Unknown = EITHER check says so.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,8 +50,7 @@ import torch
 from ..data.formats import csv_kind, is_csv, read_pixel_csv
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, DataError, UserError
 from ..data.imageprep import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnusableImage, load_image_file
-from .calibration import model_threshold
-from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_proba
+from .inference import DEFAULT_MODEL, load_inference_model, model_max_pixels, model_polarity, predict_with_unknown
 from ..log import printable
 from ..runtime import resolve_device, run_tool, tool_parser
 from ..training.signals import SignalGuard
@@ -59,8 +63,10 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability), best first
     error: str | None = None
-    unknown: bool = False  # the calibrated confidence is under the threshold
+    unknown: bool = False  # the calibrated confidence is under the threshold, or the distance over its own
     threshold: float = 0.0
+    distance: float | None = None  # squared Mahalanobis distance to the nearest class mean (None: no check)
+    max_distance: float | None = None
 
     @property
     def confidence(self) -> float | None:
@@ -72,7 +78,17 @@ class Prediction:
         return {"file": self.file,
                 "predictions": [{"class": c, "probability": p} for c, p in self.top],
                 "confidence": self.confidence, "unknown": self.unknown if self.error is None else None,
-                "error": self.error}
+                "distance": self.distance, "error": self.error}
+
+    @property
+    def why(self) -> str:
+        """Why the answer is unknown, in words ('' when it is not)."""
+        if not self.unknown:
+            return ""
+        reasons = [f"confidence under {100 * self.threshold:.1f}%"] if (self.confidence or 0.0) < self.threshold else []
+        if self.distance is not None and self.max_distance is not None and self.distance > self.max_distance:
+            reasons.append(f"feature distance {self.distance:.0f} over {self.max_distance:.0f}")
+        return " and ".join(reasons)
 
 
 @dataclass
@@ -138,12 +154,12 @@ def preprocess_file(path: Path, polarity: str, max_pixels: int = DEFAULT_MAX_PIX
 
 def predict_files(model: torch.nn.Module, meta: dict[str, Any], items: Sequence[Item],
                   device: torch.device | str = "cpu", top_k: int = 3, batch_size: int = 256,
-                  min_confidence: float | None = None) -> list[Prediction]:
+                  min_confidence: float | None = None, max_distance: float | None = None) -> list[Prediction]:
     """Preprocess and classify ``items`` (from ``collect_files``); one ``Prediction`` per item, in order.
 
-    ``min_confidence``: the "unknown" threshold (None: the model's, ``calibration.model_threshold``)."""
+    ``min_confidence`` and ``max_distance``: the "unknown" thresholds (None: the model's; 0: that check
+    off), see ``inference.predict_with_unknown``."""
     polarity, max_pixels = model_polarity(meta), model_max_pixels(meta)
-    threshold = model_threshold(meta) if min_confidence is None else float(min_confidence)
     names = meta["class_names"]
     k = max(1, min(top_k, len(names)))
     results: list[Prediction] = []
@@ -162,11 +178,15 @@ def predict_files(model: torch.nn.Module, meta: dict[str, Any], items: Sequence[
             results[-1].error = printable(f"cannot read the file: {err.strerror or err}")
     if arrays:
         images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
-        probs = predict_proba(model, meta, images, device, batch_size)
-        top_p, top_i = probs.topk(k, dim=1)
-        for slot, p_row, i_row in zip(slots, top_p.tolist(), top_i.tolist(), strict=True):
-            results[slot].top = [(printable(names[i]), float(p)) for i, p in zip(i_row, p_row)]
-            results[slot].unknown, results[slot].threshold = p_row[0] < threshold, threshold
+        answers = predict_with_unknown(model, meta, images, device, batch_size, min_confidence=min_confidence,
+                                       max_distance=max_distance)
+        top_p, top_i = answers.probs.topk(k, dim=1)
+        distances = answers.distance.tolist() if answers.distance is not None else [None] * len(slots)
+        for j, (slot, p_row, i_row) in enumerate(zip(slots, top_p.tolist(), top_i.tolist(), strict=True)):
+            r = results[slot]
+            r.top = [(printable(names[i]), float(p)) for i, p in zip(i_row, p_row)]
+            r.unknown, r.threshold = bool(answers.unknown[j]), answers.min_confidence
+            r.distance, r.max_distance = distances[j], answers.max_distance
     return results
 
 
@@ -177,7 +197,7 @@ def write_text(results: Sequence[Prediction], out: TextIO) -> None:
         if r.error is not None:
             out.write(f"{r.file}: error: {r.error}\n")
         elif r.unknown:
-            out.write(f"{r.file}: unknown (confidence under {100 * r.threshold:.1f}%; best guess "
+            out.write(f"{r.file}: unknown ({r.why}; best guess "
                       + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in r.top) + ")\n")
         else:
             out.write(f"{r.file}: " + ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in r.top) + "\n")
@@ -185,7 +205,8 @@ def write_text(results: Sequence[Prediction], out: TextIO) -> None:
 
 def write_json(results: Sequence[Prediction], out: TextIO) -> None:
     """A JSON list with one object per file: ``file``, ``predictions`` [{class, probability}], ``confidence``
-    (calibrated), ``unknown`` (true|false; null for an error), ``error``."""
+    (calibrated), ``unknown`` (true|false; null for an error), ``distance`` (the squared feature distance to
+    the nearest class mean; null without a distance check), ``error``."""
     json.dump([r.to_dict() for r in results], out, indent=2, ensure_ascii=False)
     out.write("\n")
 
@@ -227,8 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (default: start-up is faster than the images take), cuda or auto")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--min-confidence", type=float, metavar="P",
-                   help="answer 'unknown' when the calibrated confidence is under P (0-1; 0: never). Default: the "
+                   help="answer 'unknown' when the calibrated confidence is under P (0-1; 0: no confidence check). Default: the "
                         "model's threshold, the confidence that keeps 99%% of the correctly classified validation images")
+    p.add_argument("--max-distance", type=float, metavar="D",
+                   help="also answer 'unknown' when the squared Mahalanobis distance of the image's features to the "
+                        "nearest class mean is over D (0: no distance check). Default: the model's threshold, the "
+                        "distance that keeps 99%% of the correctly classified validation images (models trained "
+                        "before it have none)")
     return p
 
 
@@ -246,13 +272,16 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         raise UserError(f"--batch-size {args.batch_size} must be positive, e.g. 256")
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise UserError(f"--min-confidence {args.min_confidence} must be a probability from 0 to 1, e.g. 0.5")
+    if args.max_distance is not None and not (args.max_distance >= 0 and math.isfinite(args.max_distance)):
+        raise UserError(f"--max-distance {args.max_distance} must be a finite distance of 0 or more (0: no distance check)")
     device = resolve_device(args.device)
     model, meta = load_inference_model(args.model, device)
     files = collect_files(args.inputs)
     if not files:
         raise UserError(f"no image files in {', '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     print(f"predicting {len(files)} image(s) with {printable(str(args.model))}", file=sys.stderr, flush=True)
-    results = predict_files(model, meta, files, device, args.top_k, args.batch_size, args.min_confidence)
+    results = predict_files(model, meta, files, device, args.top_k, args.batch_size, args.min_confidence,
+                            args.max_distance)
     k = max(1, min(args.top_k, len(meta["class_names"])))
     text = io.StringIO()
     if args.json:
@@ -271,7 +300,8 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     failed = len(results) - done
     unknown = sum(r.unknown for r in results if r.error is None)
     print(f"predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
-          + (f"; {unknown} answered unknown (calibrated confidence under the threshold)" if unknown else ""), file=sys.stderr)
+          + (f"; {unknown} answered unknown (calibrated confidence under its threshold or feature distance over its own)"
+             if unknown else ""), file=sys.stderr)
     if done == 0:
         print("error: no image could be predicted", file=sys.stderr)
         return EXIT_BAD_INPUT
