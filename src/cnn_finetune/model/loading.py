@@ -125,8 +125,10 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.load_state_dict(state["model"])
     if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
         # Training never saves such weights; a forged or damaged file would answer "nan%" for every image.
+        from ..files.rundir import LAST
+
         raise UserError(f"model file {path} holds NaN/Inf weights: it was damaged or edited; use another model file "
-                        "(checkpoint_last.pth or a best-epoch file of the run)", path=str(path))
+                        f"({LAST} or a best-epoch file of the run)", path=str(path))
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k != "model"}
     return model, meta
