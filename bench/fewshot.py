@@ -82,6 +82,14 @@ VARIANTS = {
                       "--set", "budget_max_epochs_finetune=30"]),
     "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                        "--set", "budget_max_epochs_finetune=120"]),
+    # A moving average of the weights (issue 18): the last ~10% of the updates, or ~33% (ema_warmup=4).
+    "ema": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999"]),
+    "ema-wide": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "ema_warmup=4"]),
+    # The model selected by the validation loss (continuous) instead of the accuracy, which a validation split of
+    # a few dozen images saturates early: the first of the tied epochs was kept, and patience ran out before the
+    # schedule's low-learning-rate end.
+    "vloss": ("base", ["--feature-lr-scale", "0.3", "--set", "monitor=val_loss"]),
+    "ema-vloss": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "monitor=val_loss"]),
     "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                               "--set", "budget_max_epochs_finetune=120"]),
 }

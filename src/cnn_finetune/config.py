@@ -46,6 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
     "scheduler": ("onecycle", "cosine", "constant"),
     "monitor": ("val_acc", "val_loss"),
+    "ema_bn": ("recompute", "average"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
     "logger": ("none", "tensorboard"),
@@ -105,6 +106,11 @@ class TrainConfig:
     warmup_fraction: float = _f(0.25, "share of the steps spent warming up (onecycle)")
     label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0: off)")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (warmed up: "
+                               "min(decay, (1+t)/(ema_warmup+t)) after t updates), validate and keep it as the model (0: off)")
+    ema_warmup: float = _f(10.0, "warm-up of the average's decay: it covers about the last 1/(ema_warmup-1) of the updates")
+    ema_bn: str = _f("recompute", "batch-norm statistics of the averaged weights: recompute (from the training images, "
+                                  "before each validation) or average (like the weights)")
     # --- augmentation (batched, on the training device) -------------------------------------
     aug_rotation: float = _f(15.0, "maximum rotation, degrees")
     aug_translate: float = _f(0.12, "maximum translation, fraction of the image side")
@@ -189,6 +195,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         (not 0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing={cfg.label_smoothing} must be in [0, 1), e.g. 0.1"),
         (not 0.0 <= cfg.warmup_fraction < 1.0, f"warmup_fraction={cfg.warmup_fraction} must be in [0, 1), e.g. 0.25"),
         (not 0.0 <= cfg.momentum < 1.0, f"momentum={cfg.momentum} must be in [0, 1), e.g. 0.9"),
+        (not 0.0 <= cfg.ema_decay < 1.0, f"ema_decay={cfg.ema_decay} must be in [0, 1), e.g. 0.999 (0: off)"),
+        (not cfg.ema_warmup > 1.0, f"ema_warmup={cfg.ema_warmup} must be above 1, e.g. 10"),
         (cfg.aug_translate >= 0.5, f"aug_translate={cfg.aug_translate} would move digits out of the image; use < 0.5 (e.g. 0.1)"),
         (cfg.aug_scale >= 1.0, f"aug_scale={cfg.aug_scale} must be < 1 (0.1 means 0.9x to 1.1x)"),
         (cfg.aug_rotation > 180, f"aug_rotation={cfg.aug_rotation} degrees is more than half a turn; use 0-180"),

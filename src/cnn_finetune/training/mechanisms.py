@@ -23,6 +23,15 @@ from ..errors import TrainingFailed
 # ------------------------------------------------------------------------------------------------
 # Metric comparison shared by early stopping, the best-K keeper and the plots
 
+@dataclass
+class FitResult:
+    """How ``RobustTrainer.fit`` ended."""
+
+    status: str  # "completed" or "early_stopped"
+    message: str
+    best: dict[str, Any] | None = None
+
+
 MODE_OF_METRIC = {"val_acc": "max", "val_loss": "min"}
 _BETTER = {"max": operator.gt, "min": operator.lt}
 

@@ -31,6 +31,7 @@ from ..model.cnn import CNNv2, deferred_bn_stats, grad_norm
 from .microbatch import ghost_groups, split_for_micro_batches
 from .sampling import DeviceData
 from .label_review import MarginTracker
+from .averaging import WeightAverage
 
 
 class PeerOutOfMemory(Exception):
@@ -58,6 +59,7 @@ class StepRunner:
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or cuda_bf16) else None
         # The area under the margin of every training image, from this step's own logits (label_review.py).
         self.review = MarginTracker(len(batches.y_train), self.device)
+        self.average = WeightAverage(model, cfg.ema_decay, cfg.ema_bn, cfg.ema_warmup)  # off (no-op) unless ema_decay > 0
 
     def share_size(self, batch: int) -> int:
         """How many of a global batch of ``batch`` samples this process trains on."""
@@ -104,6 +106,7 @@ class StepRunner:
         bad = self.dist.sum_(bad.to(torch.int32)) > 0  # the skip is decided for every rank at once
         self.optimizer.found_inf = bad.to(torch.float32)  # fused optimizers skip the update on device
         self.optimizer.step()
+        self.average.update(self.model)
         self.review.commit(~bad if weight > 0 else torch.zeros((), dtype=torch.bool, device=self.device))
         self.metrics.add(loss_sum, correct, int(weight) * yb.shape[0], denom, bad, batch=batch)
         self.last_loss = loss_sum * self.dist.world / denom  # this rank's share, scaled: for per-step logging

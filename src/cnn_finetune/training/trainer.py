@@ -13,7 +13,7 @@ through ``restore_latest``.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from ..errors import Interrupted, RolledBack, TrainingFailed, UserError
 from .faults import FaultInjector
 from .history import TIMING_KEYS, History, epoch_line
 from ..log import logger, progress_bar
-from .mechanisms import Clock, EarlyStopping, EpochMetrics, NanGuard, Position, RetryBudget, mix_seed
+from .mechanisms import Clock, EarlyStopping, EpochMetrics, FitResult, NanGuard, Position, RetryBudget, mix_seed
 from .microbatch import MicroBatcher
 from .step import StepRunner
 from .recipe import resolve, segment_lr
@@ -40,15 +40,6 @@ from .signals import SignalGuard
 from .validation import Validator
 
 __all__ = ["RobustTrainer", "FitResult", "SplitData", "TIMING_KEYS"]
-
-
-@dataclass
-class FitResult:
-    """How ``fit`` ended."""
-
-    status: str  # "completed" or "early_stopped"
-    message: str
-    best: dict[str, Any] | None = None
 
 
 class RobustTrainer:
@@ -109,7 +100,9 @@ class RobustTrainer:
         self.prepare = self.steps.prepare
         self.validator = Validator(cfg.eval_batch_size, device, self.steps.prepare, self.steps.autocast, self.dist)
         self.net: nn.Module = self.faults.wrap(ddp or compiled, self.pos, self.validator)
-        self.steps.net = self.net
+        self.steps.net, self.average = self.net, self.steps.average  # the average: validated and kept when on
+        self.evaluated = (self.faults.wrap(self.average.shadow, self.pos, self.validator, only=("valoom",)),
+                          self.average.shadow) if self.average.enabled else (self.net, self.model)
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -130,7 +123,7 @@ class RobustTrainer:
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
             "fine_tuning": self.fine_tuning, "world_size": self.dist.world, "automatic": dict(self.automatic),
-            "label_review": self.steps.review.state_dict(self.dist.sum_)}
+            "label_review": self.steps.review.state_dict(self.dist.sum_), "averaged": self.average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
         """Restore a checkpoint. ``carry_over``: keep what this process learnt (OOM split, NaN lr)."""
@@ -140,6 +133,7 @@ class RobustTrainer:
         self.pos.load_state_dict(state["position"])
         self.metrics.load_state_dict(state["accumulators"], owner=self.dist.is_main)
         self.steps.review.load_state_dict(state.get("label_review"), owner=self.dist.is_main)
+        self.average.load_state_dict(state.get("averaged"), self.model)
         self.early.load_state_dict(state["early_stopping"])
         self.checkpoints.load_state_dict(state["best_keeper"])
         self.micro.load_state_dict(state["micro_batching"])
@@ -162,7 +156,7 @@ class RobustTrainer:
 
     def model_payload(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         """What a best-model file holds: weights and everything needed to use them."""
-        return {**self._identity(), "kind": "model", "epoch": epoch, "metrics": metrics}
+        return {**self._identity(), "model": self.average.weights(self.model), "kind": "model", "epoch": epoch, "metrics": metrics}
 
     def begin(self) -> None:
         """Create the run folder and write the first checkpoint: the retry and rollback target of a fresh run."""
@@ -287,7 +281,8 @@ class RobustTrainer:
         if self.dist.enabled and len(set(digests := self.dist.weights_digest(self.model))) > 1:
             raise TrainingFailed(f"the {self.dist.world} processes hold different weights after epoch {epoch_no} "
                                  f"({', '.join(d[:12] for d in digests)}): they are out of step; the run stops")
-        val_loss, val_acc, _ = self.validator(self.net, self.model, self.batches.x_val, self.batches.y_val)
+        self.average.recompute_bn(self.batches.x_train, self.batch_size, self.prepare)
+        val_loss, val_acc, _ = self.validator(*self.evaluated, self.batches.x_val, self.batches.y_val)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no, metrics[self.checkpoints.tiebreak_key])
         all_metrics = {**metrics, "train_loss": train_loss, "train_acc": train_acc}
