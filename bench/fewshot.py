@@ -203,7 +203,7 @@ def execute_variant(run: dict[str, Any], sets: dict[str, dict[str, Any]], inits:
     args = ["--data", str(s["train"]), "--test-data", str(s["test"]), "--base-model", inits[init],
             "--seed", str(run["seed"]), *flags, *extra]
     result = run_command(args, work, threads, cache=work_root / "cache")
-    if keep is not None and "test_acc" in result:  # the selected model outlives the temporary run folder (bench/tta.py)
+    if keep is not None and "test_acc" in result:  # the selected model outlives the temporary run folder (bench/fewshot_tta.py)
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy2(work / "out" / BEST, keep / f"{name}.pth")
     print(f"  {name}: " + (f"test {100 * result['test_acc']:.2f}% in {result['seconds']:.1f} s, {result['epochs_run']} epochs"
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="the recipe sweep instead of the epoch sweep: comma-separated settings of "
                    + ", ".join(VARIANTS) + "; runs already in the --out .jsonl log are not run again")
     p.add_argument("--keep-models", type=Path, help="--variants: copy each run's selected model into this folder "
-                   "(for bench/tta.py, which evaluates them with and without test-time augmentation)")
+                   "(for bench/fewshot_tta.py, which evaluates them with and without test-time augmentation)")
     p.add_argument("--qmnist-test-per-class", type=int, default=170, help="test images per letter of the qmnist sets (default 170)")
     args = p.parse_args(argv)
     if args.variants:

@@ -1,7 +1,7 @@
 """Test-time augmentation on the few-shot benchmark's models: the same model evaluated with and without it.
 
     python bench/fewshot.py --variants fls0.3,elastic34 --sets mnist30 --seeds 42 --keep-models /tmp/models
-    python bench/tta.py --models /tmp/models --out bench/results/fewshot_tta.json
+    python bench/fewshot_tta.py --models /tmp/models --out bench/results/fewshot_tta.json
 
 Every ``<set>-<setting>-s<seed>.pth`` in --models (what ``fewshot.py --keep-models`` copies) is
 evaluated by the real command (scripts/evaluate.py, in a subprocess) on its set's test images, once
