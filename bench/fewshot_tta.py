@@ -7,7 +7,8 @@ Every ``<set>-<setting>-s<seed>.pth`` in --models (what ``fewshot.py --keep-mode
 evaluated by the real command (scripts/evaluate.py, in a subprocess) on its set's test images, once
 plainly and once with ``--tta``. The sets are rebuilt as fewshot.py builds them (the same draw, so the
 plain accuracy equals the one the training run reported). Reported per set and setting: the mean ± sd
-over seeds of both accuracies and of their difference (points).
+over seeds of both accuracies and of their difference (points). Models already in --out are skipped, so
+a second call with more models adds to the table.
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     models = sorted(args.models.glob("*.pth"))
     if not models:
         raise SystemExit(f"no .pth files in {args.models}; run bench/fewshot.py --variants ... --keep-models {args.models}")
-    rows = []
+    # Models already in --out are not evaluated again: a long evaluation can be cut short and continued.
+    rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    have = {f"{r['set']}-{r['variant']}-s{r['seed']}" for r in rows}
+    models = [m for m in models if m.stem not in have]
+    print(f"{len(models)} models to evaluate ({len(have)} already in {args.out})", flush=True)
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         work, built = Path(tmp), {}
         for model in models:
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             accs = [evaluate(model, built[set_name], work / "eval" / model.stem / str(tta), tta, work / "cache", args.threads)
                     for tta in (False, True)]
             rows.append({"set": set_name, "variant": variant, "seed": int(seed), "plain_acc": accs[0], "tta_acc": accs[1]})
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"summary": summarize(rows), "runs": rows}, indent=2) + "\n")
             print(f"  {model.stem}: plain {100 * accs[0]:.2f}%, TTA {100 * accs[1]:.2f}%", flush=True)
     table = summarize(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

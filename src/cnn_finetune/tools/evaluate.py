@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-data cache")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of the image and "
-                   f"{len(TTA_VIEWS) - 1} copies shifted by a pixel or turned by 8 degrees ({len(TTA_VIEWS)}x the time; measured in "
-                   "docs/PERFORMANCE.md section 7)")
+                   f"{len(TTA_VIEWS) - 1} copies shifted by a pixel or turned by 8 degrees ({len(TTA_VIEWS)}x the time; off by default: "
+                   "predict.py and exported models classify one view; docs/PERFORMANCE.md section 7)")
     return p
 
 
