@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cnn_finetune.data.loader import read_idx, write_idx
+from cnn_finetune.files.rundir import BEST
 
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
@@ -90,6 +92,9 @@ VARIANTS = {
     # schedule's low-learning-rate end.
     "vloss": ("base", ["--feature-lr-scale", "0.3", "--set", "monitor=val_loss"]),
     "ema-vloss": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "monitor=val_loss"]),
+    # issue 18 point 3: elastic distortions (Simard et al. 2003) on top of the default, Simard's strength and a milder one
+    "elastic34": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_elastic=34", "--set", "aug_elastic_sigma=4"]),
+    "elastic16": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_elastic=16", "--set", "aug_elastic_sigma=4"]),
     "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                               "--set", "budget_max_epochs_finetune=120"]),
 }
@@ -195,8 +200,9 @@ def plan_variant_runs(sets: list[str], variants: list[str], seeds: list[int]) ->
 
 
 def execute_variant(run: dict[str, Any], sets: dict[str, dict[str, Any]], inits: dict[str, str], extra: list[str],
-                    work_root: Path, threads: int, log: Path | None) -> dict[str, Any]:
-    """One run of a named setting through the real command; appended to ``log`` as one JSON line."""
+                    work_root: Path, threads: int, log: Path | None, keep: Path | None = None) -> dict[str, Any]:
+    """One run of a named setting through the real command; appended to ``log`` as one JSON line.
+    ``keep``: a folder where the run's selected model is copied as ``<set>-<setting>-s<seed>.pth``."""
     s = sets[run["set"]]
     init, flags = VARIANTS[run["variant"]]
     name = f"{run['set']}-{run['variant']}-s{run['seed']}"
@@ -205,6 +211,9 @@ def execute_variant(run: dict[str, Any], sets: dict[str, dict[str, Any]], inits:
     args = ["--data", str(s["train"]), "--test-data", str(s["test"]), "--base-model", inits[init],
             "--seed", str(run["seed"]), *flags, *extra]
     result = run_command(args, work, threads, cache=work_root / "cache")
+    if keep is not None and "test_acc" in result:  # the selected model outlives the temporary run folder (bench/fewshot_tta.py)
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / "out" / BEST, keep / f"{name}.pth")
     print(f"  {name}: " + (f"test {100 * result['test_acc']:.2f}% in {result['seconds']:.1f} s, {result['epochs_run']} epochs"
                            if "test_acc" in result else f"FAILED ({result['exit_code']}): {result.get('error', '')[-300:]}"),
           flush=True)
@@ -389,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--variants", default="", help="the recipe sweep instead of the epoch sweep: comma-separated settings of "
                    + ", ".join(VARIANTS) + "; runs already in the --out .jsonl log are not run again")
+    p.add_argument("--keep-models", type=Path, help="--variants: copy each run's selected model into this folder "
+                   "(for bench/fewshot_tta.py, which evaluates them with and without test-time augmentation)")
     p.add_argument("--qmnist-test-per-class", type=int, default=170, help="test images per letter of the qmnist sets (default 170)")
     args = p.parse_args(argv)
     if args.variants:
@@ -465,7 +476,8 @@ def main_variants(args: argparse.Namespace) -> int:
         runs = [r for r in plan_variant_runs(set_names, variants, seeds) if (r["set"], r["variant"], r["seed"]) not in have]
         print(f"{len(runs)} runs ({len(have)} already in {log}), {args.jobs} at a time, {threads} thread(s) each", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda r: execute_variant(r, sets, inits, extra, work_root, threads, log), runs))
+            results = list(pool.map(lambda r: execute_variant(r, sets, inits, extra, work_root, threads, log, args.keep_models),
+                                    runs))
     wanted = [r for r in done + results if r["set"] in set_names and r["variant"] in variants and r["seed"] in seeds]
     table = summarize_variants(wanted)
     report = {"environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "jobs": args.jobs,

@@ -166,3 +166,68 @@ def test_sampling_grid_equals_affine_grid(shape: tuple[int, int, int]) -> None:
     theta = affine_matrices(b, AugmentParams(rotation=30, translate=0.2, scale=0.3), g, torch.device("cpu"))
     expected = torch.nn.functional.affine_grid(theta, [b, 1, h, w], align_corners=False)
     torch.testing.assert_close(sampling_grid(theta, h, w), expected, atol=1e-6, rtol=0)
+
+
+# --- elastic distortions (Simard et al. 2003) -------------------------------------------------------
+
+
+def test_elastic_off_draws_no_random_number_and_changes_nothing() -> None:
+    # Off (the default), the batch and the generator's state are those of the affine-only code, whatever
+    # the smoothing: the default run stays bit for bit what it was before elastic distortions existed.
+    images = random_images()
+    for params in (AugmentParams(), AugmentParams(elastic=0.0, elastic_sigma=9.0)):
+        g_ref, g = gen(4), gen(4)
+        ref = augment_batch(images, AugmentParams(15.0, 0.12, 0.15, 0.05), g_ref)
+        assert torch.equal(augment_batch(images, params, g), ref)
+        assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_a_vanishing_elastic_field_leaves_the_affine_warp() -> None:
+    # The field is drawn after the affine parameters and added to the same sampling grid (one resampling):
+    # scaled towards 0 the result is the affine-only batch, and at full strength it is not.
+    images = batch_of(pattern(), 16)
+    affine = AugmentParams(rotation=20, translate=0.1, scale=0.1, noise=0)
+    plain = augment_batch(images, affine, gen(9))
+    tiny = augment_batch(images, AugmentParams(20, 0.1, 0.1, 0, elastic=1e-6), gen(9))
+    strong = augment_batch(images, AugmentParams(20, 0.1, 0.1, 0, elastic=34), gen(9))
+    assert float((tiny - plain).abs().max()) < 1e-5
+    assert float((strong - plain).abs().max()) > 0.3
+    # the same generator state gives the same distorted batch; another state another one
+    assert torch.equal(strong, augment_batch(images, AugmentParams(20, 0.1, 0.1, 0, elastic=34), gen(9)))
+    assert float((strong - augment_batch(images, AugmentParams(20, 0.1, 0.1, 0, elastic=34), gen(10))).abs().max()) > 0.3
+
+
+def test_elastic_smoothing_is_the_zero_padded_gaussian_convolution() -> None:
+    from cnn_finetune.data.augment import gaussian_matrix
+
+    sigma, radius = 4.0, 12
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / sigma) ** 2)
+    kernel /= kernel.sum()
+    field = torch.rand(3, 1, 28, 28, generator=gen(1)) * 2 - 1
+    conv = torch.nn.functional.conv2d(field, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    conv = torch.nn.functional.conv2d(conv, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    rows, cols = gaussian_matrix(28, sigma, CPU), gaussian_matrix(28, sigma, CPU)
+    torch.testing.assert_close(rows @ field @ cols.T, conv, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha, sigma", [(34.0, 4.0), (8.0, 2.0)])
+def test_elastic_field_has_the_expected_size_in_pixels(alpha: float, sigma: float) -> None:
+    # Away from the border each displacement is a sum of uniform [-1, 1] values (variance 1/3) weighted
+    # by the 2-D kernel k_i k_j: its std is alpha * sqrt(sum k_i^2 k_j^2 / 3) = alpha * sum(k^2) / sqrt(3) pixels.
+    from cnn_finetune.data.augment import elastic_field
+
+    params = AugmentParams(elastic=alpha, elastic_sigma=sigma)
+    field = elastic_field(400, 28, 28, params, gen(3), CPU)  # (B, H, W, [x, y]) in [-1, 1] units
+    assert field.shape == (400, 28, 28, 2)
+    pixels = field * 14  # a pixel is 2 / 28
+    radius = math.ceil(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / sigma) ** 2)
+    k /= k.sum()
+    expected = alpha * float((k ** 2).sum()) / math.sqrt(3)
+    inner = pixels[:, radius:28 - radius, radius:28 - radius]  # no zero padding within reach
+    for axis in range(2):
+        assert float(inner[..., axis].std()) == pytest.approx(expected, rel=0.05)
+        assert abs(float(inner[..., axis].mean())) < 0.05 * expected
+    # the field is smooth: neighbours move nearly together, unlike the raw per-pixel draw
+    neighbours = torch.corrcoef(torch.stack([pixels[:, 10:18, 10, 0].flatten(), pixels[:, 10:18, 11, 0].flatten()]))[0, 1]
+    assert float(neighbours) > 0.9

@@ -86,3 +86,28 @@ def test_fewshot_recipe_sweep_reads_the_raw_letters_and_resumes_from_its_log(tmp
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "0 runs (2 already in" in again.stdout
     assert json.loads(out.read_text())["summary"] == report["summary"]
+
+
+@pytest.mark.long
+@pytest.mark.skipif(not (MNIST_TEST / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"the official MNIST test set is not at {MNIST_TEST} (set MNIST_TEST_DIR)")
+def test_fewshot_keeps_its_models_and_the_tta_bench_evaluates_them_with_and_without(tmp_path: Path):
+    """--keep-models copies each run's selected model; bench/fewshot_tta.py rebuilds the same test set
+    (its plain accuracy is the run's own test accuracy) and evaluates it again with --tta."""
+    out, models = tmp_path / "sweep.json", tmp_path / "models"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MNIST_TEST_DIR=str(MNIST_TEST))
+    cmd = [sys.executable, str(ROOT / "bench" / "fewshot.py"), "--quick", "--variants", "fls0.3,elastic16", "--sets", "mnist10",
+           "--seeds", "42", "--jobs", "2", "--threads", "1", "--out", str(out), "--keep-models", str(models)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(p.name for p in models.iterdir()) == ["mnist10-elastic16-s42.pth", "mnist10-fls0.3-s42.pth"]
+    tta_out = tmp_path / "tta.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fewshot_tta.py"), "--models", str(models), "--out", str(tta_out),
+                           "--test-per-class", "20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(tta_out.read_text())["runs"]}
+    assert sorted(rows) == ["elastic16", "fls0.3"]
+    for variant, row in rows.items():
+        assert row["plain_acc"] == runs[variant]["test_acc"] and 0.0 < row["tta_acc"] <= 1.0
+    assert "| mnist10 | fls0.3 |" in proc.stdout

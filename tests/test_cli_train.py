@@ -242,6 +242,9 @@ def _latin1_config(work: Path) -> list[str]:
         (lambda w: ["--config", "missing.json"], "config file missing.json does not exist"),
         (lambda w: ["--base-model", "no/base.pth"], "base model no/base.pth does not exist"),
         (lambda w: ["--set", "aug_rotation"], "expected KEY=VALUE"),
+        (lambda w: ["--set", "aug_elastic=-1.5"], "aug_elastic=-1.5 must not be negative"),
+        (lambda w: ["--set", "aug_elastic=500.0"], "aug_elastic=500.0 pixels would tear the images apart; use 0 (off) to 100.0"),
+        (lambda w: ["--set", "aug_elastic_sigma=0.1"], "aug_elastic_sigma=0.1 pixels is out of range; use 0.5 to 14.0"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_touches_nothing(finished_run: Path, tiny_idx: Path, make_args, fragment):

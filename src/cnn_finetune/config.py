@@ -38,6 +38,9 @@ DEFAULT_BASE_MODEL = "models/cnn_modelo_v2/best_model.pth"
 PACKAGED_BASE_MODEL = Path(__file__).parent / "model" / "base_models" / "cnn_v2_mnist5k.pth"
 MAX_SEED = 2**63 - 1  # a seed fits a signed 64-bit integer wherever it travels (torch, NumPy, JSON readers)
 MAX_THREADS = 4096  # torch takes a C int; more threads than this is a typo
+# Elastic distortion on 28x28 images: alpha beyond 100 pixels moves strokes across the whole image; sigma
+# below 0.5 pixels leaves per-pixel noise, above 14 (half the side) a near-uniform shift, and sizes the kernel.
+MAX_ELASTIC, MIN_ELASTIC_SIGMA, MAX_ELASTIC_SIGMA = 100.0, 0.5, 14.0
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
@@ -116,6 +119,9 @@ class TrainConfig:
     aug_translate: float = _f(0.12, "maximum translation, fraction of the image side")
     aug_scale: float = _f(0.15, "maximum relative scale change (0.15: 0.85x to 1.15x)")
     aug_noise: float = _f(0.05, "standard deviation of Gaussian pixel noise (pixels in [0, 1])")
+    aug_elastic: float = _f(0.0, "elastic distortion (Simard et al. 2003): alpha, the scale of the smoothed random "
+                                 "displacement field in pixels (0: off; Simard used 34)")
+    aug_elastic_sigma: float = _f(4.0, "elastic distortion: standard deviation of the field's Gaussian smoothing, pixels")
     # --- early stopping and checkpoints -----------------------------------------------------
     patience: int | None = _f(None, "epochs without improvement before early stopping (0 turns it off; default: 8, "
                                     "scaled with runs longer than 15 epochs: 8 x epochs / 15)", flag=True, resume=FREE)
@@ -157,7 +163,7 @@ class TrainConfig:
                   "budget_min_epochs", "budget_max_epochs", "budget_max_epochs_finetune")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
-            "aug_translate", "aug_scale", "aug_noise", "min_delta", "checkpoint_every_steps",
+            "aug_translate", "aug_scale", "aug_noise", "aug_elastic", "min_delta", "checkpoint_every_steps",
             "checkpoint_every_seconds", "max_retries", "cooldown_min", "cooldown_max",
             "freeze_features_epochs", "bn_ghost_size", "oom_probe_steps", "sync_every", "patience",
             "num_threads", "nan_max_rollbacks",
@@ -199,6 +205,11 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         (not cfg.ema_warmup > 1.0, f"ema_warmup={cfg.ema_warmup} must be above 1, e.g. 10"),
         (cfg.aug_translate >= 0.5, f"aug_translate={cfg.aug_translate} would move digits out of the image; use < 0.5 (e.g. 0.1)"),
         (cfg.aug_scale >= 1.0, f"aug_scale={cfg.aug_scale} must be < 1 (0.1 means 0.9x to 1.1x)"),
+        (cfg.aug_elastic > MAX_ELASTIC, f"aug_elastic={cfg.aug_elastic} pixels would tear the images apart; use 0 (off) "
+                                        f"to {MAX_ELASTIC}, e.g. 34 as in Simard et al. (2003)"),
+        (not MIN_ELASTIC_SIGMA <= cfg.aug_elastic_sigma <= MAX_ELASTIC_SIGMA,
+         f"aug_elastic_sigma={cfg.aug_elastic_sigma} pixels is out of range; use {MIN_ELASTIC_SIGMA} to {MAX_ELASTIC_SIGMA} "
+         "(4 as in Simard et al. 2003; small values give a noisy field, large ones a plain shift)"),
         (cfg.aug_rotation > 180, f"aug_rotation={cfg.aug_rotation} degrees is more than half a turn; use 0-180"),
         (cfg.cooldown_max < cfg.cooldown_min, f"cooldown_max={cfg.cooldown_max} is below cooldown_min={cfg.cooldown_min}; "
                                               "set cooldown_max >= cooldown_min (or --cooldown SECONDS for a fixed value)"),
@@ -314,11 +325,13 @@ def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Human-readable list of settings that differ in a way that forbids resuming."""
     now = current.to_dict()
     free = resume_free_keys()
+    # A setting added after the checkpoint was written (e.g. aug_elastic) had its default's effect then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     out = []
     for key in sorted(set(saved) | set(now)):
         if key in free:
             continue
-        if saved.get(key) != now.get(key):
+        if saved.get(key, defaults.get(key)) != now.get(key):
             out.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {now.get(key)!r}")
     return out
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from ..data.augment import normalize, to_unit
+import torch.nn.functional as F
+
+from ..data.augment import normalize, sampling_grid, to_unit
 from ..data.loader import MIN_STD
 from ..config import DEFAULT_OUTPUT_DIR
 from ..errors import UserError
@@ -26,6 +28,10 @@ from ..files.rundir import BEST
 
 # What train_finetuned.py writes with its default settings: the tools' default --model.
 DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / BEST
+# Test-time augmentation (evaluate.py --tta): the unaugmented view first, then fixed small shifts and
+# turns, as (shift x, shift y) in pixels and a rotation in degrees, well inside the training augmentation.
+TTA_VIEWS: tuple[tuple[float, float, float], ...] = (
+    (0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 8), (0, 0, -8))
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CNNv2, dict[str, Any]]:
@@ -191,3 +197,45 @@ def predict_with_unknown(model: CNNv2, meta: dict[str, Any], images_uint8: torch
         distance = feature_distance(feats, fitted)
         unknown = unknown | (distance > limit)
     return Answers(probs, confidence, distance, unknown, threshold, limit if distance is not None else None)
+
+
+def view(x: torch.Tensor, shift_x: float, shift_y: float, degrees: float) -> torch.Tensor:
+    """Float images in [0, 1], ``(B, 1, H, W)``, shifted by whole or fractional pixels and turned about
+    the centre (one bilinear resampling, zero background); the unchanged view is returned as it is."""
+    if shift_x == 0 and shift_y == 0 and degrees == 0:
+        return x
+    height, width = x.shape[2], x.shape[3]
+    angle = math.radians(degrees)
+    # grid_sample's coordinates span 2 over a side: a pixel is 2 / side; the grid maps output to input.
+    theta = torch.tensor([[math.cos(angle), -math.sin(angle), -2.0 * shift_x / width],
+                          [math.sin(angle), math.cos(angle), -2.0 * shift_y / height]], dtype=x.dtype, device=x.device)
+    grid = sampling_grid(theta.expand(x.shape[0], 2, 3), height, width)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def predict_tta_log_probs(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
+                          device: torch.device | str = "cpu", batch_size: int = 512,
+                          views: tuple[tuple[float, float, float], ...] = TTA_VIEWS) -> torch.Tensor:
+    """Test-time augmentation: the log of the mean softmax over ``views`` (float32, on the CPU).
+
+    The result takes the place of logits (its softmax is the mean of the views' probabilities), so a
+    stored temperature applies to it as to logits; with the unaugmented view alone it gives the
+    probabilities of ``predict_logits``. Costs one forward pass per view.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    norm = meta["normalization"]
+    try:
+        for i in range(0, images_uint8.shape[0], batch_size):
+            x = to_unit(images_uint8[i:i + batch_size].to(device))
+            probs = sum(torch.softmax(model(normalize(view(x, *v), float(norm["mean"]), float(norm["std"]))).float(), 1)
+                        for v in views)
+            outputs.append((probs / len(views)).clamp_min_(1e-30).log_().cpu())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.zeros((0, len(meta["class_names"])), dtype=torch.float32)
+    return torch.cat(outputs)

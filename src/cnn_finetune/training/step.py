@@ -52,7 +52,8 @@ class StepRunner:
         self.on_event, self.log = on_event, log
         self.dist, self.ddp = dist or Dist(), ddp  # ddp: the DistributedDataParallel module (None: one process)
         self.last_loss: torch.Tensor | None = None  # the mean loss of the last step (on the device)
-        self.augment = AugmentParams(cfg.aug_rotation, cfg.aug_translate, cfg.aug_scale, cfg.aug_noise)
+        self.augment = AugmentParams(cfg.aug_rotation, cfg.aug_translate, cfg.aug_scale, cfg.aug_noise,
+                                     cfg.aug_elastic, cfg.aug_elastic_sigma)
         self.generator = torch.Generator(device=self.device)
         self.channels_last = channels_last  # the input's memory format follows the model's
         cuda_bf16 = cfg.amp == "auto" and self.device.type == "cuda"
