@@ -82,6 +82,20 @@ def test_real_signal_saves_exits_and_resumes_exactly(slow_reference: Path, tiny_
     assert stripped_history(slow_reference) == stripped_history(tmp_path / "out")
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_under_nohup_a_hangup_is_ignored_and_the_run_finishes_exactly(slow_reference: Path, tiny_idx: Path, tmp_path: Path):
+    # nohup starts its command with SIGHUP ignored; a run must then outlive the closed terminal.
+    args = [*SLOW, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = subprocess.Popen(["nohup", sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_training(tmp_path / "out", proc)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=300)  # (nohup writes no nohup.out when the output is not a terminal)
+    assert proc.returncode == 0, err
+    assert "SIGHUP" not in out + err and "stopped at epoch" not in out + err
+    assert_same_weights(slow_reference / "checkpoint_last.pth", tmp_path / "out" / "checkpoint_last.pth")
+
+
 def test_second_sigint_during_the_save_aborts_and_keeps_the_previous_checkpoint(reference: Path, tiny_idx: Path, tmp_path: Path):
     args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
     # sigint2@8: SIGINT after step 8, and a second SIGINT half-way through the save it causes.

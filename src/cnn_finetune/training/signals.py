@@ -6,7 +6,8 @@ Inside ``deferring()`` (the loop) the first signal only sets a flag: the loop fi
 step, saves, and raises ``Interrupted`` itself. A second signal while the first is being handled
 (for example during that save) raises at once: the atomic writer then removes its temporary file
 and the previous checkpoint stays the valid one. SIGHUP (the terminal or SSH session closed) is
-handled like SIGTERM. The previous handlers are restored when the guard ends. Under ``torchrun``
+handled like SIGTERM, unless it was ignored when the run started (``nohup``): then it stays ignored.
+The previous handlers are restored when the guard ends. Under ``torchrun``
 a Ctrl+C reaches a worker twice, from the terminal and forwarded by the agent: the same signal again
 within ``debounce`` seconds counts once.
 """
@@ -26,6 +27,10 @@ from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 EXIT_CODES = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 if hasattr(signal, "SIGHUP"):  # not on Windows
     EXIT_CODES[signal.SIGHUP] = EXIT_SIGHUP
+# Started with the hangup ignored (``nohup``): the user asked the run to outlive the terminal, so it stays
+# ignored. An ignored SIGINT or SIGTERM (a script's background job) is still handled: Ctrl+C or a kill must
+# stop the run cleanly, never be lost.
+KEPT_IF_IGNORED = frozenset(sig for sig in EXIT_CODES if sig.name == "SIGHUP")
 
 
 def abort_message(name: str, second: bool) -> str:
@@ -105,7 +110,8 @@ class SignalGuard:
     def __enter__(self) -> "SignalGuard":
         if threading.current_thread() is threading.main_thread():
             for sig in EXIT_CODES:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if not (sig in KEPT_IF_IGNORED and signal.getsignal(sig) is signal.SIG_IGN):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
