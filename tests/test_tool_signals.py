@@ -136,3 +136,32 @@ def test_ctrl_c_during_an_export_leaves_the_earlier_set_whole(model: Path, tmp_p
     assert again.returncode == 0, again.stderr
     after = digests(out)
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in after)  # a whole new set
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_and_nothing_else(model: Path, tmp_path: Path):
+    out = tmp_path / "export"
+    other = wide_model(model, tmp_path / "other")
+    proc = start("export", ["--model", str(other), "--output-dir", str(out), "--no-onnx"], tmp_path)
+    staging = out / f".{other.stem}.export.tmp-{proc.pid}"
+    end = time.monotonic() + 120
+    while not (staging / f"{other.stem}.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read()[-2000:]
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL: no handler runs, the staging folder stays behind
+    proc.communicate(timeout=60)
+    assert staging.is_dir()
+    # Not to be touched: the folder of a running export (this test's own pid) and one holding a user's file.
+    running = out / f".{other.stem}.export.tmp-{os.getpid()}"
+    running.mkdir()
+    (running / f"{other.stem}.safetensors").write_bytes(b"in progress")
+    foreign = out / f".{other.stem}.export.tmp-999999999"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    again = subprocess.run([sys.executable, str(SCRIPTS / "export.py"), "--model", str(other), "--output-dir", str(out), "--no-onnx"],
+                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert not staging.exists()
+    assert (running / f"{other.stem}.safetensors").read_bytes() == b"in progress"
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        f"{other.stem}.torchscript.pt", f"{other.stem}.safetensors", f"{other.stem}.preprocessing.json"}

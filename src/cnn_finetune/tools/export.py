@@ -44,7 +44,9 @@ import argparse
 import contextlib
 import hashlib
 import importlib.util
+import glob
 import io
+import os
 import shutil
 import sys
 import warnings
@@ -62,7 +64,7 @@ from ..files.checkpoint import (
     replace_file,
     save_safetensors,
 )
-from ..files.rundir import EXPORT, temporary_name
+from ..files.rundir import EXPORT, TMP_MARK, temporary_name
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from ..log import printable
@@ -194,6 +196,7 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
                         path=str(out_dir)) from None
     stem = Path(model_path).stem
     staging = temporary_name(out_dir / f".{stem}.export")
+    remove_stale_staging(staging)
     staging.mkdir()
     try:
         sidecar = _export_set(model, meta, model_path, staging, tolerance, onnx)
@@ -204,6 +207,39 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     if guard is not None and guard.stop_requested:
         raise guard.stopped(f"{guard.name} received while the export was moved into {out_dir}: the new set is complete")
     return sidecar
+
+
+def remove_stale_staging(staging: Path) -> list[Path]:
+    """Delete the staging folders of the same export left by a process that was killed (SIGKILL, power loss).
+
+    Only ``<staging name>.tmp-<pid>`` folders whose process no longer exists and that hold nothing but
+    plain files named as this set (or their temporaries) are removed: a running export's folder, or one
+    where anything else was put, is left alone."""
+    base = staging.name.rsplit(TMP_MARK, 1)[0]
+    stem = base[1:].removesuffix(".export")
+    ours = set(set_names(stem).values())
+    removed = []
+    for folder in staging.parent.glob(f"{glob.escape(base)}{TMP_MARK}*"):
+        pid = folder.name[len(base) + len(TMP_MARK):]
+        if not pid.isdigit() or folder.is_symlink() or not folder.is_dir() or _process_alive(int(pid)):
+            continue
+        entries = list(folder.iterdir())
+        if all(e.is_file() and not e.is_symlink() and e.name.split(TMP_MARK)[0] in ours for e in entries):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive, remove nothing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or unknown: not ours to judge
+    return True
 
 
 def set_names(stem: str) -> dict[str, str]:
