@@ -100,11 +100,17 @@ VARIANTS = {
 }
 
 
-def mnist_test_file() -> tuple[np.ndarray, np.ndarray]:
-    """The official MNIST test set: images (N, 28, 28) uint8 and labels (N,)."""
+def mnist_folder() -> Path:
+    """The folder of the official MNIST test set (the benchmarks' one place to look for it)."""
     folder = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").exists()), None)
     if folder is None:
         raise SystemExit(f"the official MNIST test set is not in {MNIST_DIRS[0]} (set MNIST_TEST_DIR)")
+    return folder
+
+
+def mnist_test_file() -> tuple[np.ndarray, np.ndarray]:
+    """The official MNIST test set: images (N, 28, 28) uint8 and labels (N,)."""
+    folder = mnist_folder()
     return read_idx(folder / "t10k-images-idx3-ubyte.gz"), read_idx(folder / "t10k-labels-idx1-ubyte.gz")
 
 

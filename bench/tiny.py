@@ -22,7 +22,6 @@ Writes bench/results/tiny.json (or --out).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -37,34 +36,19 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cnn_finetune.data.loader import read_idx, write_idx  # noqa: E402
+
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
-
-
-def mnist_dir() -> Path:
-    for d in (Path(os.environ.get("MNIST_TEST_DIR", "/nonexistent")), ROOT.parent / "shared" / "data" / "mnist",
-              Path("/work/shared/data/mnist")):
-        if (d / "t10k-images-idx3-ubyte.gz").exists():
-            return d
-    raise SystemExit("the official MNIST test set is not found (set MNIST_TEST_DIR)")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a numpy array."""
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), compresslevel=1))
 
 
 def build_data(folder: Path, per_class: int) -> Path:
     """``per_class`` images of each digit from the official test set, as IDX files; returns the images file."""
-    src = mnist_dir()
-    images, labels = read_idx(src / "t10k-images-idx3-ubyte.gz"), read_idx(src / "t10k-labels-idx1-ubyte.gz")
+    from fewshot import mnist_test_file  # the benchmarks' one place to find the data (not in the timed plain process)
+
+    images, labels = mnist_test_file()
     pick = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
     folder.mkdir(parents=True, exist_ok=True)
     write_idx(folder / "train-images-idx3-ubyte.gz", images[pick])
@@ -73,11 +57,11 @@ def build_data(folder: Path, per_class: int) -> Path:
 
 
 def plain_loop(images_file: Path, epochs: int, out: Path) -> None:
-    """What a user writes by hand with the same ingredients (run in its own process)."""
+    """What a user writes by hand with the same ingredients (run in its own process; the IDX files are read
+    with the package's reader, which is not what is timed against)."""
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT / "src"))
     from cnn_finetune.config import TrainConfig
     from cnn_finetune.data.augment import AugmentParams, augment_batch, normalize, to_unit
     from cnn_finetune.model.cnn import build_model

@@ -45,28 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from fewshot import mnist_folder, qmnist_folder  # noqa: E402  (the benchmarks' one place to find the data)
+
 SCRIPT = ROOT / "scripts" / "train_finetuned.py"
-QMNIST = Path(os.environ.get("QMNIST_DIR") or ROOT.parent / "shared" / "data" / "qmnist") / "images"
-if not QMNIST.is_dir():
-    QMNIST = Path("/work/shared/data/qmnist/images")
 SECTIONS = ("labels", "calibration", "unknown", "report", "tracking", "tracking_ops")
-
-
-def mnist_dir() -> Path:
-    for d in (Path(os.environ.get("MNIST_TEST_DIR", "/nonexistent")), ROOT.parent / "shared" / "data" / "mnist",
-              Path("/work/shared/data/mnist")):
-        if (d / "t10k-images-idx3-ubyte.gz").exists():
-            return d
-    raise SystemExit("the official MNIST test set is not found (set MNIST_TEST_DIR)")
 
 
 def qmnist_sets(work: Path, per_class: int, flip_share: float, seed: int = 0) -> dict[str, Any]:
     """Symlinked class folders (nothing copied): train (per_class per letter), train_flipped, test (the rest)."""
     rng = np.random.default_rng(seed)
-    letters = sorted(p.name for p in QMNIST.iterdir() if p.is_dir())
+    qmnist = qmnist_folder()
+    letters = sorted(p.name for p in qmnist.iterdir() if p.is_dir())
     train = []
     for letter in letters:
-        files = sorted((QMNIST / letter).glob("*.png"))
+        files = sorted((qmnist / letter).glob("*.png"))
         order = rng.permutation(len(files))
         for k, i in enumerate(order):
             part = "train" if k < per_class else "test"
@@ -126,7 +118,7 @@ def section_labels(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def section_calibration(args: argparse.Namespace, work: Path, labels: dict[str, Any] | None) -> dict[str, Any]:
     extra = ["--epochs", "2"] if args.quick else []
-    sample = run_default(["--test-data", str(mnist_dir() / "t10k-images-idx3-ubyte.gz"), *extra], work, "sample")
+    sample = run_default(["--test-data", str(mnist_folder() / "t10k-images-idx3-ubyte.gz"), *extra], work, "sample")
     out = {"builtin_sample": sample, "target": "ece <= ece_uncalibrated / 2 and ece <= 0.03"}
     if labels is not None:
         out["qmnist30"] = labels["clean"]
@@ -152,10 +144,10 @@ def section_unknown(args: argparse.Namespace, work: Path, model_path: Path) -> d
     model, meta = load_model_file(model_path)
     n = 200 if args.quick else 2000
     g = torch.Generator().manual_seed(0)
-    inside = load_dataset(mnist_dir() / "t10k-images-idx3-ubyte.gz", cache_dir=work / "cache").images
+    inside = load_dataset(mnist_folder() / "t10k-images-idx3-ubyte.gz", cache_dir=work / "cache").images
     kinds = {"blank": torch.zeros((n, 1, 28, 28), dtype=torch.uint8),
              "noise": torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
-             "letters (QMNIST)": load_dataset(QMNIST, polarity=model_polarity(meta), cache_dir=work / "cache").images[:: 4 if args.quick else 1]}
+             "letters (QMNIST)": load_dataset(qmnist_folder(), polarity=model_polarity(meta), cache_dir=work / "cache").images[:: 4 if args.quick else 1]}
 
     def signals(images: torch.Tensor) -> dict[str, np.ndarray]:
         a = predict_with_unknown(model, meta, images)
