@@ -64,7 +64,7 @@ def load_base_model(model: CNNv2, path: Path, class_names: list[str]) -> str:
         base_classes = (meta or {}).get("class_names")
     else:
         weights, base_classes = _pth_weights(path)
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+    if not all_finite(weights):
         # Training would start from weights that no checkpoint may hold, with nothing to roll back to.
         raise UserError(f"base model {path} holds NaN/Inf weights; pass another --base-model, or --base-model none", path=str(path))
     return adapt_state_dict(model, weights, base_classes, class_names, str(path))
@@ -123,7 +123,7 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} holds architecture {state['arch']!r}; this program knows {ARCH!r}")
     model = build_model(**checked_arch_params(state.get("arch_params"), str(path)))
     model.load_state_dict(state["model"])
-    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+    if not all_finite(state["model"]):
         # Training never saves such weights; a forged or damaged file would answer "nan%" for every image.
         from ..files.rundir import LAST
 
@@ -132,6 +132,17 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k != "model"}
     return model, meta
+
+
+def all_finite(obj: Any) -> bool:
+    """True when every floating-point tensor in a nested structure of dicts and lists is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return True
 
 
 def checked_arch_params(params: Any, source: str) -> dict[str, int]:

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from ..files.checkpoint import atomic_write_bytes, atomic_write_json, link_or_copy, load_newest_valid, save_checkpoint
 from ..errors import ArtifactWriteError
 from ..log import logger
+from ..model.loading import all_finite
 from .mechanisms import MODE_OF_METRIC
 from .state_check import check_training_state
 from ..files.loggers import metrics_csv
@@ -104,17 +104,6 @@ class Loaded:
     path: Path | None
     problems: list[str] = field(default_factory=list)
     damaged: list[Path] = field(default_factory=list)
-
-
-def all_finite(obj: Any) -> bool:
-    """True when every floating-point tensor in a nested structure of dicts and lists is finite."""
-    if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    if isinstance(obj, dict):
-        return all(all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(all_finite(v) for v in obj)
-    return True
 
 
 def load_latest(run: RunDir) -> Loaded:
