@@ -59,7 +59,7 @@ class WeightAverage:
         if self.shadow is None:
             return
         d = self.current_decay()
-        mine = [t for t in self.shadow.parameters()]
+        mine = list(self.shadow.parameters())
         theirs = [t.detach() for t in unwrap(model).parameters()]
         if self.bn == "average":
             mine += [b for b in self.shadow.buffers() if b.dtype.is_floating_point]
@@ -94,8 +94,8 @@ class WeightAverage:
         """Training state (None when off)."""
         if self.shadow is None:
             return None
-        return {"model": self.shadow.state_dict(), "updates": self.updates, "decay": self.decay, "bn": self.bn,
-                "stats_for": self._stats_for}
+        # (decay, warm-up and ema_bn are in the run's config, which resuming checks)
+        return {"model": self.shadow.state_dict(), "updates": self.updates, "stats_for": self._stats_for}
 
     def load_state_dict(self, state: dict[str, Any] | None, model: nn.Module) -> None:
         """Restore; a checkpoint without an average (older, or written with it off) starts one from ``model``."""
