@@ -100,8 +100,13 @@ def model_max_pixels(meta: dict[str, Any]) -> int:
 
 def normalise_images(images_uint8: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """uint8 ``N x 1 x 28 x 28`` -> the float32 network input, exactly as in training."""
+    return normalise_unit(to_unit(images_uint8), meta)
+
+
+def normalise_unit(x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """Float images in [0, 1] -> the network input, with the model's normalisation."""
     norm = meta["normalization"]
-    return normalize(to_unit(images_uint8), float(norm["mean"]), float(norm["std"]))
+    return normalize(x, float(norm["mean"]), float(norm["std"]))
 
 
 @torch.no_grad()
@@ -124,8 +129,10 @@ def predict_logits_and_features(model: CNNv2, meta: dict[str, Any], images_uint8
 
 
 def _forward(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, device: torch.device | str,
-             batch_size: int, *, features: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (and features, else an empty tensor) of uint8 images, batched, in eval mode, in float32."""
+             batch_size: int, *, features: bool, shift: tuple[float, float, float] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (and features, else an empty tensor) of uint8 images, batched, in eval mode, in float32;
+    ``shift``: the images seen through that ``view`` first (test-time augmentation)."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != (1, 28, 28):
         raise ValueError(f"expected uint8 images of shape N x 1 x 28 x 28, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     device = torch.device(device)
@@ -134,7 +141,8 @@ def _forward(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.T
     outputs, feats = [], []
     try:
         for i in range(0, images_uint8.shape[0], batch_size):
-            x = normalise_images(images_uint8[i:i + batch_size].to(device), meta)
+            batch = images_uint8[i:i + batch_size].to(device)
+            x = normalise_images(batch, meta) if shift is None else normalise_unit(view(to_unit(batch), *shift), meta)
             if features:
                 f = model.features(x)
                 feats.append(f.float().cpu())
@@ -223,19 +231,6 @@ def predict_tta_log_probs(model: torch.nn.Module, meta: dict[str, Any], images_u
     stored temperature applies to it as to logits; with the unaugmented view alone it gives the
     probabilities of ``predict_logits``. Costs one forward pass per view.
     """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    outputs = []
-    norm = meta["normalization"]
-    try:
-        for i in range(0, images_uint8.shape[0], batch_size):
-            x = to_unit(images_uint8[i:i + batch_size].to(device))
-            probs = sum(torch.softmax(model(normalize(view(x, *v), float(norm["mean"]), float(norm["std"]))).float(), 1)
-                        for v in views)
-            outputs.append((probs / len(views)).clamp_min_(1e-30).log_().cpu())
-    finally:
-        model.train(was_training)
-    if not outputs:
-        return torch.zeros((0, len(meta["class_names"])), dtype=torch.float32)
-    return torch.cat(outputs)
+    probs = sum(torch.softmax(_forward(model, meta, images_uint8, device, batch_size, features=False, shift=v)[0], 1)
+                for v in views)
+    return (probs / len(views)).clamp_min_(1e-30).log_()
