@@ -53,6 +53,12 @@ def temporary_name(target: Path) -> Path:
     return target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
 
 
+def temporary_pid(name: str, target: str) -> int | None:
+    """The process id in ``name`` when it is a ``temporary_name`` of ``target``, else None."""
+    match = _TEMPORARY.match(name)
+    return int(match.group("pid")) if match and match.group("target") == target else None
+
+
 def best_epoch_name(epoch: int, metric: float, monitor: str) -> str:
     """File name of a best-K epoch: ``best_epoch012_val_acc0.9920.pth``."""
     return f"best_epoch{epoch:03d}_{monitor}{metric:.4f}.pth"

@@ -64,7 +64,7 @@ from ..files.checkpoint import (
     replace_file,
     save_safetensors,
 )
-from ..files.rundir import EXPORT, TMP_MARK, temporary_name
+from ..files.rundir import EXPORT, TMP_MARK, temporary_name, temporary_pid
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from ..log import printable
@@ -195,8 +195,8 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
         raise UserError(f"cannot create the output folder {out_dir}: {err.strerror or err}; choose a writable --output-dir",
                         path=str(out_dir)) from None
     stem = Path(model_path).stem
-    staging = temporary_name(out_dir / f".{stem}.export")
-    remove_stale_staging(staging)
+    remove_stale_staging(out_dir, stem)
+    staging = temporary_name(out_dir / staging_base(stem))
     staging.mkdir()
     try:
         sidecar = _export_set(model, meta, model_path, staging, tolerance, onnx)
@@ -209,25 +209,29 @@ def export_model(model_path: Path, out_dir: Path, *, tolerance: float = TOLERANC
     return sidecar
 
 
-def remove_stale_staging(staging: Path) -> list[Path]:
+def remove_stale_staging(out_dir: Path, stem: str) -> list[Path]:
     """Delete the staging folders of the same export left by a process that was killed (SIGKILL, power loss).
 
     Only ``<staging name>.tmp-<pid>`` folders whose process no longer exists and that hold nothing but
     plain files named as this set (or their temporaries) are removed: a running export's folder, or one
     where anything else was put, is left alone."""
-    base = staging.name.rsplit(TMP_MARK, 1)[0]
-    stem = base[1:].removesuffix(".export")
+    base = staging_base(stem)
     ours = set(set_names(stem).values())
     removed = []
-    for folder in staging.parent.glob(f"{glob.escape(base)}{TMP_MARK}*"):
-        pid = folder.name[len(base) + len(TMP_MARK):]
-        if not pid.isdigit() or folder.is_symlink() or not folder.is_dir() or _process_alive(int(pid)):
+    for folder in out_dir.glob(f"{glob.escape(base)}{TMP_MARK}*"):
+        pid = temporary_pid(folder.name, base)
+        if pid is None or folder.is_symlink() or not folder.is_dir() or _process_alive(pid):
             continue
         entries = list(folder.iterdir())
         if all(e.is_file() and not e.is_symlink() and e.name.split(TMP_MARK)[0] in ours for e in entries):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+def staging_base(stem: str) -> str:
+    """The hidden staging folder of ``stem``'s export set, before ``temporary_name`` adds this process's id."""
+    return f".{stem}.export"
 
 
 def _process_alive(pid: int) -> bool:
