@@ -119,6 +119,40 @@ def test_two_real_ctrl_c_in_a_row_exit_130_with_a_valid_checkpoint(tiny_idx: Pat
     load_state(tmp_path / "out" / "checkpoint_last.pth")  # verifies: old or new, never half
 
 
+def test_a_signal_while_the_final_reports_are_written_lets_them_finish(tiny_idx: Path, tmp_path: Path):
+    # The chaos test once struck here: SIGTERM raised inside matplotlib's import (a pybind11 module),
+    # which turned it into "ImportError: initialization failed" and crashed the interpreter's exit (-6).
+    proc = start_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], tmp_path)
+    for line in proc.stdout:  # the log goes to stdout; this line comes right before the reports
+        if "completed 3 epochs" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received: the training has finished and is saved; writing the final reports first" in err
+    assert "the reports were completed and the run is complete" in out
+    for name in ("report.html", "model_card.md", "evaluation.json", "label_review.csv"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert load_state(tmp_path / "out" / "checkpoint_last.pth")["finished"] is not None
+
+
+def test_a_signal_during_an_import_exits_with_its_code_instead_of_raising_into_the_import(tmp_path: Path):
+    # An exception raised inside a module's initialisation cannot be recovered from (a C extension
+    # turns it into an ImportError and leaves a half-made module behind): the guard leaves at once.
+    (tmp_path / "strikes_while_imported.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(10)\n")
+    script = ("import sys\nfrom cnn_finetune.training.signals import SignalGuard\n"
+              "with SignalGuard():\n"
+              "    try:\n        import strikes_while_imported\n"
+              "    except BaseException as err:\n        print('raised into the import:', repr(err)); sys.exit(7)\n"
+              "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert "terminated at once by SIGTERM" in proc.stderr
+    assert proc.stdout == ""
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. CUDA out of memory (injected as torch.OutOfMemoryError, the exception CUDA raises)
 

@@ -74,6 +74,8 @@ from .runtime import configure_threads, resolve_device, versions
 from .training.signals import SignalGuard
 from .training.trainer import RobustTrainer
 
+REPORTS_NOTE = "the training has finished and is saved; writing the final reports first (a few seconds)"
+
 
 @dataclass
 class PreparedData:
@@ -173,7 +175,7 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
                             "training continues at the same sample position, but the result is not bit-identical to a "
                             f"run that kept {plan.state.get('world_size', 1)} (the gradients are summed in another order)")
         if plan.finished:
-            return already_finished(plan.config, run, plan, data, device, dist)
+            return already_finished(plan.config, run, plan, data, device, dist, guard)
         return fit_planned(plan, data, base, base_note, device, run, guard, dist, early)
 
 
@@ -193,9 +195,10 @@ def fit_planned(plan: ResumePlan, data: PreparedData, base: Path | None, base_no
         first_save(trainer, plan, run)
         fit = trainer.fit()
         logger.info(fit.message)
-        review = trainer.steps.review.state_dict(dist.sum_)  # every rank: the sum over the ranks is a collective
-        if dist.is_main:
-            write_reports(run, cfg, data, trainer.history, run_config, device, review)
+        with finishing(guard):
+            review = trainer.steps.review.state_dict(dist.sum_)  # every rank: the sum over the ranks is a collective
+            if dist.is_main:
+                write_reports(run, cfg, data, trainer.history, run_config, device, review)
         result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
         log_best(result, cfg)
     return result
@@ -627,7 +630,7 @@ def write_manifests(run: RunDir, report: dict[str, Any], run_config: dict[str, A
 
 
 def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: PreparedData, device: torch.device,
-                     dist: Dist | None = None) -> RunResult:
+                     dist: Dist | None = None, guard: SignalGuard | None = None) -> RunResult:
     """A run that already ended is not trained again; its reports are redrawn only if they are missing."""
     state = plan.state or {}
     message = (f"this run already finished ({state['finished']['detail']}); nothing to do. "
@@ -635,7 +638,7 @@ def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: Prep
     logger.info(message)
     history = state.get("history", [])
     if not (run / MODEL_CARD).exists() and (dist or Dist()).is_main:
-        with run.lock():
+        with run.lock(), finishing(guard):
             write_reports(run, cfg, data, history, manifest(cfg, data, device, state.get("init")), device,
                           state.get("label_review"))
     best = (state.get("best_keeper") or {}).get("entries") or [None]
@@ -645,6 +648,21 @@ def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: Prep
 
 
 # --- stage 6 ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def finishing(guard: SignalGuard | None) -> Iterator[None]:
+    """The end of a run whose training is complete and saved: a first stop signal lets the reports
+    finish (a few seconds) instead of cutting them, a second one still aborts at once. The run
+    then ends as finished, since nothing is left to resume."""
+    if guard is None:
+        yield
+        return
+    with guard.deferring(REPORTS_NOTE):
+        yield
+    if guard.stop_requested:
+        logger.info(f"{guard.name} arrived after the training had finished: the reports were completed and the "
+                    "run is complete")
 
 
 def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: list[dict[str, Any]],

@@ -42,6 +42,22 @@ def abort_message(name: str, second: bool) -> str:
            "Run the same command to continue."
 
 
+def importing(frame: FrameType | None) -> bool:
+    """True when ``frame`` runs inside an import (a module's initialisation is on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _write_stderr(text: str) -> None:
+    try:
+        os.write(2, text.encode())  # print() is not safe inside a signal handler
+    except OSError:
+        pass
+
+
 class SignalGuard:
     """Context manager that turns stop signals into ``Interrupted`` or, while deferring, into a flag."""
 
@@ -83,13 +99,17 @@ class SignalGuard:
             return  # the same signal delivered twice (terminal and launcher): one request
         if not self._deferring or self.received is not None:
             second = self.received is not None
+            if importing(frame):
+                # An exception raised inside a module's initialisation is not one Python code can recover
+                # from: a C extension (pybind11: matplotlib, kiwisolver) turns it into "ImportError:
+                # initialization failed", the half-made module then crashes the interpreter's exit (SIGABRT).
+                # Every file is written atomically and stale temporaries are removed by the next start,
+                # so leaving at once with the signal's exit code loses nothing.
+                _write_stderr(f"\n{name}: {abort_message(name, second)}\n")
+                os._exit(EXIT_CODES[signum])
             raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[signum], second=second)
         self.received, self._received_at = signum, time.monotonic()
-        msg = f"\n{name} received: {self._deferred_note} (send it again to abort at once)\n"
-        try:
-            os.write(2, msg.encode())  # print() is not safe inside a signal handler
-        except OSError:
-            pass
+        _write_stderr(f"\n{name} received: {self._deferred_note} (send it again to abort at once)\n")
 
     @contextmanager
     def deferring(self, note: str = "finishing the current step and saving a checkpoint") -> Iterator["SignalGuard"]:
