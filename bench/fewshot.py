@@ -84,6 +84,9 @@ VARIANTS = {
                       "--set", "budget_max_epochs_finetune=30"]),
     "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                        "--set", "budget_max_epochs_finetune=120"]),
+    # The temperature fitted on the whole validation split, which also picked the epoch (before issue 19's
+    # calibration part): the same models as the default before, another temperature.
+    "cal0": ("base", ["--set", "calibration_fraction=0"]),
     # A moving average of the weights (issue 18): the last ~10% of the updates, or ~33% (ema_warmup=4).
     "ema": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999"]),
     "ema-wide": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "ema_warmup=4"]),
@@ -190,7 +193,8 @@ def run_command(args: list[str], work: Path, threads: int, timeout: float = 3600
     test = json.loads((out / "test_evaluation.json").read_text())
     history = json.loads((out / "history.json").read_text())
     config = json.loads((out / "config_finetuned.json").read_text())
-    result.update({"test_acc": test["accuracy"], "epochs_run": len(history), "epochs_planned": config["config"]["epochs"],
+    result.update({"test_acc": test["accuracy"], "test_ece": test.get("ece"), "test_ece_uncalibrated": test.get("ece_uncalibrated"),
+                   "temperature": test.get("temperature"), "epochs_run": len(history), "epochs_planned": config["config"]["epochs"],
                    "best_epoch": test["model"].get("epoch"), "init_note": config["resolved"].get("init"),
                    "automatic": config["resolved"].get("automatic", {}),
                    "feature_lr_scale": config["config"].get("feature_lr_scale")})
@@ -243,6 +247,10 @@ def summarize_variants(results: list[dict[str, Any]]) -> dict[str, dict[str, Any
                               "seconds": float(np.mean([r["seconds"] for r in rows])),
                               "epochs": float(np.mean([r["epochs_run"] for r in rows])),
                               "seeds": sorted(r["seed"] for r in rows)}
+            eces = [100 * r["test_ece"] for r in rows if r.get("test_ece") is not None]
+            if eces:  # test ECE after temperature scaling, points (runs logged before it was recorded have none)
+                cells[variant].update(ece_mean=float(np.mean(eces)), ece_sd=float(np.std(eces, ddof=1)) if len(eces) > 1 else 0.0,
+                                      ece_max=float(np.max(eces)), ece_n=len(eces))
         best = max(cells, key=lambda v: cells[v]["mean"])
         for variant, cell in cells.items():
             cell["minus_best"] = cell["mean"] - cells[best]["mean"]
@@ -257,7 +265,8 @@ def markdown_variants(table: dict[str, dict[str, Any]], variants: list[str]) -> 
             c = cells.get(v)
             if c is None:
                 return "n/a"
-            return f"{c['mean']:.2f} ± {c['sd']:.2f} (n={c['n']}; {c['minus_best']:+.2f}; {c['seconds']:.0f} s)"
+            ece = f"; ECE {c['ece_mean']:.2f} ± {c['ece_sd']:.2f}" if "ece_mean" in c else ""
+            return f"{c['mean']:.2f} ± {c['sd']:.2f} (n={c['n']}; {c['minus_best']:+.2f}; {c['seconds']:.0f} s{ece})"
         lines.append(f"| {set_name} | " + " | ".join(cell(v) for v in variants) + " |")
     return "\n".join(lines)
 

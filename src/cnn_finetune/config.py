@@ -75,6 +75,9 @@ class TrainConfig:
     test_data: str | None = _f(None, "a test source evaluated with the best model at the end (e.g. t10k-images-idx3-ubyte.gz, or mnist.npz: its x_test); "
                                      "never used for training or model selection", flag=True, resume=FREE)
     val_fraction: float = _f(0.1, "share of each class held out for validation", flag=True)
+    calibration_fraction: float = _f(0.3, "share of each class's validation images kept apart from the choice of the "
+                                          "best epoch and used only to fit the confidence's temperature (a split that "
+                                          "also picked the epoch flatters the model; 0: fit it on the whole split)")
     polarity: str = _f("auto", "raw images: auto-detect from the border, invert, or keep", flag=True)
     balance: str = _f("none", "class imbalance: none, weighted_loss or sampler", flag=True)
     cache_dir: str | None = _f(None, "preprocessed-data cache; None: $CNN_FINETUNE_CACHE, else $XDG_CACHE_HOME/cnn_finetune", resume=FREE)
@@ -201,6 +204,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         (not 0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing={cfg.label_smoothing} must be in [0, 1), e.g. 0.1"),
         (not 0.0 <= cfg.warmup_fraction < 1.0, f"warmup_fraction={cfg.warmup_fraction} must be in [0, 1), e.g. 0.25"),
         (not 0.0 <= cfg.momentum < 1.0, f"momentum={cfg.momentum} must be in [0, 1), e.g. 0.9"),
+        (not 0.0 <= cfg.calibration_fraction < 1.0,
+         f"calibration_fraction={cfg.calibration_fraction} must be in [0, 1), e.g. 0.3 (0: calibrate on the whole validation split)"),
         (not 0.0 <= cfg.ema_decay < 1.0, f"ema_decay={cfg.ema_decay} must be in [0, 1), e.g. 0.999 (0: off)"),
         (not cfg.ema_warmup > 1.0, f"ema_warmup={cfg.ema_warmup} must be above 1, e.g. 10"),
         (cfg.aug_translate >= 0.5, f"aug_translate={cfg.aug_translate} would move digits out of the image; use < 0.5 (e.g. 0.1)"),
@@ -321,12 +326,17 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
     return TrainConfig.from_dict(values, source=source if not overrides else f"{source} + command line")
 
 
+# What a run did before the setting existed, where that differs from today's default.
+LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0}
+
+
 def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Human-readable list of settings that differ in a way that forbids resuming."""
     now = current.to_dict()
     free = resume_free_keys()
-    # A setting added after the checkpoint was written (e.g. aug_elastic) had its default's effect then.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # A setting added after the checkpoint was written (e.g. aug_elastic) had its default's effect then,
+    # or, where today's default differs from what runs did before the setting existed, that behaviour.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | LEGACY_DEFAULTS
     out = []
     for key in sorted(set(saved) | set(now)):
         if key in free:

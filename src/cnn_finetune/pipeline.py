@@ -37,7 +37,7 @@ from .data.augment import to_unit
 from .files.checkpoint import atomic_write_json, load_checkpoint
 from .files.kinds import special_kind
 from .training.checkpoint_manager import CheckpointManager, load_latest
-from .config import DEFAULT_BASE_MODEL, TrainConfig, packaged_base_model, resume_mismatches
+from .config import DEFAULT_BASE_MODEL, LEGACY_DEFAULTS, TrainConfig, packaged_base_model, resume_mismatches
 from .data.loader import (
     Dataset,
     SplitData,
@@ -91,6 +91,12 @@ class PreparedData:
         n = len(self.split.train_labels)
         batch = min(batch_size, n)
         return batch, math.ceil(n / batch)
+
+    def hold_out_for_calibration(self, cfg: TrainConfig) -> None:
+        """Set apart the run's calibration part of the validation split (after the plan: a resumed run
+        keeps the share it started with)."""
+        self.split.hold_out_for_calibration(cfg.calibration_fraction, cfg.seed)
+        self.report.setdefault("split", {})["calibration"] = int(self.split.calibration.sum())
 
     def use_normalization(self, norm: dict[str, Any]) -> None:
         """Continue with the normalisation a resumed run started with, whatever computes it today."""
@@ -174,6 +180,7 @@ def run_training(cfg: TrainConfig, dist: Dist, device: torch.device, guard: Sign
                 logger.info(f"resuming a checkpoint of {plan.state.get('world_size', 1)} process(es) with {dist.world}: "
                             "training continues at the same sample position, but the result is not bit-identical to a "
                             f"run that kept {plan.state.get('world_size', 1)} (the gradients are summed in another order)")
+        data.hold_out_for_calibration(plan.config)
         if plan.finished:
             return already_finished(plan.config, run, plan, data, device, dist, guard)
         return fit_planned(plan, data, base, base_note, device, run, guard, dist, early)
@@ -431,6 +438,10 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     resolved = resolve(dataclasses.replace(cfg, feature_lr_scale=saved_scale) if keep_scale else cfg, steps, fine_tuning)
     if keep_scale:
         resolved.notes["feature_lr_scale"] = f"{chosen}; decided when the run started, kept"
+    for key, legacy in LEGACY_DEFAULTS.items():
+        if key not in state["config"]:  # a run that started before the setting existed goes on as it began
+            resolved.config = dataclasses.replace(resolved.config, **{key: legacy})
+            resolved.notes[key] = f"{legacy}; the run started before this setting existed, kept"
     planned = int(state["config"]["epochs"])
     finished = state.get("finished")
     done = int(finished["epoch"]) if finished else int(state["position"]["epoch"])
@@ -698,7 +709,9 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
         run_report(run, history, meta, val, split, rows)
-        line = f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}%"
+        held = int(split.calibration.sum())
+        line = (f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}% on all "
+                f"{val['num_samples']} validation images" + (f" ({held} kept apart for the temperature)" if held else ""))
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
         cal = meta["calibration"]
@@ -713,19 +726,24 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
 
 def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData, device: torch.device,
               train_out: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Fit the temperature and the "unknown" threshold on the validation split, and the feature distance
-    (class means and shared precision from ``train_out``, the training split's logits and features) with
-    its threshold on the validation split; store them in the best model."""
+    """Fit the temperature on the calibration part of the validation split (the images that did not
+    pick the best epoch, which would flatter it), the "unknown" threshold on the whole split, and the
+    feature distance (class means and shared precision from ``train_out``, the training split's logits
+    and features) with its threshold on the whole split; store them in the best model."""
     from .tools.calibration import (ECE_BINS, KEEP_CORRECT, calibrated_probs, fit_distance_check, fit_temperature,
                                     unknown_threshold)
     from .tools.inference import predict_logits_and_features
     from .training.checkpoint_manager import add_to_best_model
 
     logits, val_features = predict_logits_and_features(model, meta, split.val_images, device)
-    temperature = fit_temperature(logits, split.val_labels)
+    held_out = split.calibration.to(logits.device)
+    part = held_out if bool(held_out.any()) else torch.ones_like(held_out)
+    temperature = fit_temperature(logits[part], split.val_labels[part.to(split.val_labels.device)])
     threshold = unknown_threshold(calibrated_probs(logits, temperature), split.val_labels)
-    calibration = {"temperature": temperature, "unknown_threshold": threshold, "fitted_on": "validation split",
-                   "num_images": int(split.val_labels.numel()), "keep_correct": KEEP_CORRECT, "ece_bins": ECE_BINS}
+    calibration = {"temperature": temperature, "unknown_threshold": threshold,
+                   "fitted_on": ("validation images kept apart from the choice of the epoch" if bool(held_out.any())
+                                 else "validation split"),
+                   "num_images": int(part.sum()), "keep_correct": KEEP_CORRECT, "ece_bins": ECE_BINS}
     distance = fit_distance_check(train_out[1], split.train_labels, val_features,
                                   logits.argmax(1) == split.val_labels.cpu())
     if distance is not None:

@@ -110,10 +110,31 @@ class SplitData:
     std: float
     fingerprint: str
     train_origin: list[str] = field(default_factory=list)  # Dataset.origin of each training image
+    # Validation images kept apart from the choice of the best epoch, to fit the temperature on
+    # (``hold_out_for_calibration``); none: every validation image also selects.
+    calibration: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     def __post_init__(self) -> None:
         if len(self.train_origin) != len(self.train_labels):
             self.train_origin = [f"training image {i}" for i in range(len(self.train_labels))]
+        if len(self.calibration) != len(self.val_labels):
+            self.calibration = torch.zeros(len(self.val_labels), dtype=torch.bool)
+
+    def hold_out_for_calibration(self, fraction: float, seed: int) -> None:
+        """Keep ``fraction`` of each class's validation images apart for calibration (0: none)."""
+        self.calibration = calibration_mask(self.val_labels, fraction, seed)
+
+    def selection_part(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation images and labels that choose the best epoch (and stop the run early)."""
+        keep = ~self.calibration
+        return self.val_images[keep], self.val_labels[keep]
+
+    def calibration_part(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation images and labels the temperature is fitted on: those kept apart from the
+        selection, or the whole split when none are."""
+        if not bool(self.calibration.any()):
+            return self.val_images, self.val_labels
+        return self.val_images[self.calibration], self.val_labels[self.calibration]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,6 +694,24 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+
+
+def calibration_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Seeded, stratified choice of ``fraction`` of each class's images (True: chosen).
+
+    A class keeps at least one image unchosen, so every class still takes part in the selection; a
+    class with a single image gives none.
+    """
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    if fraction <= 0 or not labels.numel():
+        return mask
+    g = torch.Generator().manual_seed((seed * 104729 + 29) & 0xFFFFFFFFFFFFFFFF)  # a stream apart from the split's
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels.cpu() == c).flatten()
+        n = min(int(round(idx.numel() * fraction)), idx.numel() - 1)
+        if n > 0:
+            mask[idx[torch.randperm(idx.numel(), generator=g)[:n]]] = True
+    return mask
 
 
 def normalization_stats(images: torch.Tensor) -> tuple[float, float]:

@@ -20,7 +20,8 @@ class DeviceData:
 
     def __init__(self, data: SplitData, device: torch.device, batch_size: int, seed: int, balance: str = "none") -> None:
         self.x_train, self.y_train = data.train_images.to(device), data.train_labels.to(device)
-        self.x_val, self.y_val = data.val_images.to(device), data.val_labels.to(device)
+        x_val, y_val = data.selection_part()  # the calibration part never picks the epoch
+        self.x_val, self.y_val = x_val.to(device), y_val.to(device)
         self.device, self.seed = device, seed
         n = len(self.y_train)
         self.batch_size = min(batch_size, n)
