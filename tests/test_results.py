@@ -413,6 +413,11 @@ def test_export_agrees_with_pytorch(trained: SimpleNamespace, tiny_idx: Path) ->
     assert side["class_names"] == trained.meta["class_names"]
     assert side["normalization"] == {k: pytest.approx(v) for k, v in trained.meta["normalization"].items()}
     assert side["input"]["shape"] == ["batch", 1, 28, 28] and side["polarity"] == trained.meta["config"]["polarity"]
+    # A consumer of the ONNX/TorchScript file gets the run's temperature and "unknown" threshold too.
+    cal = trained.meta["calibration"]
+    assert side["calibration"]["temperature"] == pytest.approx(cal["temperature"])
+    assert side["calibration"]["unknown_threshold"] == pytest.approx(cal["unknown_threshold"])
+    assert ".safetensors" in side["calibration"]["feature_distance"]
 
     ds = load_dataset(tiny_idx, use_cache=False)
     for n in (1, 37):  # any batch size, not only the one used for tracing

@@ -12,7 +12,8 @@ writes, next to each other (default folder: ``export/`` beside the model file):
   normalisation, architecture and the training config are JSON strings in its metadata header.
   Every tool of this package (``--model``, ``--base-model``) reads it like the ``.pth`` file;
 * ``<stem>.preprocessing.json``: what a consumer needs besides the network: class names, mean and
-  standard deviation, input shape and layout, polarity, and the result of the checks below.
+  standard deviation, input shape and layout, polarity, the calibration (temperature and "unknown"
+  confidence threshold), and the result of the checks below.
 
 Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
 ``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
@@ -66,6 +67,7 @@ from ..files.checkpoint import (
 )
 from ..files.rundir import EXPORT, TMP_MARK, temporary_name, temporary_pid
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
+from .calibration import model_distance, model_temperature, model_threshold
 from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
 from ..log import printable
 from ..model.loading import load_model_file
@@ -352,7 +354,9 @@ def export_sidecar(model_path: Path, meta: dict[str, Any], files: dict[str, str 
             "value": "(pixel / 255 - mean) / std of a uint8 28x28 grayscale image, bright strokes on a dark background",
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta["class_names"])], "dtype": "float32",
-                   "value": "logits; softmax gives probabilities, in the order of class_names"},
+                   "value": "logits, in the order of class_names; softmax(logits / calibration.temperature) gives "
+                            "calibrated probabilities (plain softmax when calibration is null)"},
+        "calibration": sidecar_calibration(meta),
         "polarity": model_polarity(meta),
         "preprocessing": (
             "cnn_finetune.data.imageprep.load_image_file(path, polarity, light=True): grayscale; invert when the "
@@ -368,6 +372,18 @@ def export_sidecar(model_path: Path, meta: dict[str, Any], files: dict[str, str 
         "checks": checks,
         "versions": _versions(),
     }
+
+
+def sidecar_calibration(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's temperature and "unknown" confidence threshold, for a consumer of the TorchScript or ONNX
+    file (which returns logits only); None for a model file made before calibration existed."""
+    if not isinstance(meta.get("calibration"), dict):
+        return None
+    return {"temperature": model_temperature(meta), "unknown_threshold": model_threshold(meta),
+            "rule": "unknown when max(softmax(logits / temperature)) < unknown_threshold",
+            "feature_distance": ("the second check (squared Mahalanobis distance of the penultimate features) needs "
+                                 "the features, which these networks do not return: it is in the .safetensors "
+                                 "metadata and used by this package's tools") if model_distance(meta) else None}
 
 
 def _versions() -> dict[str, str]:
