@@ -154,7 +154,10 @@ def test_predict_answers_unknown_under_the_threshold(reference_run: Path, tmp_pa
     assert "one.png: unknown (confidence under 100.0%; best guess " in text.stdout
     assert "1 answered unknown" in text.stderr
     csv_out = run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--csv", "--min-confidence", "0"], tmp_path)
-    assert csv_out.stdout.splitlines()[0].endswith(",unknown,error") and ",false," in csv_out.stdout
+    header, row = csv_out.stdout.splitlines()[:2]
+    assert header.endswith(",unknown,distance,error") and ",false," in row
+    json_row = json.loads(run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--json"], tmp_path).stdout)[0]
+    assert float(row.split(",")[-2]) == pytest.approx(json_row["distance"], rel=1e-4)  # the same distance as --json
     bad = run_tool("predict", ["--model", model, str(tmp_path / "one.png"), "--min-confidence", "1.5"], tmp_path)
     assert bad.returncode == 2 and "--min-confidence 1.5 must be a probability from 0 to 1" in bad.stderr
 

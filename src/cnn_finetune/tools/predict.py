@@ -212,16 +212,18 @@ def write_json(results: Sequence[Prediction], out: TextIO) -> None:
 
 
 def write_csv(results: Sequence[Prediction], out: TextIO, top_k: int) -> None:
-    """CSV with columns ``file, class_1, probability_1, ..., class_k, probability_k, unknown, error``."""
+    """CSV with columns ``file, class_1, probability_1, ..., class_k, probability_k, unknown, distance, error``
+    (``distance``: the squared feature distance to the nearest class mean; empty without a distance check)."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["file"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "probability")]
-                    + ["unknown", "error"])
+                    + ["unknown", "distance", "error"])
     for r in results:
         cells: list[Any] = []
         for i in range(top_k):
             cells += [r.top[i][0], f"{r.top[i][1]:.6f}"] if i < len(r.top) else ["", ""]
         unknown = "" if r.error is not None else str(r.unknown).lower()
-        writer.writerow([r.file] + cells + [unknown, r.error or ""])
+        distance = "" if r.distance is None else f"{r.distance:.4f}"
+        writer.writerow([r.file] + cells + [unknown, distance, r.error or ""])
 
 
 # ------------------------------------------------------------------------------------------------
