@@ -39,7 +39,7 @@ def test_artifacts_and_their_contents(reference_run: Path, tiny_idx: Path):
     assert cfg["resolved"]["steps_per_epoch"] == 6  # 360 training images / 64
     assert set(cfg["versions"]) >= {"python", "torch", "cnn_finetune"} and len(cfg["data_fingerprint"]) == 64
     report = json.loads((out / "data_report.json").read_text())
-    assert report["split"] == {"train": 360, "val": 40, "seed": 42, "val_fraction": 0.1}
+    assert report["split"] == {"train": 360, "val": 40, "seed": 42, "val_fraction": 0.1, "calibration": 10}
     assert report["train_source"]["num_images"] == 400 and report["train_source"]["num_skipped"] == 0
     assert sum(report["train_class_counts"].values()) == 360
 

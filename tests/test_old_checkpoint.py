@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import FAST, assert_same_weights, load_state, run_cli, stripped_history
+from conftest import FAST, assert_same_weights, finished_run, load_state, run_cli, stripped_history
 
 FIXTURE = Path(__file__).parent / "fixtures" / "premove_run"
 
@@ -27,12 +28,22 @@ def test_checkpoint_holds_no_class_paths() -> None:
     assert state["position"]["global_step"] == 9
 
 
-def test_a_run_saved_before_the_move_resumes_bit_exactly(reference_run: Path, tiny_idx: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def whole_split_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Today's uninterrupted run as a run of that time validated: on the whole validation split (the
+    calibration part came later; a run begun before it keeps doing so when resumed)."""
+    return finished_run([*FAST, "--data", str(tiny_idx), "--set", "calibration_fraction=0"], tmp_path_factory, "wholeref")
+
+
+def test_a_run_saved_before_the_move_resumes_bit_exactly(reference_run: Path, whole_split_reference: Path,
+                                                        tiny_idx: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(FIXTURE, out)
     proc = run_cli([*FAST, "--data", str(tiny_idx), "--output-dir", "out"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "resum" in proc.stdout.lower()
+    # The validation split never touches the weights: those of today's default run, bit for bit.
     assert_same_weights(reference_run / "checkpoint_last.pth", out / "checkpoint_last.pth")
-    assert stripped_history(reference_run) == stripped_history(out)
+    assert stripped_history(whole_split_reference) == stripped_history(out)
+    assert stripped_history(reference_run) != stripped_history(out)  # (today's default validates on 30 of the 40)
     assert len(json.loads((out / "history.json").read_text())) == 3

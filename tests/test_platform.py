@@ -96,3 +96,6 @@ def test_signal_handling_needs_no_posix_only_signal():
     assert (signal.SIGHUP in signals.EXIT_CODES) == hasattr(signal, "SIGHUP")
     source = Path(signals.__file__).read_text()
     assert source.count("signal.SIGHUP") == 1 and 'hasattr(signal, "SIGHUP")' in source  # used only behind the guard
+    # SIGALRM (the look-again timer after an import) is touched only where setitimer exists.
+    first = source.index("signal.SIGALRM")
+    assert 'hasattr(signal, "setitimer") and' in source[first - 200:first]

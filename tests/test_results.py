@@ -137,15 +137,17 @@ def test_evaluate_script_on_idx_is_consistent(trained: SimpleNamespace, tiny_idx
 
 
 def test_evaluate_arrays_reproduces_the_trainers_validation(trained: SimpleNamespace, tiny_idx: Path) -> None:
-    """On the validation split, the library gives the accuracy and loss the trainer recorded."""
-    from cnn_finetune.data.loader import load_dataset, stratified_split
+    """On the validation images that choose the epoch (the split less its calibration part), the library
+    gives the accuracy and loss the trainer recorded."""
+    from cnn_finetune.data.loader import calibration_mask, load_dataset, stratified_split
     from cnn_finetune.tools.evaluate import evaluate_arrays
 
     ds = load_dataset(tiny_idx, use_cache=False)
     cfg = trained.meta["config"]
     _, val = stratified_split(ds.labels, cfg["val_fraction"], cfg["seed"])
+    val = val[~calibration_mask(ds.labels[val], cfg["calibration_fraction"], cfg["seed"])]
     report = evaluate_arrays(trained.model, trained.meta, ds.images[val], ds.labels[val], "cpu")
-    assert report["num_samples"] == len(val) == 40
+    assert report["num_samples"] == len(val) == 30
     assert report["accuracy"] == pytest.approx(trained.meta["metrics"]["val_acc"], abs=1e-12)
     assert report["loss"] == pytest.approx(trained.meta["metrics"]["val_loss"], rel=1e-5)
     assert report["model"]["epoch"] == trained.meta["epoch"]

@@ -201,8 +201,8 @@ def fit_planned(plan: ResumePlan, data: PreparedData, base: Path | None, base_no
         dist.barrier()  # the folder is ready
         first_save(trainer, plan, run)
         fit = trainer.fit()
-        logger.info(fit.message)
         with finishing(guard):
+            logger.info(fit.message)
             review = trainer.steps.review.state_dict(dist.sum_)  # every rank: the sum over the ranks is a collective
             if dist.is_main:
                 write_reports(run, cfg, data, trainer.history, run_config, device, review)

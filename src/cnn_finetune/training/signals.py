@@ -2,6 +2,8 @@
 
 ``SignalGuard`` is installed for a whole run. Outside the training loop a signal stops the run at
 once (``Interrupted``): nothing half-written can be left, since every file is written atomically.
+Only an import in progress holds it back until it has finished (an exception inside a module's
+initialisation can crash the interpreter; a 20 ms timer on SIGALRM looks again).
 Inside ``deferring()`` (the loop) the first signal only sets a flag: the loop finishes the current
 step, saves, and raises ``Interrupted`` itself. A second signal while the first is being handled
 (for example during that save) raises at once: the atomic writer then removes its temporary file
@@ -31,6 +33,7 @@ if hasattr(signal, "SIGHUP"):  # not on Windows
 # ignored. An ignored SIGINT or SIGTERM (a script's background job) is still handled: Ctrl+C or a kill must
 # stop the run cleanly, never be lost.
 KEPT_IF_IGNORED = frozenset(sig for sig in EXIT_CODES if sig.name == "SIGHUP")
+RETRY_SECONDS = 0.02  # how often a stop held during an import looks again
 
 
 def abort_message(name: str, second: bool) -> str:
@@ -68,6 +71,8 @@ class SignalGuard:
         self._deferring = False
         self._deferred_note = ""
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[int, bool] | None = None  # a stop held until an import finishes
+        self._alarm = False  # SIGALRM is ours (to look again after an import)
 
     @property
     def stop_requested(self) -> bool:
@@ -99,17 +104,32 @@ class SignalGuard:
             return  # the same signal delivered twice (terminal and launcher): one request
         if not self._deferring or self.received is not None:
             second = self.received is not None
-            if importing(frame):
-                # An exception raised inside a module's initialisation is not one Python code can recover
-                # from: a C extension (pybind11: matplotlib, kiwisolver) turns it into "ImportError:
-                # initialization failed", the half-made module then crashes the interpreter's exit (SIGABRT).
-                # Every file is written atomically and stale temporaries are removed by the next start,
-                # so leaving at once with the signal's exit code loses nothing.
-                _write_stderr(f"\n{name}: {abort_message(name, second)}\n")
-                os._exit(EXIT_CODES[signum])
+            if importing(frame) and self._retry_after_import(signum, second):
+                return
             raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[signum], second=second)
         self.received, self._received_at = signum, time.monotonic()
         _write_stderr(f"\n{name} received: {self._deferred_note} (send it again to abort at once)\n")
+
+    def _retry_after_import(self, signum: int, second: bool) -> bool:
+        """Hold the stop until the import in progress has finished: an exception raised inside a module's
+        initialisation is not one Python recovers from (a C extension such as matplotlib's pybind11
+        modules turns it into "ImportError: initialization failed", and the half-made module then crashes
+        the interpreter's exit with SIGABRT). A short timer looks again; False where there is none."""
+        if not self._alarm:
+            return False
+        self._pending = (signum, second)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+        return True
+
+    def _after_import(self, signum: int, frame: FrameType | None) -> None:
+        if self._pending is None:
+            return
+        if importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+            return
+        (held, second), self._pending = self._pending, None
+        name = signal.Signals(held).name
+        raise Interrupted(abort_message(name, second), signal_name=name, exit_code=EXIT_CODES[held], second=second)
 
     @contextmanager
     def deferring(self, note: str = "finishing the current step and saving a checkpoint") -> Iterator["SignalGuard"]:
@@ -132,9 +152,16 @@ class SignalGuard:
             for sig in EXIT_CODES:
                 if not (sig in KEPT_IF_IGNORED and signal.getsignal(sig) is signal.SIG_IGN):
                     self._previous[sig] = signal.signal(sig, self._handle)
+            # Only where nobody else uses SIGALRM (and it exists: not on Windows).
+            if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
+                self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._after_import)
+                self._alarm = True
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._alarm, self._pending = False, None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
