@@ -225,14 +225,21 @@ def test_the_probe_looks_at_a_stratified_capped_subset():
     assert probe_subset(images[:50], labels[:50], limit=300)[1].tolist() == labels[:50].tolist()
 
 
-@pytest.mark.parametrize("separability, why", [(None, "feature layers learn slower than the new head)"),
-                                               (0.97, "97.0% nearest-class-mean accuracy, at least 90%: classes much like"),
-                                               (0.80, "80.0% nearest-class-mean accuracy, below 90%: classes new to")])
-def test_the_fine_tuning_factor_says_how_well_the_base_features_fit(separability, why):
-    tuned = resolve(TrainConfig(), 36, fine_tuning=True, separability=separability)
-    # the same factor for digits and new scripts: the 3-seed benchmark found no better one for either
-    assert tuned.config.feature_lr_scale == 0.3 and why in tuned.notes["feature_lr_scale"]
-    assert tuned.notes["feature_lr_scale"].startswith("auto: 0.3 (")
+@pytest.mark.parametrize("separability, per_class, factor, why", [
+    (None, 90, 0.3, "feature layers learn slower than the new head)"),
+    (0.97, 27, 0.3, "97.0% nearest-class-mean accuracy, at least 90%: classes much like"),
+    (0.97, 90, 0.3, "97.0% nearest-class-mean accuracy, at least 90%: classes much like"),  # digits, however many
+    (0.80, 27, 0.3, "80.0% nearest-class-mean accuracy, below 90%: classes new to the base model, and 27 training "
+                    "images per class, under 50: faster feature layers would overfit them)"),
+    (0.80, 90, 1.0, "below 90%: classes new to the base model, and 90 training images per class, at least 50: enough "
+                    "for the feature layers to learn at the head's rate)"),
+    (0.80, None, 0.3, "below 90%: classes new to the base model: faster")])
+def test_the_fine_tuning_factor_follows_how_well_the_base_features_fit_and_how_many_images(separability, per_class,
+                                                                                           factor, why):
+    tuned = resolve(TrainConfig(), 36, fine_tuning=True, separability=separability, per_class=per_class)
+    # 0.3 for digits, and for new classes with few images; 1.0 for new classes with enough of them
+    assert tuned.config.feature_lr_scale == factor and why in tuned.notes["feature_lr_scale"]
+    assert tuned.notes["feature_lr_scale"].startswith(f"auto: {factor} (")
     # from scratch, or with an explicit factor, the measurement changes nothing
     assert resolve(TrainConfig(), 36, fine_tuning=False, separability=separability).config.feature_lr_scale == 1.0
     explicit = resolve(TrainConfig(feature_lr_scale=0.5), 36, fine_tuning=True, separability=separability)
@@ -275,6 +282,28 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
     assert manifest["config"]["feature_lr_scale"] == 0.3
-    assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("in the few-shot benchmark); decided when "
-                                                                          "the run started, kept")
+    assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("faster feature layers would overfit them); "
+                                                                          "decided when the run started, kept")
     assert len(json.loads((tmp_path / "scrambled" / "history.json").read_text())) == 2
+
+
+def test_new_classes_with_enough_images_fine_tune_the_features_at_full_rate(tmp_path: Path):
+    # 60 built-in digits per class with their pixels scrambled: classes the base model cannot separate,
+    # 54 training images each (at least ADAPT_MIN_PER_CLASS): the feature layers learn at the head's rate.
+    from cnn_finetune.data.loader import load_dataset, write_idx
+    from cnn_finetune.training.recipe import ADAPT_MIN_PER_CLASS
+
+    ds = load_dataset(None, use_cache=False)
+    pick = torch.cat([torch.nonzero(ds.labels == c).flatten()[:60] for c in range(10)])
+    order = np.random.default_rng(0).permutation(784)
+    images = ds.images[pick, 0].numpy().reshape(-1, 784)[:, order].reshape(-1, 28, 28)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.ascontiguousarray(images))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", ds.labels[pick].numpy().astype(np.uint8))
+    proc = run_cli(["--epochs", "1", "--batch-size", "64", "--cooldown", "0", "--data",
+                    str(tmp_path / "train-images-idx3-ubyte.gz"), "--output-dir", "out"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "config_finetuned.json").read_text())
+    why = manifest["resolved"]["automatic"]["feature_lr_scale"]
+    assert manifest["config"]["feature_lr_scale"] == 1.0 and 54 >= ADAPT_MIN_PER_CLASS
+    assert why.startswith("auto: 1.0 (fine-tuning from a base model;") and "54 training images per class" in why
+    assert f"feature_lr_scale: {why}" in proc.stdout

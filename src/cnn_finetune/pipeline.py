@@ -389,7 +389,10 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
 
     def start_afresh() -> Resolved:
         probe = base is not None and fine_tuning and cfg.feature_lr_scale is None
-        return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None)
+        labels = data.split.train_labels
+        per_class = len(labels) / max(1, len(data.split.class_names))
+        return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None,
+                       per_class=per_class)
     if not cfg.resume:
         fresh = start_afresh()
         if run.has_files() and Path.cwd().resolve().is_relative_to(run.path.resolve()):

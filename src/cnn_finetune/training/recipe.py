@@ -11,10 +11,12 @@ says why, from the size of the training set and from whether training starts fro
   means exactly N epochs.
 * patience: 8 epochs (the guide's default) for runs up to 15 epochs, scaled with longer runs, so that
   a long run on small data does not stop early by chance.
-* fine-tuning: with a base model, the feature layers learn at a fraction of the head's learning rate
-  (0.3, the best factor on digits and on new scripts alike, 3 seeds each); the start-up line also says
-  how well the base model's features already separate the user's classes (``feature_separability``).
-  A resumed run keeps the factor its start chose, whatever the default has become since.
+* fine-tuning: with a base model, the feature layers learn at a fraction of the head's learning rate:
+  0.3, the best factor on digits at every size and on new scripts with few images per class (3 seeds
+  each); 1.0 for classes new to the base model (their ``feature_separability``, how well the base
+  model's features already separate them, under 90%) with at least ``ADAPT_MIN_PER_CLASS`` images per
+  class. The start-up line says which and why. A resumed run keeps the factor its start chose,
+  whatever the default has become since.
 
 The numbers are chosen with ``bench/fewshot.py`` on several datasets and sizes (docs/PERFORMANCE.md).
 The resolved config is what the trainer uses and what checkpoints and model files record.
@@ -40,6 +42,11 @@ FINETUNE_FREEZE_EPOCHS = 0  # epochs on the head alone first, with a base model
 # the training split) the classes are new to the base model: MNIST digits measure 0.97-0.99, digits
 # and turned digits 0.82, Kazakh Cyrillic letters 0.75-0.81. Said at start-up; the factor is the same.
 SEPARABLE_THRESHOLD = 0.9
+# Classes new to the base model AND this many training images per class: the feature layers learn at
+# the head's rate (1.0). Few images of new classes overfit fast-moving features (30 per letter: 1.0 lost
+# 1.3 and 2.3 points on two new scripts); with 90 per letter it won by 1.1 (3 seeds; PERFORMANCE.md 7).
+ADAPT_MIN_PER_CLASS = 50
+ADAPT_FEATURE_LR_SCALE = 1.0
 PROBE_MAX_IMAGES = 2048  # the separability probe looks at most at this many training images (stratified)
 
 
@@ -64,30 +71,38 @@ def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool = Fals
                     f"(at least {cfg.budget_updates}, between {cfg.budget_min_epochs} and {ceiling} epochs{which})")
 
 
-def auto_feature_lr_scale(separability: float | None) -> tuple[float, str]:
-    """``feature_lr_scale`` when fine-tuning, and why; ``separability`` (``feature_separability`` of the
-    base model on the training split, None: not measured) is reported with it.
+def auto_feature_lr_scale(separability: float | None, per_class: float | None = None) -> tuple[float, str]:
+    """``feature_lr_scale`` when fine-tuning, and why, from ``separability`` (``feature_separability`` of
+    the base model on the training split, None: not measured) and ``per_class`` (training images per
+    class, None: not known).
 
-    The factor is the same for digits and for scripts the base model has never seen: in the 3-seed
-    sweep of issue 18 (docs/PERFORMANCE.md, section 7) 0.3 was the best factor or within 0.3 points of
-    the best on MNIST digits, on turned digits and on real Kazakh Cyrillic letters, and 1.0 lost 1.3
-    and 2.3 points on the two new scripts, so the measurement does not change the factor: it tells the user how
-    much of the base model's knowledge applies to their classes."""
+    0.3 in general: in the 3-seed sweeps of issue 18 (docs/PERFORMANCE.md, section 7) it was the best
+    factor or within 0.3 points of the best on MNIST digits (10 to 100 per class), on turned digits and
+    on real Kazakh Cyrillic letters at 10 and 30 per letter, where 1.0 lost 0.8 to 2.3 points. Classes
+    new to the base model with ``ADAPT_MIN_PER_CLASS`` images or more each get 1.0: on the letters at 100
+    per letter 0.3 was 1.1 points behind 1.0."""
     why = f"auto: {FINETUNE_FEATURE_LR_SCALE} (fine-tuning from a base model: the feature layers learn slower than the new head"
     if separability is None:
         return FINETUNE_FEATURE_LR_SCALE, why + ")"
-    known = ("at least {:.0f}%: classes much like the base model's" if separability >= SEPARABLE_THRESHOLD
-             else "below {:.0f}%: classes new to the base model").format(100 * SEPARABLE_THRESHOLD)
-    return FINETUNE_FEATURE_LR_SCALE, (f"{why}; the base model's features separate the training classes with "
-                                       f"{100 * separability:.1f}% nearest-class-mean accuracy, {known}; the same "
-                                       "factor was best for both in the few-shot benchmark)")
+    measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
+    if separability >= SEPARABLE_THRESHOLD:
+        return FINETUNE_FEATURE_LR_SCALE, (f"{why}; {measured}, at least {100 * SEPARABLE_THRESHOLD:.0f}%: classes much "
+                                           "like the base model's)")
+    new = f"{measured}, below {100 * SEPARABLE_THRESHOLD:.0f}%: classes new to the base model"
+    if per_class is not None and per_class >= ADAPT_MIN_PER_CLASS:
+        return ADAPT_FEATURE_LR_SCALE, (f"auto: {ADAPT_FEATURE_LR_SCALE} (fine-tuning from a base model; {new}, and "
+                                        f"{per_class:.0f} training images per class, at least {ADAPT_MIN_PER_CLASS}: "
+                                        "enough for the feature layers to learn at the head's rate)")
+    few = f", and {per_class:.0f} training images per class, under {ADAPT_MIN_PER_CLASS}" if per_class is not None else ""
+    return FINETUNE_FEATURE_LR_SCALE, f"{why}; {new}{few}: faster feature layers would overfit them)"
 
 
-def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separability: float | None = None) -> Resolved:
+def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separability: float | None = None,
+            per_class: float | None = None) -> Resolved:
     """Turn the automatic settings of ``cfg`` into numbers for a run with ``steps_per_epoch`` steps.
 
-    ``separability``: ``feature_separability`` of the base model on the training split, reported with
-    the fine-tuning ``feature_lr_scale`` (None: not measured)."""
+    ``separability`` (``feature_separability`` of the base model on the training split, None: not
+    measured) and ``per_class`` (training images per class) decide the fine-tuning ``feature_lr_scale``."""
     notes: dict[str, str] = {}
     values: dict[str, object] = {}
     if cfg.epochs == "auto":
@@ -98,7 +113,7 @@ def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separabil
         notes["patience"] = f"auto: {values['patience']} epochs ({BASE_PATIENCE} for runs of up to " \
                             f"{PATIENCE_REFERENCE_EPOCHS} epochs, in proportion for longer ones)"
     if cfg.feature_lr_scale is None:
-        values["feature_lr_scale"], notes["feature_lr_scale"] = (auto_feature_lr_scale(separability) if fine_tuning
+        values["feature_lr_scale"], notes["feature_lr_scale"] = (auto_feature_lr_scale(separability, per_class) if fine_tuning
                                                                  else (1.0, "auto: 1.0 (training from scratch)"))
     if cfg.freeze_features_epochs is None:
         values["freeze_features_epochs"] = FINETUNE_FREEZE_EPOCHS if fine_tuning else 0
