@@ -738,22 +738,21 @@ def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: 
     from .tools.inference import predict_logits_and_features
     from .training.checkpoint_manager import add_to_best_model
 
-    logits, val_features = predict_logits_and_features(model, meta, split.val_images, device)
-    held_out = split.calibration.to(logits.device)
-    temperature = whole = fit_temperature(logits, split.val_labels)
-    if bool(held_out.any()):
+    logits, val_features = predict_logits_and_features(model, meta, split.val_images, device)  # on the CPU
+    labels, held = split.val_labels.cpu(), split.calibration.cpu()
+    temperature = whole = fit_temperature(logits, labels)
+    if bool(held.any()):
         # Fitted where the selection did not look, but never sharper than the whole split asks: the split
         # that chose the epoch can only flatter the model, so a colder fit than its own is the held-out
         # part's noise (a part with no error at all drives the fit to its bound).
-        temperature = max(fit_temperature(logits[held_out], split.val_labels[held_out.to(split.val_labels.device)]), whole)
-    threshold = unknown_threshold(calibrated_probs(logits, temperature), split.val_labels)
+        temperature = max(fit_temperature(logits[held], labels[held]), whole)
+    threshold = unknown_threshold(calibrated_probs(logits, temperature), labels)
     calibration = {"temperature": temperature, "unknown_threshold": threshold,
-                   "fitted_on": ("validation images kept apart from the choice of the epoch" if bool(held_out.any())
+                   "fitted_on": ("validation images kept apart from the choice of the epoch" if bool(held.any())
                                  else "validation split"),
-                   "num_images": int(held_out.sum()) or int(held_out.numel()), "temperature_whole_split": whole,
+                   "num_images": int(held.sum()) if bool(held.any()) else len(labels), "temperature_whole_split": whole,
                    "keep_correct": KEEP_CORRECT, "ece_bins": ECE_BINS}
-    distance = fit_distance_check(train_out[1], split.train_labels, val_features,
-                                  logits.argmax(1) == split.val_labels.cpu())
+    distance = fit_distance_check(train_out[1], split.train_labels, val_features, logits.argmax(1) == labels)
     if distance is not None:
         calibration["feature_distance"] = {**distance, "fitted_on": "training split (means, precision), validation "
                                            "split (threshold)"}

@@ -129,13 +129,6 @@ class SplitData:
         keep = ~self.calibration
         return self.val_images[keep], self.val_labels[keep]
 
-    def calibration_part(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The validation images and labels the temperature is fitted on: those kept apart from the
-        selection, or the whole split when none are."""
-        if not bool(self.calibration.any()):
-            return self.val_images, self.val_labels
-        return self.val_images[self.calibration], self.val_labels[self.calibration]
-
 
 # ------------------------------------------------------------------------------------------------
 # Entry point
@@ -706,8 +699,9 @@ def calibration_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.
     if fraction <= 0 or not labels.numel():
         return mask
     g = torch.Generator().manual_seed((seed * 104729 + 29) & 0xFFFFFFFFFFFFFFFF)  # a stream apart from the split's
+    labels = labels.cpu()
     for c in range(int(labels.max()) + 1):
-        idx = torch.nonzero(labels.cpu() == c).flatten()
+        idx = torch.nonzero(labels == c).flatten()
         n = min(int(round(idx.numel() * fraction)), idx.numel() - 1)
         if n > 0:
             mask[idx[torch.randperm(idx.numel(), generator=g)[:n]]] = True
