@@ -85,8 +85,8 @@ VARIANTS = {
                       "--set", "budget_max_epochs_finetune=30"]),
     "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                        "--set", "budget_max_epochs_finetune=120"]),
-    # The temperature fitted on the whole validation split, which also picked the epoch (before issue 19's
-    # calibration part): the same models as the default before, another temperature.
+    # The default before issue 19's calibration part: the whole validation split picks the epoch and fits
+    # the temperature (the same models and temperatures as the default runs logged before it).
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
     # A moving average of the weights (issue 18): the last ~10% of the updates, or ~33% (ema_warmup=4).
     "ema": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999"]),
