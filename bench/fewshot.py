@@ -101,6 +101,16 @@ VARIANTS = {
     "elastic16": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_elastic=16", "--set", "aug_elastic_sigma=4"]),
     "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                               "--set", "budget_max_epochs_finetune=120"]),
+    # issue 18 point 3, the rest of the recipe one knob at a time (at the default's factor): regularisation
+    # (label smoothing, weight decay), the augmentation's strength, the batch size (more, noisier updates),
+    # the head's learning rate, and a factor between 0.3 and 1.0.
+    "ls0.2": ("base", ["--feature-lr-scale", "0.3", "--set", "label_smoothing=0.2"]),
+    "wd5e-3": ("base", ["--feature-lr-scale", "0.3", "--set", "weight_decay=0.005"]),
+    "aug+": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_rotation=20", "--set", "aug_translate=0.15",
+                      "--set", "aug_scale=0.2"]),
+    "bs64": ("base", ["--feature-lr-scale", "0.3", "--set", "batch_size=64"]),
+    "lr6e-3": ("base", ["--feature-lr-scale", "0.3", "--set", "lr=0.006"]),
+    "fls0.5": ("base", ["--feature-lr-scale", "0.5"]),
 }
 
 
