@@ -111,3 +111,23 @@ def test_fewshot_keeps_its_models_and_the_tta_bench_evaluates_them_with_and_with
     for variant, row in rows.items():
         assert row["plain_acc"] == runs[variant]["test_acc"] and 0.0 < row["tta_acc"] <= 1.0
     assert "| mnist10 | fls0.3 |" in proc.stdout
+
+
+@pytest.mark.long
+@pytest.mark.skipif(not (MNIST_TEST / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"the official MNIST test set is not at {MNIST_TEST} (set MNIST_TEST_DIR)")
+def test_builtin_bench_times_both_whole_processes_and_reads_the_test_accuracy(tmp_path: Path):
+    """bench/builtin.py --quick: the reference recipe and the command each run as a process of their own;
+    the ratio is the command's wall time over the reference's, and the accuracy the model file's."""
+    out = tmp_path / "builtin.json"
+    env = dict(os.environ, MNIST_TEST_DIR=str(MNIST_TEST))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "builtin.py"), "--quick", "--seeds", "3", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["epochs"] == 1 and run["seed"] == 3 and 0.5 < run["test_acc"] <= 1.0
+    assert 0.5 < run["reference"]["test_acc"] <= 1.0 and run["reference"]["seconds"] > run["reference"]["train_seconds"] > 0
+    assert run["ratio"] == round(run["seconds"] / run["reference"]["seconds"], 3)
+    assert report["summary"]["default"]["target_met"] is False  # one epoch reaches neither 99.3% nor anything useful
+    assert "default: " in proc.stdout and "target (>= 99.3% in <= 0.8x): not met" in proc.stdout

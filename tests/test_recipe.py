@@ -246,6 +246,33 @@ def test_the_fine_tuning_factor_follows_how_well_the_base_features_fit_and_how_m
     assert explicit.config.feature_lr_scale == 0.5 and "feature_lr_scale" not in explicit.notes
 
 
+@pytest.mark.parametrize("separability, per_class, frozen", [
+    (0.99, 27, True), (0.95, 90, True), (0.95, 100, True),  # digits, up to the largest size measured
+    (0.949, 27, False), (0.80, 27, False),  # not separated well enough: the features must learn
+    (0.99, 101, False),  # more images than measured: the features learn at 0.3, as before
+    (None, 27, False), (0.99, None, False)])  # nothing measured, nothing known: the default
+def test_classes_the_base_already_separates_train_the_head_alone(separability, per_class, frozen):
+    from cnn_finetune.training.recipe import FREEZE_WHOLE_RUN
+
+    tuned = resolve(TrainConfig(), 36, fine_tuning=True, separability=separability, per_class=per_class)
+    assert tuned.config.freeze_features_epochs == (FREEZE_WHOLE_RUN if frozen else 0)
+    assert tuned.config.feature_lr_scale == (1.0 if separability is not None and separability < 0.9 and per_class
+                                             and per_class >= 50 else 0.3)
+    if frozen:
+        why = tuned.notes["freeze_features_epochs"]
+        assert why.startswith("auto: the whole run (") and f"{100 * separability:.1f}% nearest-class-mean" in why
+        assert f"{per_class} training images per class, at most 100: only the head trains" in why
+        assert tuned.notes["feature_lr_scale"].endswith("; no effect while the feature layers are frozen")
+    else:
+        assert "freeze_features_epochs" not in tuned.notes
+    # The user's own choice of either setting, or training from scratch, is never overridden.
+    for cfg in (TrainConfig(feature_lr_scale=0.3), TrainConfig(freeze_features_epochs=3)):
+        explicit = resolve(cfg, 36, fine_tuning=True, separability=separability, per_class=per_class)
+        assert explicit.config.freeze_features_epochs == (cfg.freeze_features_epochs or 0)
+    assert resolve(TrainConfig(), 36, fine_tuning=False, separability=separability,
+                   per_class=per_class).config.freeze_features_epochs == 0
+
+
 def _scrambled_digits(tiny_idx: Path, folder: Path) -> Path:
     """The tiny digits with their pixels in a fixed shuffled order: classes the MNIST base cannot tell apart."""
     from cnn_finetune.data.loader import read_idx, write_idx
@@ -272,19 +299,39 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
         assert f"feature_lr_scale: {why}" in proc.stdout and f"nearest-class-mean accuracy, {verdict}" in why
         assert manifest["config"]["feature_lr_scale"] == 0.3
         assert load_state(tmp_path / name / "checkpoint_last.pth")["automatic"]["feature_lr_scale"] == why
-    # The measurement draws no random number: the default run is the explicit --feature-lr-scale 0.3 run, bit for bit.
-    proc = run_cli([*args, "--data", str(tiny_idx), "--feature-lr-scale", "0.3", "--output-dir", "explicit"], cwd=tmp_path)
-    assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
-    assert_same_weights(tmp_path / "digits" / "checkpoint_last.pth", tmp_path / "explicit" / "checkpoint_last.pth")
-    # Extended (resumed) after the default factor changed (a newer version): the run keeps what its start chose.
+    # The digits (the base model's own kind, 36 training images per class) train the head alone, and say so.
+    digits = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())
+    frozen_why = digits["resolved"]["automatic"]["freeze_features_epochs"]
+    assert digits["config"]["freeze_features_epochs"] == recipe.FREEZE_WHOLE_RUN and "only the head trains" in frozen_why
+    scrambled = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
+    assert scrambled["config"]["freeze_features_epochs"] == 0 and "freeze_features_epochs" not in scrambled["resolved"]["automatic"]
+    base = load_state(PACKAGED_BASE_MODEL)["model"]
+    tuned = load_state(tmp_path / "digits" / "checkpoint_last.pth")["model"]
+    features = [k for k in base if k.startswith("features.")]
+    assert features and all(torch.equal(base[k], tuned[k]) for k in features)  # weights and batch-norm statistics
+    # The measurement draws no random number: the default runs are the explicit runs of what they chose, bit for bit.
+    for name, data, flags in (("digits", tiny_idx, ["--freeze-features-epochs", str(recipe.FREEZE_WHOLE_RUN)]),
+                              ("scrambled", runs["scrambled"][0], [])):
+        proc = run_cli([*args, "--data", str(data), "--feature-lr-scale", "0.3", *flags, "--output-dir", f"explicit-{name}"],
+                       cwd=tmp_path)
+        assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
+        assert_same_weights(tmp_path / name / "checkpoint_last.pth", tmp_path / f"explicit-{name}" / "checkpoint_last.pth")
+    # Extended (resumed) after the defaults changed (a newer version): the run keeps what its start chose.
     monkeypatch.setattr(recipe, "FINETUNE_FEATURE_LR_SCALE", 0.5)
-    proc = run_cli([*args[2:], "--epochs", "2", "--data", str(runs["scrambled"][0]), "--output-dir", "scrambled"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(recipe, "FROZEN_MIN_SEPARABILITY", 1.01)
+    for name in runs:
+        proc = run_cli([*args[2:], "--epochs", "2", "--data", str(runs[name][0]), "--output-dir", name], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads((tmp_path / name / "history.json").read_text())) == 2
     manifest = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
     assert manifest["config"]["feature_lr_scale"] == 0.3
     assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("faster feature layers would overfit them); "
                                                                           "decided when the run started, kept")
-    assert len(json.loads((tmp_path / "scrambled" / "history.json").read_text())) == 2
+    manifest = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())
+    assert manifest["config"]["freeze_features_epochs"] == recipe.FREEZE_WHOLE_RUN
+    assert manifest["resolved"]["automatic"]["freeze_features_epochs"] == f"{frozen_why}; decided when the run started, kept"
+    tuned = load_state(tmp_path / "digits" / "checkpoint_last.pth")["model"]
+    assert all(torch.equal(base[k], tuned[k]) for k in features)  # the extension kept the features frozen
 
 
 def test_new_classes_with_enough_images_fine_tune_the_features_at_full_rate(tmp_path: Path):

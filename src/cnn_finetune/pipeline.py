@@ -433,14 +433,14 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     """Continue a checkpoint: the same resolved settings as when it started, and its plan, perhaps extended."""
     started_from_base = str(state.get("init", "")).startswith("fine-tuning")
     fine_tuning = bool(state.get("fine_tuning", started_from_base))
-    chosen = state.get("automatic", {}).get("feature_lr_scale")  # why, if the run's start chose it
-    keep_scale = fine_tuning and cfg.feature_lr_scale is None and chosen is not None
-    # The factor chosen automatically when the run started stays, even if the default has changed
-    # since (a newer version): the run goes on as the run it was, instead of being refused.
-    saved_scale = state["config"].get("feature_lr_scale")
-    resolved = resolve(dataclasses.replace(cfg, feature_lr_scale=saved_scale) if keep_scale else cfg, steps, fine_tuning)
-    if keep_scale:
-        resolved.notes["feature_lr_scale"] = f"{chosen}; decided when the run started, kept"
+    # The factor and the freezing chosen automatically when the run started stay, even if the default
+    # has changed since (a newer version): the run goes on as the run it was, instead of being refused.
+    automatic = state.get("automatic", {})
+    kept = {key: state["config"].get(key) for key in ("feature_lr_scale", "freeze_features_epochs")
+            if fine_tuning and getattr(cfg, key) is None and key in automatic}
+    resolved = resolve(dataclasses.replace(cfg, **kept), steps, fine_tuning)
+    for key in kept:
+        resolved.notes[key] = f"{automatic[key]}; decided when the run started, kept"
     for key, legacy in LEGACY_DEFAULTS.items():
         if key not in state["config"]:  # a run that started before the setting existed goes on as it began
             resolved.config = dataclasses.replace(resolved.config, **{key: legacy})
