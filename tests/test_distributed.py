@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FAST, SCRIPT, assert_same_weights, cli_env, load_state, run_cli
 
@@ -171,3 +172,19 @@ def test_bad_input_under_torchrun_ends_every_worker_with_exit_2(tiny_idx: Path, 
         assert "does not exist" in proc.stderr and "]: Traceback" not in proc.stderr  # a worker's: [rank1]: Traceback
         assert "terminate called" not in proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_fine_tune_digits_with_frozen_features_as_one_does(tiny_idx: Path, tmp_path: Path):
+    # Digits from the shipped base model: the default trains the head alone (the features frozen from the
+    # first step). Under DistributedDataParallel the frozen parameters get no gradient: the run must still
+    # go through, keep the features of the base, and train the head as one process does.
+    args = [*FAST, "--width", "24", "--set", "optimizer=sgd", "--lr", "0.01", "--epochs", "2", "--data", str(tiny_idx)]
+    assert run_cli([*args, "--output-dir", "one"], cwd=tmp_path).returncode == 0
+    proc = torchrun([*args, "--output-dir", "two"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "freeze_features_epochs: auto: the whole run" in proc.stdout
+    from cnn_finetune.config import PACKAGED_BASE_MODEL
+
+    base, two = load_state(PACKAGED_BASE_MODEL)["model"], load_state(tmp_path / "two" / "checkpoint_last.pth")["model"]
+    assert all(torch.equal(base[k], two[k]) for k in base if k.startswith("features."))
+    assert model_diff(tmp_path / "one" / "checkpoint_last.pth", tmp_path / "two" / "checkpoint_last.pth") < 1e-5

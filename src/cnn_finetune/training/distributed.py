@@ -85,7 +85,11 @@ class Dist:
         """
         if not self.enabled:
             return
-        bufs = [b for b in model.buffers() if b.is_floating_point()]
+        # Only layers in training mode update their statistics: frozen ones (in eval mode) are the same on
+        # every rank, and their average could differ from them in the last bit.
+        bufs = [b for m in model.modules() if m.training for b in m.buffers(recurse=False) if b.is_floating_point()]
+        if not bufs:
+            return
         flat = torch.cat([b.reshape(-1) for b in bufs] + [torch.ones(1, device=bufs[0].device, dtype=bufs[0].dtype)]) * weight
         dist.all_reduce(flat, group=self.group)
         total = flat[-1]
@@ -194,8 +198,11 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
     return dist.PrefixStore(f"cnn_finetune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
-def data_parallel(module: nn.Module, dist_: Dist, device: torch.device) -> nn.Module | None:
+def data_parallel(module: nn.Module, dist_: Dist, device: torch.device, some_frozen: bool = False) -> nn.Module | None:
     """``module`` in DistributedDataParallel (None on one process).
+
+    ``some_frozen``: some parameters get no gradient in some steps (the feature layers while frozen),
+    which DDP must be told of (``find_unused_parameters``), or it waits for their gradients and fails.
 
     DDP broadcasts rank 0's parameters and buffers once, here, so every rank starts from the same
     weights (a base model or a checkpoint loaded on rank 0 alone would do). Buffers are not broadcast
@@ -210,5 +217,5 @@ def data_parallel(module: nn.Module, dist_: Dist, device: torch.device) -> nn.Mo
 
     ids = [device.index] if device.type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:  # torch >= 2.13 names it so
-        return DDP(module, device_ids=ids, forward_sync_buffers=False)
-    return DDP(module, device_ids=ids, broadcast_buffers=False)
+        return DDP(module, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=some_frozen)
+    return DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=some_frozen)

@@ -93,7 +93,7 @@ class RobustTrainer:
         """The step maths, validation, data parallelism and the fault layer, around the parts above."""
         cfg, device = self.cfg, self.device
         compiled = torch.compile(self.model) if cfg.compile else self.model
-        ddp = data_parallel(compiled, self.dist, device)
+        ddp = data_parallel(compiled, self.dist, device, some_frozen=cfg.freeze_features_epochs > 0)
         self.steps = StepRunner(cfg, self.model, compiled, self.optimizer, self.batches, self.micro, self.metrics,
                                 mean=self.data.mean, std=self.data.std, channels_last=channels_last,
                                 on_event=self.history.event, log=self.log, dist=self.dist, ddp=ddp)
