@@ -49,7 +49,7 @@ def mnist_test_file() -> Path:
     raise SystemExit("the MNIST test set is not in ../shared/data/mnist; set MNIST_TEST_DIR")
 
 
-def reference_process(epochs: int, test_every_epoch: bool = True) -> int:
+def reference_process(epochs: int, test_every_epoch: bool = True, quick: bool = False) -> int:
     """The classic recipe as its own process: train, test after every epoch (or only after the last),
     print the last accuracy."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -59,7 +59,7 @@ def reference_process(epochs: int, test_every_epoch: bool = True) -> int:
     from cnn_finetune.config import TrainConfig
     from suite import reference_recipe, split_data, test_set
 
-    result = reference_recipe(split_data(TrainConfig()), test_set(), torch.device("cpu"), epochs, test_every_epoch)
+    result = reference_recipe(split_data(TrainConfig(), quick), test_set(quick), torch.device("cpu"), epochs, test_every_epoch)
     print(json.dumps({"test_acc": result["final_test_acc"], "train_seconds": result["seconds"]}))
     return 0
 
@@ -92,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-epochs", type=int, default=14)
     p.add_argument("--reference-test", choices=("every", "last"), default="every",
                    help="the reference tests after every epoch, as pytorch/examples does (default), or after the last only")
-    p.add_argument("--quick", action="store_true", help="a smoke test: 1 epoch on each side, whatever the variants")
+    p.add_argument("--quick", action="store_true", help="a smoke test: 1 epoch on each side, whatever the variants "
+                   "(the reference on every 5th image and tested on every 5th), no warm-up run")
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)  # internal: the reference process
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "builtin.json")
     args = p.parse_args(argv)
     if args.reference:
-        return reference_process(args.reference_epochs, args.reference_test == "every")
+        return reference_process(args.reference_epochs, args.reference_test == "every", args.quick)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -109,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CNN_FINETUNE_CACHE": str(work / "cache"),
            "PYTHONPATH": str(ROOT / "src")}
-    # One run of ours first, thrown away: it fills the data cache, as a user's second run finds it.
-    run_ours(["--epochs", "1"], 0, work, env, "warm-up")
+    if not args.quick:  # one run of ours first, thrown away: it fills the data cache, as a user's second run finds it
+        run_ours(["--epochs", "1"], 0, work, env, "warm-up")
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         seconds, proc = timed([sys.executable, str(Path(__file__).resolve()), "--reference",
-                               "--reference-epochs", str(args.reference_epochs), "--reference-test", args.reference_test],
+                               "--reference-epochs", str(args.reference_epochs), "--reference-test", args.reference_test,
+                               *(["--quick"] if args.quick else [])],
                               work, env)
         reference = {"seconds": round(seconds, 2), **json.loads(proc.stdout.strip().splitlines()[-1])}
         print(f"seed {seed}: reference {reference['test_acc']:.2%} in {seconds:.1f} s", flush=True)
