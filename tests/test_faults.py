@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -40,9 +41,17 @@ def slow_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return finished_run([*SLOW, "--data", str(tiny_idx)], tmp_path_factory, "slowref")
 
 
+def _hangup_as_in_a_terminal() -> None:
+    # A suite started under nohup passes "SIGHUP ignored" on to every child, and the command rightly
+    # keeps it ignored then: the runs here must see SIGHUP as a terminal's program does.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=cli_env(cwd, **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_hangup_as_in_a_terminal if os.name == "posix" else None)
 
 
 def wait_for_training(out: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
