@@ -11,7 +11,7 @@ each with a test set of other images of the same file (disjoint from the trainin
   newscript30                  a "new script" the base model has never seen: the ten digits and the ten
                                digits rotated by 180 degrees as ten new classes (so 6 and a turned 9,
                                or 2 and a turned 2, must be told apart), 30 images per class
-  qmnist10, qmnist30, qmnist60, qmnist100 real handwriting of another script: 10, 30, 60 and 100 images of each of the
+  qmnist10, qmnist30, qmnist45, qmnist60, qmnist100 real handwriting of another script: 10, 30, 45, 60 and 100 images of each of the
                                42 Kazakh Cyrillic letters of ../shared/data/qmnist/images (or $QMNIST_DIR),
                                raw 278x278 RGB PNGs linked (not copied) into class folders and read by the
                                real command, so its preprocessing is part of what is measured; tested on
@@ -64,7 +64,7 @@ SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 MNIST_DIRS = [Path(os.environ["MNIST_TEST_DIR"])] if os.environ.get("MNIST_TEST_DIR") else []
 MNIST_DIRS += [d / "shared" / "data" / "mnist" for d in (ROOT.parent, ROOT, ROOT.parents[1])]
 SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist", 100), "newscript30": ("newscript", 30),
-        "qmnist10": ("qmnist", 10), "qmnist30": ("qmnist", 30), "qmnist60": ("qmnist", 60),
+        "qmnist10": ("qmnist", 10), "qmnist30": ("qmnist", 30), "qmnist45": ("qmnist", 45), "qmnist60": ("qmnist", 60),
         "qmnist100": ("qmnist", 100)}
 QMNIST_DIRS = [Path(os.environ["QMNIST_DIR"])] if os.environ.get("QMNIST_DIR") else []
 QMNIST_DIRS += [d / "shared" / "data" / "qmnist" / "images" for d in (ROOT.parent, ROOT, ROOT.parents[1])]  # ROOT.parents[1]: a worktree
