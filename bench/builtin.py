@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "train_finetuned.py"
 
 # Named settings: the flags of the command (the default length, and fixed lengths to place it).
 VARIANTS: dict[str, list[str]] = {
@@ -38,15 +37,6 @@ VARIANTS: dict[str, list[str]] = {
     "e15": ["--epochs", "15"],
     "e23": ["--epochs", "23"],
 }
-
-
-def mnist_test_file() -> Path:
-    """The official MNIST test images in ../shared/data/mnist (or $MNIST_TEST_DIR)."""
-    for folder in [Path(os.environ.get("MNIST_TEST_DIR", "")), ROOT.parent / "shared" / "data" / "mnist",
-                   ROOT.parents[1] / "shared" / "data" / "mnist"]:
-        if (folder / "t10k-images-idx3-ubyte.gz").is_file():
-            return folder / "t10k-images-idx3-ubyte.gz"
-    raise SystemExit("the MNIST test set is not in ../shared/data/mnist; set MNIST_TEST_DIR")
 
 
 def reference_process(epochs: int, test_every_epoch: bool = True, quick: bool = False) -> int:
@@ -74,14 +64,15 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, subpro
     return seconds, proc
 
 
-def run_ours(flags: list[str], seed: int, work: Path, env: dict[str, str], name: str) -> dict[str, Any]:
+def run_ours(flags: list[str], seed: int, work: Path, name: str) -> dict[str, Any]:
     """The command on the built-in sample with ``flags``; its wall time, epochs and test accuracy."""
-    out = work / name
-    seconds, _ = timed([sys.executable, str(SCRIPT), "--test-data", str(mnist_test_file()), "--seed", str(seed),
-                        *flags, "--output-dir", str(out)], work, env)
-    test = json.loads((out / "test_evaluation.json").read_text())
-    history = json.loads((out / "history.json").read_text())
-    return {"seconds": round(seconds, 2), "epochs": len(history), "test_acc": test["accuracy"], "test_ece": test["ece"]}
+    # Imported here, not at the top: the timed reference process is this file too, and needs neither.
+    from fewshot import mnist_folder  # the benchmarks' one place to find the data
+    from trust import run_default  # the default command, timed, with its test evaluation
+
+    test = mnist_folder() / "t10k-images-idx3-ubyte.gz"
+    run = run_default(["--test-data", str(test), "--seed", str(seed), *flags], work, name)
+    return {"seconds": run["seconds"], "epochs": run["epochs"], "test_acc": run["test_accuracy"], "test_ece": run["test_ece"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         args.reference_epochs = 1
     work = Path(tempfile.mkdtemp(prefix="builtin-"))
     threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CNN_FINETUNE_CACHE": str(work / "cache"),
-           "PYTHONPATH": str(ROOT / "src")}
+    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)  # both sides' processes inherit them
+    env = {**os.environ, "CNN_FINETUNE_CACHE": str(work / "cache"), "PYTHONPATH": str(ROOT / "src")}
     if not args.quick:  # one run of ours first, thrown away: it fills the data cache, as a user's second run finds it
-        run_ours(["--epochs", "1"], 0, work, env, "warm-up")
+        run_ours(["--epochs", "1"], 0, work, "warm-up")
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         seconds, proc = timed([sys.executable, str(Path(__file__).resolve()), "--reference",
@@ -121,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = {"seconds": round(seconds, 2), **json.loads(proc.stdout.strip().splitlines()[-1])}
         print(f"seed {seed}: reference {reference['test_acc']:.2%} in {seconds:.1f} s", flush=True)
         for variant in variants:
-            ours = run_ours(["--epochs", "1"] if args.quick else VARIANTS[variant], seed, work, env, f"{variant}-{seed}")
+            ours = run_ours(["--epochs", "1"] if args.quick else VARIANTS[variant], seed, work, f"{variant}-{seed}")
             ours.update(variant=variant, seed=seed, reference=reference, ratio=round(ours["seconds"] / reference["seconds"], 3))
             runs.append(ours)
             print(f"  {variant}: {ours['test_acc']:.2%} in {ours['seconds']:.1f} s, {ours['epochs']} epochs = "
