@@ -273,17 +273,23 @@ def test_classes_the_base_already_separates_train_the_head_alone(separability, p
                    per_class=per_class).config.freeze_features_epochs == 0
 
 
-def _scrambled_digits(tiny_idx: Path, folder: Path) -> Path:
-    """The tiny digits with their pixels in a fixed shuffled order: classes the MNIST base cannot tell apart."""
-    from cnn_finetune.data.loader import read_idx, write_idx
+def _scrambled(images: np.ndarray, labels: np.ndarray, folder: Path) -> Path:
+    """Digits with their pixels in a fixed shuffled order, as an IDX pair in ``folder``: classes the MNIST
+    base cannot tell apart."""
+    from cnn_finetune.data.loader import write_idx
 
-    images = read_idx(tiny_idx)
     order = np.random.default_rng(0).permutation(784)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     write_idx(folder / "train-images-idx3-ubyte.gz", np.ascontiguousarray(images.reshape(-1, 784)[:, order].reshape(-1, 28, 28)))
-    labels = tiny_idx.parent / "train-labels-idx1-ubyte.gz"
-    (folder / "train-labels-idx1-ubyte.gz").write_bytes(labels.read_bytes())
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return folder / "train-images-idx3-ubyte.gz"
+
+
+def _scrambled_digits(tiny_idx: Path, folder: Path) -> Path:
+    """The tiny digits, scrambled (``_scrambled``)."""
+    from cnn_finetune.data.loader import read_idx
+
+    return _scrambled(read_idx(tiny_idx), read_idx(tiny_idx.parent / "train-labels-idx1-ubyte.gz"), folder)
 
 
 def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tmp_path: Path, monkeypatch):
@@ -337,17 +343,14 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
 def test_new_classes_with_enough_images_fine_tune_the_features_at_full_rate(tmp_path: Path):
     # 60 built-in digits per class with their pixels scrambled: classes the base model cannot separate,
     # 54 training images each (at least ADAPT_MIN_PER_CLASS): the feature layers learn at the head's rate.
-    from cnn_finetune.data.loader import load_dataset, write_idx
+    from cnn_finetune.data.loader import load_dataset
     from cnn_finetune.training.recipe import ADAPT_MIN_PER_CLASS
 
     ds = load_dataset(None, use_cache=False)
     pick = torch.cat([torch.nonzero(ds.labels == c).flatten()[:60] for c in range(10)])
-    order = np.random.default_rng(0).permutation(784)
-    images = ds.images[pick, 0].numpy().reshape(-1, 784)[:, order].reshape(-1, 28, 28)
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.ascontiguousarray(images))
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", ds.labels[pick].numpy().astype(np.uint8))
-    proc = run_cli(["--epochs", "1", "--batch-size", "64", "--cooldown", "0", "--data",
-                    str(tmp_path / "train-images-idx3-ubyte.gz"), "--output-dir", "out"], cwd=tmp_path)
+    data = _scrambled(ds.images[pick, 0].numpy(), ds.labels[pick].numpy(), tmp_path)
+    proc = run_cli(["--epochs", "1", "--batch-size", "64", "--cooldown", "0", "--data", str(data), "--output-dir", "out"],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "config_finetuned.json").read_text())
     why = manifest["resolved"]["automatic"]["feature_lr_scale"]
