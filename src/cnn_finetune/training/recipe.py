@@ -14,7 +14,8 @@ says why, from the size of the training set and from whether training starts fro
 * fine-tuning: with a base model, the feature layers learn at a fraction of the head's learning rate:
   0.3, the best factor on new scripts with few images per class (3 seeds each); 1.0 for classes new
   to the base model (their ``feature_separability``, how well the base model's features already
-  separate them, under 90%) with at least ``ADAPT_MIN_PER_CLASS`` images per class. Classes the base model already separates (digits) with few images each train the head alone
+  separate them, under 90%) with at least ``ADAPT_MIN_PER_CLASS`` images per class. Classes the base
+  model already separates (digits) with few images each train the head alone
   (``freeze_features_epochs``: the whole run). The start-up line says which and why. A resumed run
   keeps the factor and the freezing its start chose, whatever the default has become since.
 
