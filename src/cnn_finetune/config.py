@@ -49,6 +49,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
     "scheduler": ("onecycle", "cosine", "constant"),
     "monitor": ("val_acc", "val_loss"),
+    "model_selection": ("auto", "best", "last"),
     "ema_bn": ("recompute", "average"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
@@ -130,6 +131,9 @@ class TrainConfig:
                                     "scaled with runs longer than 15 epochs: 8 x epochs / 15)", flag=True, resume=FREE)
     min_delta: float = _f(0.0, "smallest change of the monitored metric that counts as improvement", flag=True, resume=FREE)
     monitor: str = _f("val_acc", "metric for early stopping and the best checkpoints")
+    model_selection: str = _f("auto", "which weights become the best model file at the end: auto (the final epoch's, unless the "
+                                      "best validation epoch gets significantly more validation images right: an exact "
+                                      "McNemar test at 5%), best (the best validation epoch) or last", resume=FREE)
     keep_best: int = _f(3, "best epochs kept as separate files (at least 1: the best)", flag=True, resume=FREE)
     checkpoint_every_steps: int = _f(0, f"also save {LAST} every N steps (0: off)", flag=True, resume=FREE)
     checkpoint_every_seconds: float = _f(120.0, "also save it after this many seconds (0: off)", flag=True, resume=FREE)

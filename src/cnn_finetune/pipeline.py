@@ -54,6 +54,7 @@ from .log import logger, printable
 from .files.loggers import EarlyLines, TensorBoardLogger, check_tensorboard_folder, require_tensorboard, run_log
 from .training.recipe import Resolved, resolve
 from .files.rundir import (
+    BEST,
     CONFIG,
     CONFUSION,
     CURVES,
@@ -690,12 +691,15 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
     from .tools.model_card import write_model_card
     from .tools.inference import predict_logits_and_features
     from .tools.plots import plot_training_curves
+    from .training.selection import select_model
 
     try:
         plot_training_curves(history, run / CURVES, cfg.monitor)
+        split = data.split
+        # Final or best-validation weights, chosen on the images that chose the epoch (not those kept for the temperature).
+        selection = select_model(run, cfg.model_selection, *split.selection_part(), device)
         model, meta = load_model_file(run.best, device)
         meta["path"] = str(run.best)
-        split = data.split
         # One forward pass over the unaugmented training split serves the distance check and the review.
         train_out = predict_logits_and_features(model, meta, split.train_images, device)
         meta["calibration"] = calibrate(run, model, meta, split, device, train_out)
@@ -713,7 +717,10 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
                          test_evaluation=test)
         run_report(run, history, meta, val, split, rows)
         held = int(split.calibration.sum())
-        line = (f"best model (epoch {meta['epoch']}): validation accuracy {100 * val['accuracy']:.2f}% on all "
+        kept = f"best model (epoch {meta['epoch']})" if selection is None or selection.kept_epoch == selection.best_epoch else (
+            f"final weights (epoch {meta['epoch']}; model_selection {selection.rule}: the best validation epoch, "
+            f"{selection.best_epoch}, is not kept)")
+        line = (f"{kept}: validation accuracy {100 * val['accuracy']:.2f}% on all "
                 f"{val['num_samples']} validation images" + (f" ({held} kept apart for the temperature)" if held else ""))
         if test is not None:
             line += f", test accuracy {100 * test['accuracy']:.2f}% on {test['num_samples']} images"
@@ -789,5 +796,12 @@ def run_report(run: RunDir, history: list[dict[str, Any]], meta: dict[str, Any],
 def log_best(result: RunResult, cfg: TrainConfig) -> None:
     """The closing line: the best epoch and where the files are."""
     if result.best is not None:
-        logger.info(f"best epoch {result.best['epoch']}: {cfg.monitor} {result.best['metric']:.4f}; files in {result.output_dir}/: "
-                    + ", ".join(GUIDE_ARTIFACTS))
+        kept = ""
+        try:
+            selection = load_checkpoint(result.best_model_path).get("selection") or {}
+        except Exception:  # noqa: BLE001 - only the closing line's detail; the reports said what went wrong
+            selection = {}
+        if selection.get("kept_epoch") not in (None, result.best["epoch"]):
+            kept = f"; {BEST} holds the final weights, epoch {selection['kept_epoch']} (model_selection {selection['rule']})"
+        logger.info(f"best epoch {result.best['epoch']}: {cfg.monitor} {result.best['metric']:.4f}{kept}; files in "
+                    f"{result.output_dir}/: " + ", ".join(GUIDE_ARTIFACTS))
