@@ -119,7 +119,8 @@ def _recipe_section(cfg: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _training_section(history: Sequence[dict[str, Any]], cfg: dict[str, Any], out_dir: Path) -> list[str]:
+def _training_section(history: Sequence[dict[str, Any]], cfg: dict[str, Any], out_dir: Path,
+                      kept_epoch: int | None = None) -> list[str]:
     monitor = str(cfg.get("monitor", "val_acc"))
     lines = ["## Training", ""]
     if not history:
@@ -132,10 +133,14 @@ def _training_section(history: Sequence[dict[str, Any]], cfg: dict[str, Any], ou
     if best is not None:
         lines.append(f"- **Best epoch:** {best.get('epoch')} ({monitor}): validation accuracy {_pct(best.get('val_acc'))}, "
                      f"validation loss {_num(best.get('val_loss'))}, training accuracy {_pct(best.get('train_acc'))} "
-                     f"(on augmented images). Its weights are in `{BEST_MODEL}`.")
+                     f"(on augmented images)." + (f" Its weights are in `{BEST_MODEL}`."
+                                                  if kept_epoch in (None, best.get("epoch")) else ""))
     last = history[-1]
     lines.append(f"- **Last epoch:** {last.get('epoch')}: validation accuracy {_pct(last.get('val_acc'))}, "
-                 f"validation loss {_num(last.get('val_loss'))}")
+                 f"validation loss {_num(last.get('val_loss'))}" + (
+                     f". `{BEST_MODEL}` holds these final weights: the best epoch is not significantly better on the "
+                     f"validation images (`model_selection`)" if best is not None and kept_epoch == last.get("epoch")
+                     and kept_epoch != best.get("epoch") else ""))
     lines.append(f"- **Training time:** {seconds / 60:.1f} min in total")
     counts: dict[str, int] = {}
     for r in history:
@@ -248,7 +253,7 @@ def write_model_card(out_dir: Path, *, config: dict[str, Any], data_report: dict
     lines += ["".join(summary), ""]
     lines += _data_section(data_report)
     lines += _recipe_section(cfg, resolved)
-    lines += _training_section(history, cfg, out_dir)
+    lines += _training_section(history, cfg, out_dir, (evaluation.get("model") or {}).get("epoch") if evaluation else None)
     if evaluation is not None:
         lines += _evaluation_section("Validation", evaluation, out_dir, CONFUSION)
     if test_evaluation is not None:
