@@ -379,7 +379,8 @@ def test_persistent_nan_stops_after_bounded_rollbacks(tiny_idx: Path, tmp_path: 
 def test_a_resumed_run_whose_best_model_is_already_linked_leaves_no_temporary(tiny_idx: Path, tmp_path: Path):
     # Two epochs: the second is no new best, so nothing links the best model again after the resume,
     # which would have cleaned up a temporary name left by the link made when resuming.
-    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "2"]
+    # (model_selection best: the final weights of epoch 2 would otherwise become a file of their own at the end)
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out", "--epochs", "2", "--set", "model_selection=best"]
     out = tmp_path / "out"
     assert run_cli(args, cwd=tmp_path, faults="sigint@7").returncode == 130
     best = load_state(out / "checkpoint_last.pth")["best_keeper"]["entries"][0]["file"]

@@ -120,14 +120,15 @@ def test_a_significant_gap_keeps_the_best_epoch_and_redoing_the_choice_changes_n
     p = load_state(out / "best_model_finetuned.pth")["selection"]["p_value"]
     monkeypatch.setattr(selection, "SIGNIFICANCE", min(1.0, p * 1.5))
     images, labels = _selection_part(out)
+    right = lambda state: _right(state, images, labels)  # noqa: E731
     for _ in range(2):
-        choice = selection.select_model(RunDir(out), "auto", images, labels, torch.device("cpu"))
+        choice = selection.select_model(RunDir(out), "auto", right)
         assert choice is not None and choice.kept_epoch == choice.best_epoch != 8
         twin = next(out.glob(f"best_epoch{choice.best_epoch:03d}_*.pth"))
         assert twin.samefile(out / "best_model_finetuned.pth")
         kept = load_state(out / "best_model_finetuned.pth")
         assert kept["epoch"] == choice.best_epoch and kept["selection"]["kept_epoch"] == choice.best_epoch
     # "last" takes the final weights whatever the evidence.
-    choice = selection.select_model(RunDir(out), "last", images, labels, torch.device("cpu"))
+    choice = selection.select_model(RunDir(out), "last", right)
     assert choice.kept_epoch == 8 and load_state(out / "best_model_finetuned.pth")["epoch"] == 8
     assert load_state(twin)["epoch"] == choice.best_epoch  # the best epoch's own file is left as it was

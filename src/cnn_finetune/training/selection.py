@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,21 +70,12 @@ class Selection:
         return f"model_selection: auto: epoch {self.kept_epoch} ({evidence}; {verdict})"
 
 
-def _correct(state: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Which images the model of a model file's ``state`` gets right (inference exactly as the tools do it)."""
-    from ..model.loading import build_model, checked_arch_params
-    from ..tools.inference import predict_logits
-
-    model = build_model(**checked_arch_params(state.get("arch_params"), "the run's model")).to(device)
-    model.load_state_dict(state["model"])
-    return predict_logits(model, state, images, device).argmax(1) == labels.cpu()
-
-
-def select_model(run: RunDir, rule: str, images: torch.Tensor, labels: torch.Tensor,
-                 device: torch.device) -> Selection | None:
+def select_model(run: RunDir, rule: str, right: Callable[[dict[str, Any]], torch.Tensor]) -> Selection | None:
     """Make ``best_model_finetuned.pth`` the weights ``rule`` picks from a finished run (see the module
     docstring); returns the choice, or None when there is nothing to choose (the best epoch is the final
-    one, the run is not finished, or ``rule`` is ``best`` with nothing to record).
+    one, the run is not finished, or ``rule`` is ``best`` with nothing to record). ``right(state)``: which of
+    the selection images the model of a model file's ``state`` gets right (a bool tensor; the caller runs the
+    inference, as the tools do it).
 
     Idempotent: the inputs are the best-epoch file the run's checkpoint names and the checkpoint's final
     weights, so redoing it (reports redrawn after a crash) gives the same file.
@@ -104,13 +95,12 @@ def select_model(run: RunDir, rule: str, images: torch.Tensor, labels: torch.Ten
     final_state = {**{k: v for k, v in best_state.items() if k not in MODEL_KEYS},
                    "model": averaged["model"] if averaged else state["model"], "epoch": final_epoch,
                    "metrics": {k: final[k] for k in ("val_acc", "val_loss", "train_loss", "train_acc") if k in final}}
-    best_right = _correct(best_state, images, labels, device)
-    final_right = _correct(final_state, images, labels, device)
+    best_right, final_right = right(best_state), right(final_state)
     best_only = int((best_right & ~final_right).sum())
     final_only = int((final_right & ~best_right).sum())
     p = sign_test_p(best_only, final_only)
     keep_best = rule == "auto" and p < SIGNIFICANCE
-    choice = Selection(rule, int(best_entry["epoch"]), final_epoch, len(labels), best_only, final_only, p,
+    choice = Selection(rule, int(best_entry["epoch"]), final_epoch, len(best_right), best_only, final_only, p,
                        int(best_entry["epoch"]) if keep_best else final_epoch)
     # The kept weights' best-epoch file when they have one (the final epoch may be in the top K too):
     # best_model_finetuned.pth stays a hard link to it, as during training; else a file of its own.
