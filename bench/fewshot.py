@@ -112,8 +112,8 @@ VARIANTS = {
     "lr6e-3": ("base", ["--feature-lr-scale", "0.3", "--set", "lr=0.006"]),
     "fls0.5": ("base", ["--feature-lr-scale", "0.5"]),
     "lr1e-2": ("base", ["--feature-lr-scale", "0.3", "--set", "lr=0.01"]),
-    # linear probing then fine-tuning (LP-FT, Kumar et al. 2022): the head alone for 5 epochs first
     "select-best": ("base", ["--set", "model_selection=best"]),  # the former choice of the kept weights
+    # linear probing then fine-tuning (LP-FT, Kumar et al. 2022): the head alone for 5 epochs first
     "lpft5": ("base", ["--feature-lr-scale", "0.3", "--freeze-features-epochs", "5"]),
 }
 

@@ -53,12 +53,11 @@ def _selection_part(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _right(state: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from cnn_finetune.model.loading import build_model
+    from cnn_finetune.model.loading import model_from_state
     from cnn_finetune.tools.inference import predict_logits
 
-    model = build_model(**state["arch_params"])
-    model.load_state_dict(state["model"])
-    return predict_logits(model, state, images).argmax(1) == labels
+    model, meta = model_from_state(state, "the test's model")
+    return predict_logits(model, meta, images).argmax(1) == labels
 
 
 def test_auto_keeps_the_final_weights_when_the_best_epoch_is_not_significantly_better(noisy_runs):

@@ -687,7 +687,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
     test data, if given), the label review, the model card and report.html. A failure here is
     reported but loses no training."""
     from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
-    from .model.loading import build_model, checked_arch_params, load_model_file
+    from .model.loading import load_model_file, model_from_state
     from .tools.model_card import write_model_card
     from .tools.inference import predict_logits, predict_logits_and_features
     from .tools.plots import plot_training_curves
@@ -700,9 +700,8 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         images, labels = split.selection_part()
 
         def right(state: dict[str, Any]) -> torch.Tensor:
-            candidate = build_model(**checked_arch_params(state.get("arch_params"), str(run.best))).to(device)
-            candidate.load_state_dict(state["model"])
-            return predict_logits(candidate, state, images, device).argmax(1) == labels.cpu()
+            candidate, meta = model_from_state(state, run.best, device)
+            return predict_logits(candidate, meta, images, device).argmax(1) == labels.cpu()
 
         selection = select_model(run, cfg.model_selection, right)
         model, meta = load_model_file(run.best, device)

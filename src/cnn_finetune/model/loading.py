@@ -117,6 +117,13 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         state = read_model_file(Path(path))
     except CheckpointError as err:
         raise UserError(f"model file cannot be used: {err}") from None
+    return model_from_state(state, path, device)
+
+
+def model_from_state(state: dict[str, Any], path: str | Path, device: str | torch.device = "cpu") -> tuple[CNNv2, dict[str, Any]]:
+    """The model (eval mode, on ``device``) and metadata of a model file's content ``state``, checked as
+    ``load_model_file`` checks a file's (``path`` names it in the messages): also for a state still in
+    memory, such as the final weights the end of training compares with the best epoch's."""
     if "arch" not in state or "model" not in state:
         raise UserError(f"{path} is not a model saved by this program (no architecture or weights inside)")
     if state["arch"] != ARCH:
