@@ -5,8 +5,9 @@
 
 Every ``<set>-<setting>-s<seed>.pth`` in --models (what ``fewshot.py --keep-models`` copies) is
 evaluated by the real command (scripts/evaluate.py, in a subprocess) on its set's test images, once
-plainly and once with ``--tta``. The sets are rebuilt as fewshot.py builds them (the same draw, so the
-plain accuracy equals the one the training run reported). Reported per set and setting: the mean ± sd
+plainly (``--no-tta``) and once with ``--tta``. The sets are rebuilt as fewshot.py builds them (the same draw, so the
+accuracy with the model file's own views, TTA for runs with ``tta`` on, the default, plain with it off,
+equals the one the training run reported). Reported per set and setting: the mean ± sd
 over seeds of both accuracies and of their difference (points). Models already in --out are skipped, so
 a second call with more models adds to the table.
 """
@@ -36,7 +37,7 @@ def evaluate(model: Path, data: Path, out: Path, tta: bool, cache: Path, threads
     """Test accuracy of ``model`` on ``data`` through the real evaluate command."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), CNN_FINETUNE_CACHE=str(cache))
     args = [sys.executable, str(EVALUATE), "--model", str(model), "--data", str(data), "--output-dir", str(out),
-            "--device", "cpu"] + (["--tta"] if tta else [])
+            "--device", "cpu"] + (["--tta"] if tta else ["--no-tta"])
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"evaluating {model} failed ({proc.returncode}): {proc.stderr[-1500:]}")

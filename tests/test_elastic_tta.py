@@ -1,5 +1,6 @@
 """Elastic distortions in real runs (off by default, bit-exact on resume when on) and test-time
-augmentation in the evaluation (``evaluate.py --tta``)."""
+augmentation (config ``tta``, on by default): the views a model file names, used alike by evaluation,
+prediction, the calibration and the exports; ``evaluate.py --tta`` / ``--no-tta`` override them."""
 
 from __future__ import annotations
 
@@ -64,27 +65,125 @@ def test_a_tta_shift_moves_the_image_by_whole_pixels(dx: int, dy: int):
 
 def test_tta_with_the_plain_view_alone_is_the_plain_prediction(reference_run: Path, tiny_idx: Path):
     from cnn_finetune.data.loader import read_idx
-    from cnn_finetune.tools.inference import TTA_VIEWS, load_inference_model, predict_logits, predict_tta_log_probs
+    from cnn_finetune.tools.inference import PLAIN, TTA_VIEWS, load_inference_model, predict_logits
 
     model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
+    assert meta["tta_views"] == [list(v) for v in TTA_VIEWS]  # the default run's file names its views
     images = torch.from_numpy(read_idx(tiny_idx)[:100]).unsqueeze(1)
-    plain = torch.softmax(predict_logits(model, meta, images), 1)
-    alone = predict_tta_log_probs(model, meta, images, views=((0, 0, 0),)).exp()
-    torch.testing.assert_close(alone, plain, atol=1e-6, rtol=0)
-    both = predict_tta_log_probs(model, meta, images, batch_size=33).exp()  # batches of 33: not a divisor of 100
+    plain = torch.softmax(predict_logits(model, meta, images, views=PLAIN), 1)
+    with torch.no_grad():
+        by_hand = torch.softmax(model(normalise(images, meta)), 1)
+    torch.testing.assert_close(plain, by_hand, atol=1e-6, rtol=0)
+    both = predict_logits(model, meta, images, batch_size=33).exp()  # the model's views; batches of 33: not a divisor of 100
     torch.testing.assert_close(both.sum(1), torch.ones(100), atol=1e-5, rtol=0)
     assert TTA_VIEWS[0] == (0, 0, 0) and len(TTA_VIEWS) == 7
     assert float((both - plain).abs().max()) > 1e-3  # the other views do count
+    # the mean of the views' softmax, each view computed on its own
+    from cnn_finetune.tools.inference import normalise_unit, view
+    from cnn_finetune.data.augment import to_unit
+    with torch.no_grad():
+        mean = sum(torch.softmax(model(normalise_unit(view(to_unit(images), *v), meta)), 1) for v in TTA_VIEWS) / 7
+    torch.testing.assert_close(both, mean, atol=1e-6, rtol=0)
 
 
-def test_evaluate_tta_flag_reports_its_views(reference_run: Path, tiny_idx: Path, tmp_path: Path, capsys):
+def normalise(images: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(pixel / 255 - mean) / std, written out: what the network takes."""
+    norm = meta["normalization"]
+    return (images.float() / 255 - norm["mean"]) / norm["std"]
+
+
+def test_evaluate_uses_the_model_files_views_unless_told(reference_run: Path, tiny_idx: Path, tmp_path: Path, capsys):
     from cnn_finetune.tools.evaluate import main
 
     model = str(reference_run / "best_model_finetuned.pth")
-    assert main(["--model", model, "--data", str(tiny_idx), "--output-dir", str(tmp_path / "plain"), "--no-cache"]) == 0
-    assert main(["--model", model, "--data", str(tiny_idx), "--output-dir", str(tmp_path / "tta"), "--no-cache", "--tta"]) == 0
-    plain = json.loads((tmp_path / "plain" / "evaluation.json").read_text())
-    tta = json.loads((tmp_path / "tta" / "evaluation.json").read_text())
+    for name, flags in (("default", []), ("tta", ["--tta"]), ("plain", ["--no-tta"])):
+        assert main(["--model", model, "--data", str(tiny_idx), "--output-dir", str(tmp_path / name), "--no-cache", *flags]) == 0
+    default, tta, plain = (json.loads((tmp_path / n / "evaluation.json").read_text()) for n in ("default", "tta", "plain"))
     assert "tta_views" not in plain and tta["tta_views"][0] == [0, 0, 0] and len(tta["tta_views"]) == 7
+    assert default["tta_views"] == tta["tta_views"] and default["predictions"] == tta["predictions"]
+    assert default["confidences"] == tta["confidences"]
     assert tta["num_samples"] == plain["num_samples"] == 400
     assert tta["predictions"] != plain["predictions"] or tta["confidences"] != plain["confidences"]
+    with pytest.raises(SystemExit):  # both at once is a contradiction, refused by the parser
+        main(["--model", model, "--data", str(tiny_idx), "--tta", "--no-tta"])
+
+
+def test_tta_off_writes_the_plain_view_and_the_tools_follow_the_file(tiny_idx: Path, tmp_path: Path):
+    from cnn_finetune.data.loader import read_idx
+    from cnn_finetune.tools.inference import PLAIN, load_inference_model, predict_logits, predict_with_unknown
+
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--set", "tta=false", "--output-dir", "off"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, meta = load_inference_model(tmp_path / "off" / "best_model_finetuned.pth")
+    assert meta["tta_views"] == [[0, 0, 0]]
+    images = torch.from_numpy(read_idx(tiny_idx)[:50]).unsqueeze(1)
+    torch.testing.assert_close(predict_logits(model, meta, images), predict_logits(model, meta, images, views=PLAIN), atol=0, rtol=0)
+    evaluation = json.loads((tmp_path / "off" / "evaluation.json").read_text())
+    assert "tta_views" not in evaluation
+    # predict classifies the plain image alone too: its probabilities are the plain logits' at the file's temperature
+    from cnn_finetune.tools.calibration import calibrated_probs, model_temperature
+    answers = predict_with_unknown(model, meta, images)
+    with torch.no_grad():
+        plain = calibrated_probs(model(normalise(images, meta)), model_temperature(meta))
+    torch.testing.assert_close(answers.probs, plain, atol=1e-6, rtol=0)
+
+
+def test_predict_and_evaluate_agree_with_the_views(reference_run: Path, tiny_idx: Path):
+    from cnn_finetune.data.loader import read_idx
+    from cnn_finetune.tools.calibration import calibrated_probs, model_temperature
+    from cnn_finetune.tools.evaluate import evaluate_arrays
+    from cnn_finetune.tools.inference import load_inference_model, predict_logits, predict_proba, predict_with_unknown
+
+    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
+    images = torch.from_numpy(read_idx(tiny_idx)[:60]).unsqueeze(1)
+    labels = torch.zeros(60, dtype=torch.int64)
+    report = evaluate_arrays(model, meta, images, labels, "cpu")
+    expected = calibrated_probs(predict_logits(model, meta, images), model_temperature(meta))
+    torch.testing.assert_close(predict_proba(model, meta, images), expected, atol=0, rtol=0)
+    answers = predict_with_unknown(model, meta, images)
+    torch.testing.assert_close(answers.probs, expected, atol=0, rtol=0)
+    assert report["predictions"] == expected.argmax(1).tolist() and report["tta_views"] == meta["tta_views"]
+    assert report["confidences"] == [round(v, 4) for v in expected.max(1).values.tolist()]
+
+
+@pytest.mark.parametrize("views, why", [
+    ([[1, 0, 0], [0, 0, 0]], "the first view must be the unaugmented image"),
+    ([[0, 0, 0], [9, 0, 0]], "outside"),
+    ([[0, 0, 0], [0, 0]], "three numbers"),
+    ([[0, 0, 0], [0, 0, float("nan")]], "three numbers"),
+    ([], "1 to 64 views"),
+    ("all", "1 to 64 views"),
+])
+def test_a_model_file_with_damaged_views_is_refused_by_name(reference_run: Path, tmp_path: Path, views, why):
+    from cnn_finetune.files.checkpoint import load_checkpoint, save_checkpoint
+    from cnn_finetune.errors import UserError
+    from cnn_finetune.tools.inference import load_inference_model
+
+    state = load_checkpoint(reference_run / "best_model_finetuned.pth")
+    state["tta_views"] = views
+    bad = tmp_path / "edited.pth"
+    save_checkpoint(state, bad)
+    with pytest.raises(UserError) as err:
+        load_inference_model(bad)
+    assert str(bad) in str(err.value) and why in str(err.value) and "test-time views" in str(err.value)
+
+
+def test_the_exports_predict_with_the_views(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+    import numpy as np
+    from cnn_finetune.data.loader import read_idx
+    from cnn_finetune.tools.export import export_model, load_torchscript, run_onnx
+    from cnn_finetune.tools.inference import PLAIN, load_inference_model, predict_logits
+
+    sidecar = export_model(reference_run / "best_model_finetuned.pth", tmp_path / "export")
+    assert sidecar["checks"]["passed"] and sidecar["tta_views"][0] == [0, 0, 0] and len(sidecar["tta_views"]) == 7
+    assert "mean softmax over the test-time views" in sidecar["output"]["value"]
+    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
+    images = torch.from_numpy(read_idx(tiny_idx)[:40]).unsqueeze(1)
+    tools = predict_logits(model, meta, images)  # what evaluate and predict compute
+    x = normalise(images, meta)
+    traced = load_torchscript(tmp_path / "export" / sidecar["files"]["torchscript"])
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), tools, atol=1e-4, rtol=0)
+    onnx_out, _ = run_onnx(tmp_path / "export" / sidecar["files"]["onnx"], x)
+    torch.testing.assert_close(torch.from_numpy(np.asarray(onnx_out)), tools, atol=1e-4, rtol=0)
+    assert float((tools - predict_logits(model, meta, images, views=PLAIN).log_softmax(1)).abs().max()) > 1e-3

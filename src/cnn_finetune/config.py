@@ -134,6 +134,9 @@ class TrainConfig:
     model_selection: str = _f("auto", "which weights become the best model file at the end: auto (the final epoch's, unless the "
                                       "best validation epoch gets significantly more validation images right: an exact "
                                       "McNemar test at 5%), best (the best validation epoch) or last", resume=FREE)
+    tta: bool = _f(True, "test-time augmentation: the best model file names 7 views (the image, shifted by a pixel "
+                         "each way, turned by +-8 degrees) whose probabilities evaluation, prediction, calibration and "
+                         "export average; false: the image alone", resume=FREE)
     keep_best: int = _f(3, "best epochs kept as separate files (at least 1: the best)", flag=True, resume=FREE)
     checkpoint_every_steps: int = _f(0, f"also save {LAST} every N steps (0: off)", flag=True, resume=FREE)
     checkpoint_every_seconds: float = _f(120.0, "also save it after this many seconds (0: off)", flag=True, resume=FREE)

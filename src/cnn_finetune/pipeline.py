@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,9 @@ from .training.mechanisms import RetryBudget
 from .runtime import configure_threads, resolve_device, versions
 from .training.signals import SignalGuard
 from .training.trainer import RobustTrainer
+
+if TYPE_CHECKING:
+    from .training.selection import Selection
 
 REPORTS_NOTE = "the training has finished and is saved; writing the final reports first (a few seconds)"
 
@@ -687,26 +690,22 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
     test data, if given), the label review, the model card and report.html. A failure here is
     reported but loses no training."""
     from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
-    from .model.loading import load_model_file, model_from_state
+    from .model.loading import load_model_file
     from .tools.model_card import write_model_card
-    from .tools.inference import predict_logits, predict_logits_and_features
+    from .tools.inference import PLAIN, TTA_VIEWS, predict_logits_and_features
     from .tools.plots import plot_training_curves
-    from .training.selection import select_model
 
     try:
         plot_training_curves(history, run / CURVES, cfg.monitor)
         split = data.split
-        # Final or best-validation weights, chosen on the images that chose the epoch (not those kept for the temperature).
-        images, labels = split.selection_part()
-
-        def right(state: dict[str, Any]) -> torch.Tensor:
-            candidate, meta = model_from_state(state, run.best, device)
-            return predict_logits(candidate, meta, images, device).argmax(1) == labels.cpu()
-
-        selection = select_model(run, cfg.model_selection, right)
+        selection = choose_weights(run, cfg, split, device)
         model, meta = load_model_file(run.best, device)
         meta["path"] = str(run.best)
-        # One forward pass over the unaugmented training split serves the distance check and the review.
+        # The views every later prediction uses (stored with the calibration): the temperature, the thresholds
+        # and the evaluations below are fitted and measured on what evaluate, predict and export will compute.
+        meta["tta_views"] = [list(v) for v in (TTA_VIEWS if cfg.tta else PLAIN)]
+        # One pass over the training split (with the views; the features of the plain image) serves the distance
+        # check and the review.
         train_out = predict_logits_and_features(model, meta, split.train_images, device)
         meta["calibration"] = calibrate(run, model, meta, split, device, train_out)
         val = evaluate_arrays(model, meta, split.val_images, split.val_labels, device)
@@ -740,6 +739,23 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
                        f"the model and checkpoints in {run} are complete")
 
 
+def choose_weights(run: RunDir, cfg: TrainConfig, split: SplitData, device: torch.device) -> Selection | None:
+    """Final or best-validation weights into the best model file (``model_selection``), chosen on the images
+    that chose the epoch (not those kept for the temperature), as the trainer validated them: the plain
+    image, whatever the test-time views (so a redrawn report repeats the choice)."""
+    from .model.loading import model_from_state
+    from .tools.inference import PLAIN, predict_logits
+    from .training.selection import select_model
+
+    images, labels = split.selection_part()
+
+    def right(state: dict[str, Any]) -> torch.Tensor:
+        candidate, meta = model_from_state(state, run.best, device)
+        return predict_logits(candidate, meta, images, device, views=PLAIN).argmax(1) == labels.cpu()
+
+    return select_model(run, cfg.model_selection, right)
+
+
 def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: SplitData, device: torch.device,
               train_out: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Fit the temperature on the calibration part of the validation split (the images that did not
@@ -769,7 +785,7 @@ def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: 
     if distance is not None:
         calibration["feature_distance"] = {**distance, "fitted_on": "training split (means, precision), validation "
                                            "split (threshold)"}
-    add_to_best_model(run, {"calibration": calibration})
+    add_to_best_model(run, {"calibration": calibration, "tta_views": meta["tta_views"]})
     return calibration
 
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from ..files.checkpoint import atomic_write_json
 from ..errors import EXIT_OK, UserError
 from .calibration import calibrated_probs, calibration_report, model_temperature
-from .inference import (DEFAULT_MODEL, TTA_VIEWS, load_inference_model, model_max_pixels, model_polarity, predict_logits,
-                        predict_tta_log_probs)
+from .inference import (DEFAULT_MODEL, PLAIN, TTA_VIEWS, load_inference_model, model_max_pixels, model_polarity,
+                        model_views, predict_logits)
 from ..log import logger, printable
 from ..files.rundir import CONFUSION, CURVES, EVALUATION, HISTORY, LABEL_REVIEW, RELIABILITY, REPORT
 from ..runtime import resolve_device, run_tool, tool_parser
@@ -101,7 +101,7 @@ def metrics_from_confusion(matrix: torch.Tensor, class_names: Sequence[str], top
 
 def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
                     labels: torch.Tensor, device: torch.device | str, *, batch_size: int = 512,
-                    top_confused: int = TOP_CONFUSED, tta: bool = False) -> dict[str, Any]:
+                    top_confused: int = TOP_CONFUSED, tta: bool | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on uint8 images ``N x 1 x 28 x 28`` with labels indexing ``meta['class_names']``.
 
     Returns a plain-data report (JSON-able): ``num_samples``, ``accuracy``, ``loss`` (mean
@@ -111,8 +111,9 @@ def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     ``temperature`` (the model's, ``calibration.model_temperature``), ``ece`` (15 bins, after scaling),
     ``ece_uncalibrated``, ``reliability`` (the bins), per image the calibrated ``confidences`` and
     ``label_probabilities``, and ``model`` (epoch, metrics and file of the model when ``meta`` has
-    them). Inference is float32. ``tta``: test-time augmentation (``inference.TTA_VIEWS``, the mean of
-    the views' softmax in place of the logits; ``tta_views`` in the report).
+    them). Inference is float32. ``tta``: test-time augmentation, the mean of the views' softmax in place
+    of the logits (``tta_views`` in the report): None (default) predicts with the model file's own views
+    (``inference.model_views``), True with ``inference.TTA_VIEWS``, False with the plain image alone.
     """
     class_names = list(meta["class_names"])
     labels = labels.to(torch.int64).cpu()
@@ -120,10 +121,8 @@ def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
         raise ValueError(f"{images_uint8.shape[0]} images but labels of shape {tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
         raise ValueError(f"labels must index the model's {len(class_names)} classes; found {int(labels.min())}..{int(labels.max())}")
-    if tta:
-        logits = predict_tta_log_probs(model, meta, images_uint8, device, batch_size)
-    else:
-        logits = predict_logits(model, meta, images_uint8, device, batch_size)
+    views = model_views(meta) if tta is None else (TTA_VIEWS if tta else PLAIN)
+    logits = predict_logits(model, meta, images_uint8, device, batch_size, views=views)
     preds = logits.argmax(1)
     calibration = calibration_report(logits, labels, model_temperature(meta))
     probs = calibrated_probs(logits, calibration["temperature"])
@@ -137,8 +136,8 @@ def evaluate_arrays(model: torch.nn.Module, meta: dict[str, Any], images_uint8: 
     report["confidences"] = [round(v, 4) for v in probs.max(1).values.tolist()]
     report["label_probabilities"] = [round(v, 4) for v in probs.gather(1, labels[:, None]).squeeze(1).tolist()]
     report["model"] = {k: meta[k] for k in ("path", "epoch", "metrics") if k in meta}
-    if tta:
-        report["tta_views"] = [list(v) for v in TTA_VIEWS]
+    if len(views) > 1:
+        report["tta_views"] = [list(v) for v in views]
     return report
 
 
@@ -219,9 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present (default: auto)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-data cache")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of the image and "
-                   f"{len(TTA_VIEWS) - 1} copies shifted by a pixel or turned by 8 degrees ({len(TTA_VIEWS)}x the time; off by default: "
-                   "predict.py and exported models classify one view; docs/PERFORMANCE.md section 7)")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", action="store_true", default=None,
+                     help="test-time augmentation: average the probabilities of the image and "
+                     f"{len(TTA_VIEWS) - 1} copies shifted by a pixel or turned by 8 degrees ({len(TTA_VIEWS)}x the time), "
+                     "whatever the model file says (default: as the model file says: its tta_views, which training "
+                     "writes with tta on, the default; predict.py and the exports use the same views)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false", help="classify the unaugmented image alone, whatever "
+                     "the model file says")
     return p
 
 

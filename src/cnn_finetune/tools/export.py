@@ -16,7 +16,9 @@ writes, next to each other (default folder: ``export/`` beside the model file):
   confidence threshold), and the result of the checks below.
 
 Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
-``(pixel / 255 - mean) / std``, and return logits. Each is run on a batch and compared with the
+``(pixel / 255 - mean) / std``, and return logits; a model file with test-time views (``tta_views``, written by
+training with ``tta`` on, the default) has them built in, and the output is then the log of the mean softmax
+over the views, in place of logits. Each is run on a batch and compared with the
 PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
 (exit 1), and so does any requested export that cannot be written (a full disk, say) or checked:
 nothing is left of it. The safetensors file must give exactly the same logits (``torch.equal``).
@@ -68,7 +70,7 @@ from ..files.checkpoint import (
 from ..files.rundir import EXPORT, TMP_MARK, temporary_name, temporary_pid
 from ..errors import EXIT_FAILED, EXIT_OK, ExportUnavailable, UserError
 from .calibration import model_distance, model_temperature, model_threshold
-from .inference import DEFAULT_MODEL, load_inference_model, model_polarity, normalise_images
+from .inference import DEFAULT_MODEL, ViewAveraged, load_inference_model, model_polarity, model_views, normalise_images
 from ..log import printable
 from ..model.loading import load_model_file
 from ..runtime import run_tool, tool_parser
@@ -281,19 +283,24 @@ def _export_set(model: torch.nn.Module, meta: dict[str, Any], model_path: Path, 
     # Traced/exported with batch 2, checked with 16 and 1: proves the batch axis is really dynamic.
     example = check_batch(meta, 2, seed=1)
     batches = [check_batch(meta, 16, seed=0), check_batch(meta, 1, seed=2)]
+    # The exported networks predict as the tools do: with the model file's test-time views built in.
+    views = model_views(meta)
+    network = ViewAveraged(model, meta, views).eval() if len(views) > 1 else model
     with torch.no_grad():
-        expected = [model(x).float() for x in batches]
+        expected = [network(x).float() for x in batches]
+        plain = [model(x).float() for x in batches] if network is not model else expected
     checks: dict[str, Any] = {"tolerance": tolerance, "batch_sizes": [int(x.shape[0]) for x in batches]}
     files: dict[str, str | None] = {"torchscript": ts_path.name, "onnx": None, "safetensors": st_path.name}
 
-    export_torchscript(model, example, ts_path)
+    export_torchscript(network, example, ts_path)
     loaded = load_torchscript(ts_path)
     with torch.no_grad():
         checks["torchscript_max_abs_diff"] = max(_max_abs_diff(loaded(x), e) for x, e in zip(batches, expected))
     # The formats that need nothing but torch first; ONNX (an optional extra) last, so that when it
-    # cannot be written the others are already complete.
-    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, expected)
-    if _export_and_check_onnx(model, example, onnx_path, batches, expected, checks, requested=onnx):
+    # cannot be written the others are already complete. The safetensors file holds the weights (its
+    # metadata the views, which the tools apply): the bare network must give exactly the same logits.
+    checks["safetensors_identical"] = export_safetensors(model, meta, st_path, batches, plain)
+    if _export_and_check_onnx(network, example, onnx_path, batches, expected, checks, requested=onnx):
         files["onnx"] = onnx_path.name
     measured = [checks[k] for k in ("torchscript_max_abs_diff", "onnx_max_abs_diff") if k in checks]
     checks["passed"] = (all(d <= tolerance for d in measured) and "onnx_failed" not in checks
@@ -354,8 +361,12 @@ def export_sidecar(model_path: Path, meta: dict[str, Any], files: dict[str, str 
             "value": "(pixel / 255 - mean) / std of a uint8 28x28 grayscale image, bright strokes on a dark background",
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta["class_names"])], "dtype": "float32",
-                   "value": "logits, in the order of class_names; softmax(logits / calibration.temperature) gives "
-                            "calibrated probabilities (plain softmax when calibration is null)"},
+                   "value": ("logits, in the order of class_names" if len(model_views(meta)) == 1 else
+                             "the log of the mean softmax over the test-time views (tta_views), in the order of "
+                             "class_names: it takes the place of logits") +
+                            "; softmax(logits / calibration.temperature) gives calibrated probabilities (plain "
+                            "softmax when calibration is null)"},
+        "tta_views": [list(v) for v in model_views(meta)],
         "calibration": sidecar_calibration(meta),
         "polarity": model_polarity(meta),
         "preprocessing": (

@@ -28,10 +28,15 @@ from ..files.rundir import BEST
 
 # What train_finetuned.py writes with its default settings: the tools' default --model.
 DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / BEST
-# Test-time augmentation (evaluate.py --tta): the unaugmented view first, then fixed small shifts and
-# turns, as (shift x, shift y) in pixels and a rotation in degrees, well inside the training augmentation.
-TTA_VIEWS: tuple[tuple[float, float, float], ...] = (
+# Test-time augmentation (config ``tta``, on by default; evaluate.py --tta / --no-tta): the unaugmented
+# view first, then fixed small shifts and turns, as (shift x, shift y) in pixels and a rotation in degrees,
+# well inside the training augmentation. A model file names its views (``tta_views``, written at the end of
+# training); every tool predicts with them, so evaluation, prediction, calibration and export agree.
+View = tuple[float, float, float]
+PLAIN: tuple[View, ...] = ((0, 0, 0),)
+TTA_VIEWS: tuple[View, ...] = (
     (0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 8), (0, 0, -8))
+MAX_VIEWS, MAX_VIEW_SHIFT, MAX_VIEW_DEGREES = 64, 4.0, 45.0  # bounds of a model file's views (a damaged file is refused)
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CNNv2, dict[str, Any]]:
@@ -71,10 +76,37 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
         raise UserError(f"model file {path} has an unusable normalisation (mean {norm['mean']}, std {norm['std']}; a mean from 0 "
                         f"to 1 and a std from {MIN_STD} to 1 are needed): it was edited or damaged; use {BEST} written by "
                         "train_finetuned.py", path=str(path))
+    try:
+        model_views(meta)
+    except ValueError as err:
+        raise UserError(f"model file {path} has unusable test-time views ({err}): it was edited or damaged; use {BEST} "
+                        "written by train_finetuned.py", path=str(path)) from None
     meta = dict(meta)
     meta["class_names"] = [str(n) for n in names]
     meta["path"] = str(path)
     return model, meta
+
+
+def model_views(meta: dict[str, Any]) -> tuple[View, ...]:
+    """The views a model predicts with: its ``tta_views`` (written at the end of training), else the plain
+    image alone (files made before them, or trained with ``tta`` off). Raises ``ValueError`` for views that
+    are not a list of (shift x, shift y, degrees) starting with the unaugmented one, within the bounds."""
+    raw = meta.get("tta_views")
+    if raw is None:
+        return PLAIN
+    if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_VIEWS:
+        raise ValueError(f"tta_views must be a list of 1 to {MAX_VIEWS} views, found {str(raw)[:80]}")
+    views = []
+    for v in raw:
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in v)):
+            raise ValueError(f"a view must be three numbers (shift x, shift y, degrees), found {str(v)[:80]}")
+        if max(abs(v[0]), abs(v[1])) > MAX_VIEW_SHIFT or abs(v[2]) > MAX_VIEW_DEGREES:
+            raise ValueError(f"view {list(v)} is outside +-{MAX_VIEW_SHIFT:g} pixels and +-{MAX_VIEW_DEGREES:g} degrees")
+        views.append((float(v[0]), float(v[1]), float(v[2])))
+    if views[0] != (0.0, 0.0, 0.0):
+        raise ValueError(f"the first view must be the unaugmented image [0, 0, 0], found {list(views[0])}")
+    return tuple(views)
 
 
 def _within(value: float, low: float, high: float) -> bool:
@@ -111,28 +143,34 @@ def normalise_unit(x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
-                   device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+                   device: torch.device | str = "cpu", batch_size: int = 512, *,
+                   views: tuple[View, ...] | None = None) -> torch.Tensor:
     """Float32 logits (on the CPU) for uint8 images, in batches, with the model in eval mode.
 
-    Inference runs in float32 without autocast: results do not depend on the device's mixed
-    precision, so exported models and predictions on another machine can be compared with it.
+    With more than one view (``views``, default: the model's own, ``model_views``) they are test-time
+    augmented: the log of the mean softmax over the views, which takes the place of logits (its softmax
+    is the mean of the views' probabilities, and a temperature applies to it as to logits). Inference
+    runs in float32 without autocast: results do not depend on the device's mixed precision, so exported
+    models and predictions on another machine can be compared with it.
     """
-    return _forward(model, meta, images_uint8, device, batch_size, features=False)[0]
+    return _forward(model, meta, images_uint8, device, batch_size, features=False, views=views)[0]
 
 
 @torch.no_grad()
 def predict_logits_and_features(model: CNNv2, meta: dict[str, Any], images_uint8: torch.Tensor,
-                                device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """``predict_logits`` and, from the same forward pass, the penultimate features the head reads
-    (float32, CPU, ``N x 4*width``): ``model.head(model.features(x))`` is ``model(x)``, op for op."""
-    return _forward(model, meta, images_uint8, device, batch_size, features=True)
+                                device: torch.device | str = "cpu", batch_size: int = 512, *,
+                                views: tuple[View, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict_logits`` and the penultimate features the head reads on the unaugmented view (float32,
+    CPU, ``N x 4*width``), from its forward pass: ``model.head(model.features(x))`` is ``model(x)``, op for op."""
+    return _forward(model, meta, images_uint8, device, batch_size, features=True, views=views)
 
 
 def _forward(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor, device: torch.device | str,
-             batch_size: int, *, features: bool, shift: tuple[float, float, float] | None = None
+             batch_size: int, *, features: bool, views: tuple[View, ...] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (and features, else an empty tensor) of uint8 images, batched, in eval mode, in float32;
-    ``shift``: the images seen through that ``view`` first (test-time augmentation)."""
+    """Logits (and the plain view's features, else an empty tensor) of uint8 images, batched, in eval
+    mode, in float32, over ``views`` (default: the model's)."""
+    views = model_views(meta) if views is None else tuple(views)
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != (1, 28, 28):
         raise ValueError(f"expected uint8 images of shape N x 1 x 28 x 28, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     device = torch.device(device)
@@ -142,13 +180,17 @@ def _forward(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.T
     try:
         for i in range(0, images_uint8.shape[0], batch_size):
             batch = images_uint8[i:i + batch_size].to(device)
-            x = normalise_images(batch, meta) if shift is None else normalise_unit(view(to_unit(batch), *shift), meta)
+            x = normalise_images(batch, meta)
             if features:
                 f = model.features(x)
                 feats.append(f.float().cpu())
-                outputs.append(model.head(f).float().cpu())
+                logits = model.head(f).float()
             else:
-                outputs.append(model(x).float().cpu())
+                logits = model(x).float()
+            if len(views) > 1:
+                logits = mean_softmax_log(logits, [model(normalise_unit(view(to_unit(batch), *v), meta)).float()
+                                                   for v in views[1:]])
+            outputs.append(logits.cpu())
     finally:
         model.train(was_training)
     if not outputs:
@@ -212,25 +254,49 @@ def view(x: torch.Tensor, shift_x: float, shift_y: float, degrees: float) -> tor
     the centre (one bilinear resampling, zero background); the unchanged view is returned as it is."""
     if shift_x == 0 and shift_y == 0 and degrees == 0:
         return x
-    height, width = x.shape[2], x.shape[3]
-    angle = math.radians(degrees)
-    # grid_sample's coordinates span 2 over a side: a pixel is 2 / side; the grid maps output to input.
-    theta = torch.tensor([[math.cos(angle), -math.sin(angle), -2.0 * shift_x / width],
-                          [math.sin(angle), math.cos(angle), -2.0 * shift_y / height]], dtype=x.dtype, device=x.device)
-    grid = sampling_grid(theta.expand(x.shape[0], 2, 3), height, width)
+    grid = view_grid(x.shape[0], x.shape[2], x.shape[3], shift_x, shift_y, degrees, dtype=x.dtype, device=x.device)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-@torch.no_grad()
-def predict_tta_log_probs(model: torch.nn.Module, meta: dict[str, Any], images_uint8: torch.Tensor,
-                          device: torch.device | str = "cpu", batch_size: int = 512,
-                          views: tuple[tuple[float, float, float], ...] = TTA_VIEWS) -> torch.Tensor:
-    """Test-time augmentation: the log of the mean softmax over ``views`` (float32, on the CPU).
+def view_grid(batch: int, height: int, width: int, shift_x: float, shift_y: float, degrees: float, *,
+              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``grid_sample`` grid ``(batch, H, W, 2)`` of one view: a shift in pixels and a turn about the centre."""
+    angle = math.radians(degrees)
+    # grid_sample's coordinates span 2 over a side: a pixel is 2 / side; the grid maps output to input.
+    theta = torch.tensor([[math.cos(angle), -math.sin(angle), -2.0 * shift_x / width],
+                          [math.sin(angle), math.cos(angle), -2.0 * shift_y / height]], dtype=dtype, device=device)
+    return sampling_grid(theta.expand(batch, 2, 3), height, width)
 
-    The result takes the place of logits (its softmax is the mean of the views' probabilities), so a
-    stored temperature applies to it as to logits; with the unaugmented view alone it gives the
-    probabilities of ``predict_logits``. Costs one forward pass per view.
-    """
-    probs = sum(torch.softmax(_forward(model, meta, images_uint8, device, batch_size, features=False, shift=v)[0], 1)
-                for v in views)
-    return (probs / len(views)).clamp_min_(1e-30).log_()
+
+def mean_softmax_log(first: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean softmax of several views' logits (the plain view's first): test-time
+    augmentation's output, in place of logits. Clamped at 1e-30 so that no class gets minus infinity."""
+    probs = torch.softmax(first, 1)
+    for logits in others:
+        probs = probs + torch.softmax(logits, 1)
+    return (probs / (1 + len(others))).clamp_min(1e-30).log()
+
+
+class ViewAveraged(torch.nn.Module):
+    """The network with its test-time views built in, for export: normalised images in, the log of the
+    mean softmax over the views out (what ``predict_logits`` gives for a model file with those views).
+
+    Each view's sampling grid is computed once, as ``view`` computes it, and kept as a constant: the
+    traced and ONNX graphs then hold one ``grid_sample`` per view and no grid arithmetic."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], views: tuple[View, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = float(meta["normalization"]["mean"])
+        self.std = float(meta["normalization"]["std"])
+        grids = [view_grid(1, 28, 28, *v, dtype=torch.float32, device=torch.device("cpu")) for v in views[1:]]
+        self.register_buffer("grids", torch.cat(grids) if grids else torch.zeros(0, 28, 28, 2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (nn.Module API)
+        unit = x * self.std + self.mean  # back to pixels in [0, 1], where a view pads with 0 as predict_logits does
+        others = []
+        for k in range(self.grids.shape[0]):
+            grid = self.grids[k:k + 1].expand(x.shape[0], -1, -1, -1)
+            seen = F.grid_sample(unit, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            others.append(self.model(normalize(seen, self.mean, self.std)))
+        return mean_softmax_log(self.model(x), others)

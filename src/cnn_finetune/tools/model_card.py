@@ -165,6 +165,10 @@ def _evaluation_section(title: str, report: dict[str, Any], out_dir: Path, png_n
     lines.append(f"- **Images:** {report.get('num_samples')}" + (f" from `{source}`" if source else ""))
     loss = report.get("loss")
     lines.append(f"- **Accuracy:** {_pct(report.get('accuracy'))}" + (f" (loss {_num(loss)})" if loss is not None else ""))
+    views = report.get("tta_views") or []
+    lines.append(f"- **Predicted with:** the mean of {len(views)} views' probabilities (test-time augmentation: the image, "
+                 "shifted and turned; `tta_views` in the model file), as every tool predicts" if len(views) > 1 else
+                 "- **Predicted with:** the image alone (no test-time augmentation)")
     lines.append(f"- **Macro F1:** {_pct(report.get('macro_f1'))}; macro precision {_pct(report.get('macro_precision'))}, "
                  f"macro recall {_pct(report.get('macro_recall'))}; weighted F1 {_pct(report.get('weighted_f1'))}")
     lines.append("")
