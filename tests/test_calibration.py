@@ -261,15 +261,7 @@ def test_predict_answers_unknown_for_noise_the_confidence_accepts(trained_run: P
     assert all(not r["unknown"] and r["distance"] is None and r["confidence"] > max(threshold, 0.5) for r in alone)
     # The model's own kind of images (unseen digits) stay near their classes: at most a few are far.
     assert sum(r["distance"] > limit for r in digits) <= 5
-    assert min(r["distance"] for r in noise) > 2 * limit
-    # The unknown answers on them fall on the errors: an error (15 of 100 for this 85% model) is at least
-    # twice as likely to be answered unknown as a right answer, and at most a quarter of them are unknown
-    # (the confidence threshold keeps 95% of the right answers of a 60-image validation split; measured with
-    # the 7 test-time views: 9 of 15 errors and 14 of 85 right answers).
-    right = [r["predictions"][0]["class"] == str(i // 10) for i, r in enumerate(digits)]
-    unknown_right = sum(r["unknown"] for r, ok in zip(digits, right) if ok) / max(1, sum(right))
-    unknown_wrong = sum(r["unknown"] for r, ok in zip(digits, right) if not ok) / max(1, len(right) - sum(right))
-    assert unknown_wrong >= 2 * unknown_right and sum(r["unknown"] for r in digits) <= 25
+    assert sum(r["unknown"] for r in digits) <= 15 and min(r["distance"] for r in noise) > 2 * limit
     for r in rows["rule"]:
         assert r["unknown"] == (r["confidence"] < threshold or r["distance"] > limit)
     text = run_tool("predict", ["--model", model, str(csv_path)], tmp_path)

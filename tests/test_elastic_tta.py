@@ -1,6 +1,7 @@
 """Elastic distortions in real runs (off by default, bit-exact on resume when on) and test-time
-augmentation (config ``tta``, on by default): the views a model file names, used alike by evaluation,
-prediction, the calibration and the exports; ``evaluate.py --tta`` / ``--no-tta`` override them."""
+augmentation (config ``tta``: auto, on for classes new to the base model): the views a model file names,
+used alike by evaluation, prediction, the calibration and the exports; ``evaluate.py --tta`` / ``--no-tta``
+override them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, assert_same_weights, load_state, run_cli
+from conftest import FAST, assert_same_weights, finished_run, load_state, run_cli
 
 ELASTIC = ["--set", "aug_elastic=34", "--set", "aug_elastic_sigma=4"]
+
+
+@pytest.fixture(scope="module")
+def tta_run(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run's settings with the views on (digits: ``tta`` auto would leave them off)."""
+    return finished_run([*FAST, "--data", str(tiny_idx), "--set", "tta=on"], tmp_path_factory, "tta_on")
 
 
 def test_elastic_run_resumes_bit_for_bit_and_off_is_the_default_run(reference_run: Path, tiny_idx: Path, tmp_path: Path):
@@ -63,12 +70,12 @@ def test_a_tta_shift_moves_the_image_by_whole_pixels(dx: int, dy: int):
     assert 0.5 < float((turned - x).abs().max()) and float(turned.sum()) == pytest.approx(float(x.sum()), rel=0.03)
 
 
-def test_tta_with_the_plain_view_alone_is_the_plain_prediction(reference_run: Path, tiny_idx: Path):
+def test_tta_with_the_plain_view_alone_is_the_plain_prediction(tta_run: Path, tiny_idx: Path):
     from cnn_finetune.data.loader import read_idx
     from cnn_finetune.tools.inference import PLAIN, TTA_VIEWS, load_inference_model, predict_logits
 
-    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
-    assert meta["tta_views"] == [list(v) for v in TTA_VIEWS]  # the default run's file names its views
+    model, meta = load_inference_model(tta_run / "best_model_finetuned.pth")
+    assert meta["tta_views"] == [list(v) for v in TTA_VIEWS]  # the file of a run with tta on names its views
     images = torch.from_numpy(read_idx(tiny_idx)[:100]).unsqueeze(1)
     plain = torch.softmax(predict_logits(model, meta, images, views=PLAIN), 1)
     with torch.no_grad():
@@ -92,10 +99,10 @@ def normalise(images: torch.Tensor, meta: dict) -> torch.Tensor:
     return (images.float() / 255 - norm["mean"]) / norm["std"]
 
 
-def test_evaluate_uses_the_model_files_views_unless_told(reference_run: Path, tiny_idx: Path, tmp_path: Path, capsys):
+def test_evaluate_uses_the_model_files_views_unless_told(tta_run: Path, tiny_idx: Path, tmp_path: Path, capsys):
     from cnn_finetune.tools.evaluate import main
 
-    model = str(reference_run / "best_model_finetuned.pth")
+    model = str(tta_run / "best_model_finetuned.pth")
     for name, flags in (("default", []), ("tta", ["--tta"]), ("plain", ["--no-tta"])):
         assert main(["--model", model, "--data", str(tiny_idx), "--output-dir", str(tmp_path / name), "--no-cache", *flags]) == 0
     default, tta, plain = (json.loads((tmp_path / n / "evaluation.json").read_text()) for n in ("default", "tta", "plain"))
@@ -108,17 +115,19 @@ def test_evaluate_uses_the_model_files_views_unless_told(reference_run: Path, ti
         main(["--model", model, "--data", str(tiny_idx), "--tta", "--no-tta"])
 
 
-def test_tta_off_writes_the_plain_view_and_the_tools_follow_the_file(tiny_idx: Path, tmp_path: Path):
+def test_tta_auto_is_off_on_digits_and_the_tools_follow_the_file(reference_run: Path, tiny_idx: Path):
     from cnn_finetune.data.loader import read_idx
     from cnn_finetune.tools.inference import PLAIN, load_inference_model, predict_logits, predict_with_unknown
 
-    proc = run_cli([*FAST, "--data", str(tiny_idx), "--set", "tta=false", "--output-dir", "off"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    model, meta = load_inference_model(tmp_path / "off" / "best_model_finetuned.pth")
+    # The default run (tta auto) on digits the base model separates: the views are left off, and it says why.
+    manifest = json.loads((reference_run / "config_finetuned.json").read_text())
+    assert manifest["config"]["tta"] == "off"
+    assert manifest["resolved"]["automatic"]["tta"].startswith("auto: off (")
+    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
     assert meta["tta_views"] == [[0, 0, 0]]
     images = torch.from_numpy(read_idx(tiny_idx)[:50]).unsqueeze(1)
     torch.testing.assert_close(predict_logits(model, meta, images), predict_logits(model, meta, images, views=PLAIN), atol=0, rtol=0)
-    evaluation = json.loads((tmp_path / "off" / "evaluation.json").read_text())
+    evaluation = json.loads((reference_run / "evaluation.json").read_text())
     assert "tta_views" not in evaluation
     # predict classifies the plain image alone too: its probabilities are the plain logits' at the file's temperature
     from cnn_finetune.tools.calibration import calibrated_probs, model_temperature
@@ -128,13 +137,13 @@ def test_tta_off_writes_the_plain_view_and_the_tools_follow_the_file(tiny_idx: P
     torch.testing.assert_close(answers.probs, plain, atol=1e-6, rtol=0)
 
 
-def test_predict_and_evaluate_agree_with_the_views(reference_run: Path, tiny_idx: Path):
+def test_predict_and_evaluate_agree_with_the_views(tta_run: Path, tiny_idx: Path):
     from cnn_finetune.data.loader import read_idx
     from cnn_finetune.tools.calibration import calibrated_probs, model_temperature
     from cnn_finetune.tools.evaluate import evaluate_arrays
     from cnn_finetune.tools.inference import load_inference_model, predict_logits, predict_proba, predict_with_unknown
 
-    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
+    model, meta = load_inference_model(tta_run / "best_model_finetuned.pth")
     images = torch.from_numpy(read_idx(tiny_idx)[:60]).unsqueeze(1)
     labels = torch.zeros(60, dtype=torch.int64)
     report = evaluate_arrays(model, meta, images, labels, "cpu")
@@ -154,12 +163,12 @@ def test_predict_and_evaluate_agree_with_the_views(reference_run: Path, tiny_idx
     ([], "1 to 64 views"),
     ("all", "1 to 64 views"),
 ])
-def test_a_model_file_with_damaged_views_is_refused_by_name(reference_run: Path, tmp_path: Path, views, why):
+def test_a_model_file_with_damaged_views_is_refused_by_name(tta_run: Path, tmp_path: Path, views, why):
     from cnn_finetune.files.checkpoint import load_checkpoint, save_checkpoint
     from cnn_finetune.errors import UserError
     from cnn_finetune.tools.inference import load_inference_model
 
-    state = load_checkpoint(reference_run / "best_model_finetuned.pth")
+    state = load_checkpoint(tta_run / "best_model_finetuned.pth")
     state["tta_views"] = views
     bad = tmp_path / "edited.pth"
     save_checkpoint(state, bad)
@@ -168,16 +177,16 @@ def test_a_model_file_with_damaged_views_is_refused_by_name(reference_run: Path,
     assert str(bad) in str(err.value) and why in str(err.value) and "test-time views" in str(err.value)
 
 
-def test_the_exports_predict_with_the_views(reference_run: Path, tiny_idx: Path, tmp_path: Path):
+def test_the_exports_predict_with_the_views(tta_run: Path, tiny_idx: Path, tmp_path: Path):
     import numpy as np
     from cnn_finetune.data.loader import read_idx
     from cnn_finetune.tools.export import export_model, load_torchscript, run_onnx
     from cnn_finetune.tools.inference import PLAIN, load_inference_model, predict_logits
 
-    sidecar = export_model(reference_run / "best_model_finetuned.pth", tmp_path / "export")
+    sidecar = export_model(tta_run / "best_model_finetuned.pth", tmp_path / "export")
     assert sidecar["checks"]["passed"] and sidecar["tta_views"][0] == [0, 0, 0] and len(sidecar["tta_views"]) == 7
     assert "mean softmax over the test-time views" in sidecar["output"]["value"]
-    model, meta = load_inference_model(reference_run / "best_model_finetuned.pth")
+    model, meta = load_inference_model(tta_run / "best_model_finetuned.pth")
     images = torch.from_numpy(read_idx(tiny_idx)[:40]).unsqueeze(1)
     tools = predict_logits(model, meta, images)  # what evaluate and predict compute
     x = normalise(images, meta)
@@ -187,3 +196,30 @@ def test_the_exports_predict_with_the_views(reference_run: Path, tiny_idx: Path,
     onnx_out, _ = run_onnx(tmp_path / "export" / sidecar["files"]["onnx"], x)
     torch.testing.assert_close(torch.from_numpy(np.asarray(onnx_out)), tools, atol=1e-4, rtol=0)
     assert float((tools - predict_logits(model, meta, images, views=PLAIN).log_softmax(1)).abs().max()) > 1e-3
+
+
+def test_tta_auto_follows_the_separability_of_the_classes():
+    from cnn_finetune.config import TrainConfig
+    from cnn_finetune.training.recipe import SEPARABLE_THRESHOLD, resolve
+
+    def chosen(fine_tuning: bool, separability: float | None, tta: str = "auto") -> tuple[str, str | None]:
+        r = resolve(TrainConfig(tta=tta), 5, fine_tuning, separability=separability, per_class=27)
+        return r.config.tta, r.notes.get("tta")
+
+    value, note = chosen(True, 0.80)  # letters of a new script: the few-shot sets where the views won
+    assert value == "on" and "80.0%" in note and f"below {100 * SEPARABLE_THRESHOLD:.0f}%" in note
+    value, note = chosen(True, 0.98)  # digits the base model knows
+    assert value == "off" and "98.0%" in note
+    assert chosen(False, None)[0] == "off" and "from scratch" in chosen(False, None)[1]
+    assert chosen(True, None) == ("off", "auto: off (the base model's separability of the classes was not measured)")
+    assert chosen(True, 0.98, "on") == ("on", None) and chosen(True, 0.80, "off") == ("off", None)  # explicit wins
+
+
+def test_a_resumed_run_keeps_the_views_it_started_with(tiny_idx: Path, tmp_path: Path):
+    args = [*FAST, "--data", str(tiny_idx), "--output-dir", "out"]
+    cut = run_cli([*args, "--set", "tta=on"], cwd=tmp_path, faults="sigint@7")
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    resumed = run_cli(args, cwd=tmp_path)  # tta auto now: the run goes on with the views it began with
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "tta: on; decided when the run started, kept" in resumed.stdout
+    assert len(load_state(tmp_path / "out" / "best_model_finetuned.pth")["tta_views"]) == 7

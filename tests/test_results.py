@@ -138,8 +138,7 @@ def test_evaluate_script_on_idx_is_consistent(trained: SimpleNamespace, tiny_idx
 
 def test_evaluate_arrays_reproduces_the_trainers_validation(trained: SimpleNamespace, tiny_idx: Path) -> None:
     """On the validation images that choose the epoch (the split less its calibration part), the library
-    gives the accuracy and loss the trainer recorded when it classifies the plain image, as the trainer
-    validates; by default it predicts with the model file's test-time views."""
+    gives the accuracy and loss the trainer recorded."""
     from cnn_finetune.data.loader import calibration_mask, load_dataset, stratified_split
     from cnn_finetune.tools.evaluate import evaluate_arrays
 
@@ -147,12 +146,9 @@ def test_evaluate_arrays_reproduces_the_trainers_validation(trained: SimpleNames
     cfg = trained.meta["config"]
     _, val = stratified_split(ds.labels, cfg["val_fraction"], cfg["seed"])
     val = val[~calibration_mask(ds.labels[val], cfg["calibration_fraction"], cfg["seed"])]
-    report = evaluate_arrays(trained.model, trained.meta, ds.images[val], ds.labels[val], "cpu", tta=False)
-    assert report["num_samples"] == len(val) == 30 and "tta_views" not in report
+    report = evaluate_arrays(trained.model, trained.meta, ds.images[val], ds.labels[val], "cpu")
+    assert report["num_samples"] == len(val) == 30
     assert report["accuracy"] == pytest.approx(trained.meta["metrics"]["val_acc"], abs=1e-12)
-    default = evaluate_arrays(trained.model, trained.meta, ds.images[val], ds.labels[val], "cpu")
-    assert default["tta_views"] == trained.meta["tta_views"] and len(default["tta_views"]) == 7
-    assert default["loss"] != pytest.approx(report["loss"], rel=1e-5)  # the views do change the prediction
     assert report["loss"] == pytest.approx(trained.meta["metrics"]["val_loss"], rel=1e-5)
     assert report["model"]["epoch"] == trained.meta["epoch"]
 
@@ -404,7 +400,7 @@ def test_export_agrees_with_pytorch(trained: SimpleNamespace, tiny_idx: Path) ->
     """The script's reported differences are small, and the files agree when loaded here."""
     from cnn_finetune.data.loader import load_dataset
     from cnn_finetune.tools.export import load_torchscript
-    from cnn_finetune.tools.inference import normalise_images, predict_logits
+    from cnn_finetune.tools.inference import normalise_images
 
     out = trained.work / "export"
     proc = run_script("export", ["--model", str(trained.model_path), "--output-dir", str(out)], trained.work)
@@ -428,9 +424,8 @@ def test_export_agrees_with_pytorch(trained: SimpleNamespace, tiny_idx: Path) ->
     ds = load_dataset(tiny_idx, use_cache=False)
     for n in (1, 37):  # any batch size, not only the one used for tracing
         x = normalise_images(ds.images[:n], trained.meta)
-        # what evaluate and predict compute: the mean over the model file's test-time views, built into the exports
-        expected = predict_logits(trained.model, trained.meta, ds.images[:n])
         with torch.no_grad():
+            expected = trained.model(x)
             scripted = load_torchscript(out / side["files"]["torchscript"])(x)
         assert (scripted - expected).abs().max() <= 1e-4
         ort = pytest.importorskip("onnxruntime")

@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("onecycle", "cosine", "constant"),
     "monitor": ("val_acc", "val_loss"),
     "model_selection": ("auto", "best", "last"),
+    "tta": ("auto", "on", "off"),
     "ema_bn": ("recompute", "average"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
@@ -134,9 +135,10 @@ class TrainConfig:
     model_selection: str = _f("auto", "which weights become the best model file at the end: auto (the final epoch's, unless the "
                                       "best validation epoch gets significantly more validation images right: an exact "
                                       "McNemar test at 5%), best (the best validation epoch) or last", resume=FREE)
-    tta: bool = _f(True, "test-time augmentation: the best model file names 7 views (the image, shifted by a pixel "
-                         "each way, turned by +-8 degrees) whose probabilities evaluation, prediction, calibration and "
-                         "export average; false: the image alone", resume=FREE)
+    tta: str = _f("auto", "test-time augmentation: on: the best model file names 7 views (the image, shifted by a pixel "
+                          "each way, turned by +-8 degrees) whose probabilities evaluation, prediction, calibration and "
+                          "export average; off: the image alone; auto: on when fine-tuning classes new to the base model "
+                          "(their features' nearest-class-mean accuracy under 90%), off otherwise", resume=FREE)
     keep_best: int = _f(3, "best epochs kept as separate files (at least 1: the best)", flag=True, resume=FREE)
     checkpoint_every_steps: int = _f(0, f"also save {LAST} every N steps (0: off)", flag=True, resume=FREE)
     checkpoint_every_seconds: float = _f(120.0, "also save it after this many seconds (0: off)", flag=True, resume=FREE)
@@ -334,7 +336,7 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
 
 
 # What a run did before the setting existed, where that differs from today's default.
-LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0}
+LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0, "tta": "off"}
 
 
 def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:

@@ -385,14 +385,14 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool, base: Path | None = None) -> ResumePlan:
     """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse.
 
-    A fresh run from ``base`` whose ``feature_lr_scale`` is automatic measures how well the base
+    A fresh run from ``base`` whose ``feature_lr_scale`` or ``tta`` is automatic measures how well the base
     model's features separate the training classes; a continued run keeps what its start decided."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--output-dir {run.path} is a file, not a folder; choose a folder for the run's files", path=str(run.path))
     _, steps = data.batch_and_steps(cfg.batch_size)
 
     def start_afresh() -> Resolved:
-        probe = base is not None and fine_tuning and cfg.feature_lr_scale is None
+        probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.tta == "auto")
         labels = data.split.train_labels
         per_class = len(labels) / max(1, len(data.split.class_names))
         return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None,
@@ -442,9 +442,11 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     automatic = state.get("automatic", {})
     kept = {key: state["config"].get(key) for key in ("feature_lr_scale", "freeze_features_epochs")
             if fine_tuning and getattr(cfg, key) is None and key in automatic}
+    if cfg.tta == "auto" and state["config"].get("tta") in ("on", "off"):  # the views it started with
+        kept["tta"] = state["config"]["tta"]
     resolved = resolve(dataclasses.replace(cfg, **kept), steps, fine_tuning)
     for key in kept:
-        resolved.notes[key] = f"{automatic[key]}; decided when the run started, kept"
+        resolved.notes[key] = f"{automatic.get(key, kept[key])}; decided when the run started, kept"
     for key, legacy in LEGACY_DEFAULTS.items():
         if key not in state["config"]:  # a run that started before the setting existed goes on as it began
             resolved.config = dataclasses.replace(resolved.config, **{key: legacy})
@@ -703,7 +705,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         meta["path"] = str(run.best)
         # The views every later prediction uses (stored with the calibration): the temperature, the thresholds
         # and the evaluations below are fitted and measured on what evaluate, predict and export will compute.
-        meta["tta_views"] = [list(v) for v in (TTA_VIEWS if cfg.tta else PLAIN)]
+        meta["tta_views"] = [list(v) for v in (TTA_VIEWS if cfg.tta == "on" else PLAIN)]
         # One pass over the training split (with the views; the features of the plain image) serves the distance
         # check and the review.
         train_out = predict_logits_and_features(model, meta, split.train_images, device)

@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="test-time augmentation: average the probabilities of the image and "
                      f"{len(TTA_VIEWS) - 1} copies shifted by a pixel or turned by 8 degrees ({len(TTA_VIEWS)}x the time), "
                      "whatever the model file says (default: as the model file says: its tta_views, which training "
-                     "writes with tta on, the default; predict.py and the exports use the same views)")
+                     "writes with tta on, as tta auto does for classes new to the base model; predict.py and the "
+                     "exports use the same views)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="classify the unaugmented image alone, whatever "
                      "the model file says")
     return p
