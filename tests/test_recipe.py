@@ -318,8 +318,9 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     # The measurement draws no random number: the default runs are the explicit runs of what they chose, bit for bit.
     for name, data, flags in (("digits", tiny_idx, ["--freeze-features-epochs", str(recipe.FREEZE_WHOLE_RUN)]),
                               ("scrambled", runs["scrambled"][0], [])):
-        proc = run_cli([*args, "--data", str(data), "--feature-lr-scale", "0.3", *flags, "--output-dir", f"explicit-{name}"],
-                       cwd=tmp_path)
+        chosen = json.loads((tmp_path / name / "config_finetuned.json").read_text())["config"]["tta"]  # explicit too
+        proc = run_cli([*args, "--data", str(data), "--feature-lr-scale", "0.3", *flags, "--set", f"tta={chosen}",
+                        "--output-dir", f"explicit-{name}"], cwd=tmp_path)
         assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
         assert_same_weights(tmp_path / name / "checkpoint_last.pth", tmp_path / f"explicit-{name}" / "checkpoint_last.pth")
     # Extended (resumed) after the defaults changed (a newer version): the run keeps what its start chose.
