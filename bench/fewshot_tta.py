@@ -6,7 +6,7 @@
 Every ``<set>-<setting>-s<seed>.pth`` in --models (what ``fewshot.py --keep-models`` copies) is
 evaluated by the real command (scripts/evaluate.py, in a subprocess) on its set's test images, once
 plainly (``--no-tta``) and once with ``--tta``. The sets are rebuilt as fewshot.py builds them (the same draw, so the
-accuracy with the model file's own views, TTA for runs with ``tta`` on, the default, plain with it off,
+accuracy with the model file's own views, TTA for runs with ``tta`` on (``auto`` on new scripts), plain with it off (``auto`` on digits),
 equals the one the training run reported). Reported per set and setting: the mean ± sd
 over seeds of both accuracies and of their difference (points). Models already in --out are skipped, so
 a second call with more models adds to the table.

@@ -99,7 +99,8 @@ def normalise(images: torch.Tensor, meta: dict) -> torch.Tensor:
     return (images.float() / 255 - norm["mean"]) / norm["std"]
 
 
-def test_evaluate_uses_the_model_files_views_unless_told(tta_run: Path, tiny_idx: Path, tmp_path: Path, capsys):
+def test_evaluate_uses_the_model_files_views_unless_told(tta_run: Path, reference_run: Path, tiny_idx: Path,
+                                                         tmp_path: Path, capsys):
     from cnn_finetune.tools.evaluate import main
 
     model = str(tta_run / "best_model_finetuned.pth")
@@ -111,6 +112,10 @@ def test_evaluate_uses_the_model_files_views_unless_told(tta_run: Path, tiny_idx
     assert default["confidences"] == tta["confidences"]
     assert tta["num_samples"] == plain["num_samples"] == 400
     assert tta["predictions"] != plain["predictions"] or tta["confidences"] != plain["confidences"]
+    # a file with the plain view alone (the default digits run): evaluate's default classifies the image alone
+    assert main(["--model", str(reference_run / "best_model_finetuned.pth"), "--data", str(tiny_idx), "--output-dir",
+                 str(tmp_path / "plain-file"), "--no-cache"]) == 0
+    assert "tta_views" not in json.loads((tmp_path / "plain-file" / "evaluation.json").read_text())
     with pytest.raises(SystemExit):  # both at once is a contradiction, refused by the parser
         main(["--model", model, "--data", str(tiny_idx), "--tta", "--no-tta"])
 

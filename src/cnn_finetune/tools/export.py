@@ -17,7 +17,7 @@ writes, next to each other (default folder: ``export/`` beside the model file):
 
 Both exported networks take float32 ``N x 1 x 28 x 28`` images normalised as in training,
 ``(pixel / 255 - mean) / std``, and return logits; a model file with test-time views (``tta_views``, written by
-training with ``tta`` on, the default) has them built in, and the output is then the log of the mean softmax
+training with ``tta`` on, as ``tta auto`` does for classes new to the base model) has them built in, and the output is then the log of the mean softmax
 over the views, in place of logits. Each is run on a batch and compared with the
 PyTorch model; a maximum absolute difference above the tolerance (default 1e-4) fails the export
 (exit 1), and so does any requested export that cannot be written (a full disk, say) or checked:

@@ -28,7 +28,8 @@ from ..files.rundir import BEST
 
 # What train_finetuned.py writes with its default settings: the tools' default --model.
 DEFAULT_MODEL = Path(DEFAULT_OUTPUT_DIR) / BEST
-# Test-time augmentation (config ``tta``, on by default; evaluate.py --tta / --no-tta): the unaugmented
+# Test-time augmentation (config ``tta``: auto turns it on for classes new to the base model; evaluate.py
+# --tta / --no-tta): the unaugmented
 # view first, then fixed small shifts and turns, as (shift x, shift y) in pixels and a rotation in degrees,
 # well inside the training augmentation. A model file names its views (``tta_views``, written at the end of
 # training); every tool predicts with them, so evaluation, prediction, calibration and export agree.
