@@ -330,6 +330,27 @@ def check_apart_from_data(cfg: TrainConfig, run: RunDir) -> None:
                             "run's files; choose an --output-dir that does not contain the data", path=str(run.path))
 
 
+def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) -> dict[str, Any]:
+    """Copies of one image under two labels in the training (and validation) data, and test images that
+    are copies of them: reported (data_report.json, warnings), never removed (``data.duplicates``)."""
+    from .data.duplicates import describe, describe_overlap, find_duplicates, find_overlap
+
+    parts = [ds] + ([val_ds] if val_ds is not None else [])
+    images = torch.cat([p.images for p in parts]) if len(parts) > 1 else ds.images
+    labels = torch.cat([p.labels for p in parts]) if len(parts) > 1 else ds.labels
+    origin = [o for p in parts for o in p.origin]
+    source = " and ".join(p.source for p in parts)
+    found = find_duplicates(images, labels, ds.class_names, origin)
+    lines = describe(found, source)
+    if test is not None:
+        found["test_copies"] = find_overlap(images, labels, ds.class_names, origin, test.images, test.labels,
+                                            test.class_names, test.origin)
+        lines += describe_overlap(found["test_copies"], test.source)
+    for line in lines:
+        logger.warning(line)
+    return found
+
+
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Load the training data (and validation and test data), split it, and describe it."""
     data_path = cfg.data if cfg.data is not None else ("data" if Path("data").is_dir() else None)
@@ -358,6 +379,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         from .tools.evaluate import match_classes
 
         match_classes(test.class_names, ds.class_names, test.source)  # unknown classes: exit 2 now, not after training
+    report["duplicates"] = check_duplicates(ds, sources[1] if cfg.val_data is not None else None, test)
     if len(val_y) == 0:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)

@@ -101,6 +101,36 @@ def _data_section(data_report: dict[str, Any]) -> list[str]:
     if not any((s or {}).get("skipped") for s in (train, val)):
         lines.append("No file was skipped as unusable.")
         lines.append("")
+    return lines + _duplicates_lines(data_report.get("duplicates"))
+
+
+def _duplicates_lines(found: dict[str, Any] | None) -> list[str]:
+    """Copies of one image under two labels, and test images that are copies of training images."""
+    if not found:  # a run from before the check
+        return []
+    across = found.get("across_classes") or {}
+    within = found.get("within_class") or {}
+    lines = []
+    if across.get("groups"):
+        shown = across.get("examples") or []
+        lines.append(f"**{across['images']} images are {across['groups']} picture(s) under two or more labels** (the same "
+                     f"pixels after preprocessing: a label or copying error, or classes that look alike at 28x28)"
+                     + (f" (first {len(shown)} shown; all counted in `{DATA_REPORT}`)" if len(shown) < across["groups"] else "") + ":")
+        lines.append("")
+        lines += ["- " + " = ".join(f"`{x['image']}` ({x['label']})" for x in g["images"]) for g in shown]
+        lines.append("")
+    else:
+        lines.append("No image appears under two labels.")
+        lines.append("")
+    if within.get("extra_copies"):
+        lines.append(f"{within['extra_copies']} extra copies of {within['groups']} image(s) under the same label.")
+        lines.append("")
+    test = found.get("test_copies")
+    if test and test.get("images"):
+        lines.append(f"**{test['images']} test image(s) are copies of training or validation images**"
+                     + (f", {test['other_label']} of them under another label there" if test.get("other_label") else "")
+                     + ": the test accuracy partly measures memory.")
+        lines.append("")
     return lines
 
 
