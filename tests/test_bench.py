@@ -131,3 +131,29 @@ def test_builtin_bench_times_both_whole_processes_and_reads_the_test_accuracy(tm
     assert run["ratio"] == round(run["seconds"] / run["reference"]["seconds"], 3)
     assert report["summary"]["default"]["target_met"] is False  # one epoch reaches neither 99.3% nor anything useful
     assert "default: " in proc.stdout and "target (>= 99.3% in <= 0.8x): not met" in proc.stdout
+
+
+@pytest.mark.skipif(QMNIST is None, reason="the QMNIST letters are not in ../shared/data/qmnist/images (set QMNIST_DIR)")
+def test_the_corrected_letters_move_the_source_errors_and_keep_the_draw(tmp_path: Path):
+    """qmnist30c: the same draw as qmnist30, with QazaqMNIST's files of о and к under ө and қ, and the
+    copies of a file of ө or қ left out; every other letter's folders are the same links."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fewshot
+
+    plain = fewshot.build_set("qmnist30", tmp_path / "plain", 170)
+    fixed = fewshot.build_set("qmnist30c", tmp_path / "fixed", 170)
+    assert plain[2:] == (1260, 7140) and fixed[2:] == (1244, 7058)
+
+    def names(root: Path, letter: str) -> set[str]:
+        return {p.name for p in (root / letter).iterdir()}
+
+    for split in (0, 1):
+        a, b = plain[split], fixed[split]
+        for letter in sorted(p.name for p in a.iterdir()):
+            if letter not in ("о", "ө", "к", "қ"):
+                assert names(a, letter) == names(b, letter), letter
+        for wrong, shown in (("о", "ө"), ("к", "қ")):
+            moved = names(b, shown) - names(a, shown)
+            assert moved and moved <= names(a, wrong) and not any(fewshot.COMNIST_NAME.fullmatch(n) for n in moved)
+            assert all(fewshot.COMNIST_NAME.fullmatch(n) for n in names(b, wrong))  # only CoMNIST's own о and к stay
+            assert not any((QMNIST / shown / n).exists() for n in names(a, wrong) & (names(b, shown) - names(a, shown)))

@@ -8,14 +8,18 @@ warns, names both files in data_report.json and the model card, trains as usual 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import FAST, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -108,3 +112,26 @@ def test_a_run_on_distinct_images_says_so(reference_run: Path):
     report = json.loads((reference_run / "data_report.json").read_text())["duplicates"]
     assert report["across_classes"]["groups"] == 0 and "test_copies" not in report
     assert "No image appears under two labels." in (reference_run / "model_card.md").read_text(encoding="utf-8")
+
+
+QMNIST = next((d for d in ([Path(os.environ["QMNIST_DIR"])] if os.environ.get("QMNIST_DIR") else [])
+               + [p / "shared" / "data" / "qmnist" / "images" for p in (ROOT.parent, ROOT, ROOT.parents[1])] if d.is_dir()), None)
+
+
+@pytest.mark.skipif(QMNIST is None, reason="the QMNIST letters are not in ../shared/data/qmnist/images (set QMNIST_DIR)")
+def test_the_real_letters_hold_98_pictures_under_two_letters(tmp_path: Path):
+    """о/ө and к/қ of the QMNIST letters (800 raw PNGs, linked): 48 + 50 files are in both folders."""
+    from cnn_finetune.data.duplicates import find_duplicates
+    from cnn_finetune.data.loader import load_dataset
+
+    for letter in ("о", "ө", "к", "қ"):
+        (tmp_path / "letters" / letter).mkdir(parents=True)
+        for f in (QMNIST / letter).glob("*.png"):
+            (tmp_path / "letters" / letter / f.name).symlink_to(f)
+    ds = load_dataset(tmp_path / "letters", use_cache=False)
+    found = find_duplicates(ds.images, ds.labels, ds.class_names, ds.origin)["across_classes"]
+    assert found["groups"] == 98 and found["images"] == 196
+    pairs = {tuple(g["labels"]) for g in found["examples"]}
+    assert pairs <= {("к", "қ"), ("о", "ө")}
+    # Each group is one file name in the two folders: the same picture filed twice.
+    assert all(len({Path(x["image"]).name for x in g["images"]}) == 1 for g in found["examples"])
