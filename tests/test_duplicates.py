@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, run_cli
+from conftest import FAST, cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ def test_groups_copies_under_two_labels_apart_from_copies_under_one():
     x[9] = x[2]  # image 2 twice, both b
     y = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 1, 1])
     found = find_duplicates(x, y, ["a", "b"], [f"f{i}" for i in range(10)])
-    assert found["across_classes"] == {"groups": 1, "images": 3, "examples": [
+    assert found["across_classes"] == {"groups": 1, "images": 3, "unavoidable_errors": 1, "examples": [
         {"labels": ["a", "b"], "images": [{"image": "f1", "label": "a"}, {"image": "f5", "label": "b"}, {"image": "f7", "label": "a"}]}]}
     assert found["within_class"] == {"groups": 1, "extra_copies": 1}
     one_pixel_off = x.clone()
@@ -86,7 +88,10 @@ def test_a_run_names_copies_under_two_labels_and_test_copies_and_touches_nothing
     fresh = torch.nonzero(ds.labels == 2).flatten()[20:22]  # two "two" images that are not in the training data
     test_pick = torch.cat([keep[20:23], fresh])
     test_files = write_folders(tmp_path / "test", ds.images[test_pick, 0].numpy(), np.array([0, 0, 0, 2, 2]), names)
-    before = {p: p.read_bytes() for p in [*files, copy, *test_files]}
+    # And one test "two" also filed under the test's "zero": whatever the model says, one of the two is wrong.
+    test_copy = tmp_path / "test" / "zero" / "copy_of_img003.png"
+    shutil.copyfile(test_files[3], test_copy)
+    before = {p: p.read_bytes() for p in [*files, copy, *test_files, test_copy]}
     proc = run_cli([*FAST, "--epochs", "1", "--data", str(tmp_path / "data"), "--test-data", str(tmp_path / "test"),
                     "--output-dir", "out"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,13 +101,25 @@ def test_a_run_names_copies_under_two_labels_and_test_copies_and_touches_nothing
     assert "3 test image(s) are copies of training or validation images" in log and "3 of them carry another label" in log
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())["duplicates"]
     # In the data's order: class folders sorted by name (one, two, zero), files by name within each.
-    assert report["across_classes"] == {"groups": 1, "images": 2, "examples": [
+    assert report["across_classes"] == {"groups": 1, "images": 2, "unavoidable_errors": 1, "examples": [
         {"labels": ["two", "zero"], "images": [{"image": str(copy), "label": "two"}, {"image": str(files[0]), "label": "zero"}]}]}
     assert report["test_copies"]["images"] == 3 and report["test_copies"]["other_label"] == 3
     assert [e["training_labels"] for e in report["test_copies"]["examples"]] == [["one"]] * 3
+    assert report["test_across_classes"]["groups"] == 1 and report["test_across_classes"]["unavoidable_errors"] == 1
+    assert "1 picture(s) under two or more labels" in log and "at least 1 of them are errors whatever a model predicts" in log
     card = (tmp_path / "out" / "model_card.md").read_text(encoding="utf-8")
     assert "2 images are 1 picture(s) under two or more labels" in card and f"`{copy}` (two)" in card
     assert "3 test image(s) are copies of training or validation images**, 3 of them under another label" in card
+    assert "**The test data holds 2 images that are 1 picture(s) under two or more labels**: at least 1 test errors" in card
+    # evaluate.py says the same of the test folder, in its log and evaluation.json.
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "out" / "best_model_finetuned.pth"),
+                           "--data", str(tmp_path / "test"), "--output-dir", str(tmp_path / "eval")],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at least 1 of them are errors whatever a model predicts" in proc.stderr + proc.stdout
+    evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["data"]["duplicates"]["across_classes"]
+    assert evaluated["groups"] == 1 and evaluated["unavoidable_errors"] == 1
+    assert {x["image"] for x in evaluated["examples"][0]["images"]} == {str(test_files[3]), str(test_copy)}
     assert {p: p.read_bytes() for p in before} == before  # reported, not moved, removed or relabelled
     assert sorted(p.name for p in (tmp_path / "data" / "two").iterdir()) == sorted(
         [f.name for f in files if f.parent.name == "two"] + [copy.name])

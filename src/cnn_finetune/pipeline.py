@@ -345,7 +345,9 @@ def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) 
     if test is not None:
         found["test_copies"] = find_overlap(images, labels, ds.class_names, origin, test.images, test.labels,
                                             test.class_names, test.origin)
-        lines += describe_overlap(found["test_copies"], test.source)
+        inside = find_duplicates(test.images, test.labels, test.class_names, test.origin)
+        found["test_across_classes"] = inside["across_classes"]
+        lines += describe_overlap(found["test_copies"], test.source) + describe(inside, f"test data {test.source}", test=True)
     for line in lines:
         logger.warning(line)
     return found

@@ -47,20 +47,23 @@ def _groups(keys: np.ndarray) -> list[np.ndarray]:
 def find_duplicates(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
                     origin: Sequence[str]) -> dict[str, Any]:
     """Groups of identical images in one data set: ``across_classes`` (the same image under two or more
-    labels) and ``within_class`` (repeated under one label). Plain data for data_report.json; names are
+    labels; ``unavoidable_errors``: how many of them any one prediction per picture gets wrong) and
+    ``within_class`` (repeated under one label). Plain data for data_report.json; names are
     shown as ``log.printable`` writes them (class names stay as the data report's ``class_names``)."""
     labels_np = labels.numpy()
-    across, within_extra, within_groups = [], 0, 0
+    across, within_extra, within_groups, forced = [], 0, 0, 0
     for idx in _groups(_rows(images)):
         names = sorted({class_names[int(labels_np[i])] for i in idx})
         if len(names) > 1:
+            # One prediction per picture: at best it matches the label most of its copies carry.
+            forced += len(idx) - int(np.bincount(labels_np[idx]).max())
             across.append({"labels": names, "images": [{"image": printable(origin[int(i)]), "label": class_names[int(labels_np[i])]}
                                                        for i in idx]})
         else:
             within_groups += 1
             within_extra += len(idx) - 1
     return {"across_classes": {"groups": len(across), "images": sum(len(g["images"]) for g in across),
-                               "examples": across[:EXAMPLES]},
+                               "unavoidable_errors": forced, "examples": across[:EXAMPLES]},
             "within_class": {"groups": within_groups, "extra_copies": within_extra}}
 
 
@@ -99,17 +102,19 @@ def find_overlap(train_images: torch.Tensor, train_labels: torch.Tensor, train_n
     return {"images": copies, "other_label": other, "examples": examples}
 
 
-def describe(found: dict[str, Any], source: str) -> list[str]:
-    """Warnings for the start-up log (none when the data has no copies under two labels)."""
+def describe(found: dict[str, Any], source: str, listed_in: str = DATA_REPORT, test: bool = False) -> list[str]:
+    """Warnings for the log (none when the data has no copies under two labels); ``test``: the data is
+    scored, so say how many errors the copies force on any model."""
     across = found["across_classes"]
     if not across["groups"]:
         return []
     g = across["examples"][0]
     pair = " = ".join(f"{x['image']} ({x['label']})" for x in g["images"][:2])
+    cost = (f"at least {across['unavoidable_errors']} of them are errors whatever a model predicts" if test
+            else "the model cannot be right on both")
     return [f"{source}: {across['images']} images are {across['groups']} picture(s) under two or more labels "
             f"(the same pixels after preprocessing), e.g. {pair}: a label or copying error, or classes that look "
-            f"alike at 28x28; the model cannot be right on both. Fix or remove them; all are listed in {DATA_REPORT} "
-            f"(duplicates)"]
+            f"alike at 28x28; {cost}. Fix or remove them; all are listed in {listed_in} (duplicates)"]
 
 
 def describe_overlap(found: dict[str, Any], source: str) -> list[str]:

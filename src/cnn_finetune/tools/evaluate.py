@@ -309,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
+    from ..data.duplicates import describe, find_duplicates
     from ..data.loader import load_dataset
 
     if args.batch_size <= 0:
@@ -325,9 +326,13 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     if ds.skipped:
         logger.warning(f"skipped {len(ds.skipped)} unusable file(s), e.g. {ds.skipped[0]['path']}: {ds.skipped[0]['reason']} "
                        f"(all listed in {EVALUATION})")
+    duplicates = find_duplicates(ds.images, ds.labels, ds.class_names, ds.origin)
+    for line in describe(duplicates, ds.source, listed_in=EVALUATION, test=True):
+        logger.warning(line)
     report = evaluate_arrays(model, meta, ds.images, labels, device, batch_size=args.batch_size, tta=args.tta)
     report["data"] = {"source": ds.source, "kind": ds.kind, "num_images": len(ds), "class_names": list(ds.class_names),
-                      "skipped": list(ds.skipped), "fingerprint": ds.fingerprint(), "seen_in_training": seen}
+                      "skipped": list(ds.skipped), "fingerprint": ds.fingerprint(), "seen_in_training": seen,
+                      "duplicates": duplicates}
     out_dir = args.output_dir if args.output_dir is not None else Path(args.model).parent / "evaluation"
     try:
         # Both reports or neither: a stop between the two would pair a new evaluation.json with an old matrix.

@@ -131,6 +131,11 @@ def _duplicates_lines(found: dict[str, Any] | None) -> list[str]:
                      + (f", {test['other_label']} of them under another label there" if test.get("other_label") else "")
                      + ": the test accuracy partly measures memory.")
         lines.append("")
+    inside = found.get("test_across_classes") or {}
+    if inside.get("groups"):
+        lines.append(f"**The test data holds {inside['images']} images that are {inside['groups']} picture(s) under two or more "
+                     f"labels**: at least {inside['unavoidable_errors']} test errors whatever the model predicts.")
+        lines.append("")
     return lines
 
 
