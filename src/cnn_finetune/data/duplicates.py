@@ -8,7 +8,7 @@ the groups are reported (``data_report.json`` -> ``duplicates``, a warning at st
 Why it matters, measured on real data: in the QMNIST letters (``../shared/data/qmnist``) 98 of the 8,400
 images are byte-identical copies in the folders of two letters (о and ө, к and қ). A model cannot be
 right on both labels of one image, and a test image that is a copy of a training image under another
-label counts as an error whatever the model learns. The label review (``label_review.csv``) finds such
+label is an error for a model that has learned its training data. The label review (``label_review.csv``) finds such
 images from the training's margins; this check names the exact copies before the first step.
 """
 
@@ -72,8 +72,8 @@ def find_overlap(train_images: torch.Tensor, train_labels: torch.Tensor, train_n
                  test_names: Sequence[str], test_origin: Sequence[str]) -> dict[str, Any]:
     """Test images that are copies of a training image, and how many of them carry another label there.
 
-    Such a test image measures memory rather than generalisation when the labels agree, and is an error
-    by construction when they do not. Classes are compared by name (the test data may order them otherwise).
+    Such a test image measures memory rather than generalisation when the labels agree; when they do not,
+    a model that has learned its training data gets it wrong. Classes are compared by name (the test data may order them otherwise).
     """
     train_keys, test_keys = _rows(train_images), _rows(test_images)
     if train_keys.size == 0 or test_keys.size == 0:
@@ -125,7 +125,7 @@ def describe_overlap(found: dict[str, Any], source: str) -> list[str]:
             f"test accuracy partly measures memory")
     if found["other_label"]:
         e = found["examples"][0]
-        line += (f"; {found['other_label']} of them carry another label in the training data (errors whatever the model "
-                 f"learns), e.g. {e['test_image']} ({e['test_label']}) = {e['training_images'][0]} "
+        line += (f"; {found['other_label']} of them carry another label in the training data (errors for a model that "
+                 f"has learned its training data), e.g. {e['test_image']} ({e['test_label']}) = {e['training_images'][0]} "
                  f"({', '.join(e['training_labels'])})")
     return [line + f"; listed in {DATA_REPORT} (duplicates)"]
