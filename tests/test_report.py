@@ -20,7 +20,7 @@ import torch
 from conftest import FAST, ROOT, cli_env, run_cli
 
 SECTIONS = ["summary", "curves", "confusion", "per-class", "confused-pairs", "highest-loss", "label-review",
-            "reliability", "events"]
+            "duplicates", "reliability", "events"]
 HOSTILE = ['a<b>', 'x&amp;"q\'']  # a tag, an entity and quotes in class folder names
 NOT_UTF8 = os.fsdecode(b"s\xff")  # a folder name that is not UTF-8 (kept as os.fsdecode text, shown escaped)
 
@@ -49,6 +49,8 @@ def folder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for k, i in enumerate(torch.nonzero(ds.labels == c).flatten()[:30].tolist()):
             # In the class that is not UTF-8, the file names are not either.
             Image.fromarray(ds.images[i, 0].numpy()).save(folder / (f"img{k:02d}.png" if c < 2 else os.fsdecode(b"caf\xe9%02d.png" % k)))
+    # One picture filed twice: the first image of the first class also in the second (the report shows it).
+    shutil.copyfile(work / "data" / HOSTILE[0] / "img00.png", work / "data" / HOSTILE[1] / "copy.png")
     proc = run_cli([*FAST, "--data", "data", "--output-dir", "out"], cwd=work)
     assert proc.returncode == 0, proc.stderr
     return work / "out"
@@ -62,7 +64,11 @@ def test_a_folder_run_report_shows_user_names_as_text(folder_run: Path):
     assert 'x&amp;"q\'' in html.unescape(page)
     assert "s\\xff" in page and "\ufffd" not in page  # the undecodable byte is shown escaped, not replaced
     rows = list(csv.DictReader(open(folder_run / "label_review.csv", encoding="utf-8", newline="")))
-    assert len(rows) == 81 and {r["given_label"] for r in rows} == {*HOSTILE, "s\\xff"}  # 90 images, 9 for validation
+    assert len(rows) == 82 and {r["given_label"] for r in rows} == {*HOSTILE, "s\\xff"}  # 91 images, 9 for validation
+    # The picture filed under two labels is shown once, with both files and labels, names as text.
+    section = page.split('<section id="duplicates">', 1)[1].split("</section>", 1)[0]
+    assert "2 images are 1 picture(s)" in section and section.count('<img class="thumb"') == 1
+    assert "data/a&lt;b&gt;/img00.png</span> (a&lt;b&gt;)" in section and "/copy.png</span> (x&amp;amp;&#34;q&#39;)" in section
     for r in rows:  # each row names its real file (escaped where not UTF-8) in its class folder
         if r["given_label"] == "s\\xff":
             assert re.fullmatch(r"data/s\\xff/caf\\xe9\d\d\.png", r["image"]), r["image"]

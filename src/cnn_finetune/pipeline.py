@@ -89,6 +89,8 @@ class PreparedData:
     report: dict[str, Any]
     source: str  # the data path, or "built-in MNIST sample"
     test: Dataset | None = None
+    # One picture per group of report["duplicates"]["across_classes"]["examples"], for report.html.
+    duplicate_pictures: torch.Tensor | None = None
 
     def batch_and_steps(self, batch_size: int) -> tuple[int, int]:
         """The batch actually used (at most the training set) and the steps per epoch."""
@@ -330,9 +332,10 @@ def check_apart_from_data(cfg: TrainConfig, run: RunDir) -> None:
                             "run's files; choose an --output-dir that does not contain the data", path=str(run.path))
 
 
-def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) -> dict[str, Any]:
+def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) -> tuple[dict[str, Any], torch.Tensor]:
     """Copies of one image under two labels in the training (and validation) data, and test images that
-    are copies of them: reported (data_report.json, warnings), never removed (``data.duplicates``)."""
+    are copies of them: reported (data_report.json, warnings, report.html), never removed
+    (``data.duplicates``). Returns the report and the listed groups' pictures."""
     from .data.duplicates import describe, describe_overlap, find_duplicates, find_overlap
 
     parts = [ds] + ([val_ds] if val_ds is not None else [])
@@ -340,7 +343,8 @@ def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) 
     labels = torch.cat([p.labels for p in parts]) if len(parts) > 1 else ds.labels
     origin = [o for p in parts for o in p.origin]
     source = " and ".join(p.source for p in parts)
-    found = find_duplicates(images, labels, ds.class_names, origin)
+    pictures: list[torch.Tensor] = []
+    found = find_duplicates(images, labels, ds.class_names, origin, pictures)
     lines = describe(found, source)
     if test is not None:
         found["test_copies"] = find_overlap(images, labels, ds.class_names, origin, test.images, test.labels,
@@ -350,7 +354,7 @@ def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) 
         lines += describe_overlap(found["test_copies"], test.source) + describe(inside, f"test data {test.source}", test=True)
     for line in lines:
         logger.warning(line)
-    return found
+    return found, torch.stack(pictures) if pictures else torch.zeros((0, 1, 28, 28), dtype=torch.uint8)
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -381,7 +385,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         from .tools.evaluate import match_classes
 
         match_classes(test.class_names, ds.class_names, test.source)  # unknown classes: exit 2 now, not after training
-    report["duplicates"] = check_duplicates(ds, sources[1] if cfg.val_data is not None else None, test)
+    report["duplicates"], duplicate_pictures = check_duplicates(ds, sources[1] if cfg.val_data is not None else None, test)
     if len(val_y) == 0:
         raise UserError(f"{ds.source} leaves no image for validation (val_fraction={cfg.val_fraction}); add images or give --val-data")
     mean, std = normalization_stats(train_x)
@@ -400,7 +404,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         if src.dropped_classes:
             logger.warning(f"class folder(s) without usable images dropped: {', '.join(src.dropped_classes)}")
     ds.images = torch.empty((0, 1, 28, 28), dtype=torch.uint8)  # the split holds its own copies: free the full set
-    return PreparedData(split, report, data_path or "built-in MNIST sample", test)
+    return PreparedData(split, report, data_path or "built-in MNIST sample", test, duplicate_pictures)
 
 
 # --- stage 2 ----------------------------------------------------------------------------------------
@@ -746,7 +750,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         rows = label_review(run, meta, split, review, train_out[0])
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
-        run_report(run, history, meta, val, split, rows)
+        run_report(run, history, meta, val, split, rows, data)
         held = int(split.calibration.sum())
         kept = f"best model (epoch {meta['epoch']})" if selection is None or selection.kept_epoch == selection.best_epoch else (
             f"final weights (epoch {meta['epoch']}; model_selection {selection.rule}: the best validation epoch, "
@@ -831,14 +835,15 @@ def label_review(run: RunDir, meta: dict[str, Any], split: SplitData, review: di
 
 
 def run_report(run: RunDir, history: list[dict[str, Any]], meta: dict[str, Any], val: dict[str, Any], split: SplitData,
-               rows: list[dict[str, Any]] | None) -> None:
+               rows: list[dict[str, Any]] | None, data: PreparedData) -> None:
     """``report.html`` of the run: everything above on one self-contained page."""
     from .tools.report import ReportInputs, write_report
 
     write_report(run / REPORT, ReportInputs(
         title=f"Run report: {run.path.name}", history=history, evaluation=val, images=split.val_images,
         labels=split.val_labels, class_names=list(meta["class_names"]), review=rows, review_images=split.train_images,
-        pictures={"curves": run / CURVES, "confusion": run / CONFUSION, "reliability": run / RELIABILITY}))
+        pictures={"curves": run / CURVES, "confusion": run / CONFUSION, "reliability": run / RELIABILITY},
+        duplicates=data.report.get("duplicates"), duplicate_pictures=data.duplicate_pictures))
 
 
 def log_best(result: RunResult, cfg: TrainConfig) -> None:

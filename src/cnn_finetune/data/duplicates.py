@@ -45,11 +45,12 @@ def _groups(keys: np.ndarray) -> list[np.ndarray]:
 
 
 def find_duplicates(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
-                    origin: Sequence[str]) -> dict[str, Any]:
+                    origin: Sequence[str], pictures: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Groups of identical images in one data set: ``across_classes`` (the same image under two or more
     labels; ``unavoidable_errors``: how many of them any one prediction per picture gets wrong) and
     ``within_class`` (repeated under one label). Plain data for data_report.json; names are
-    shown as ``log.printable`` writes them (class names stay as the data report's ``class_names``)."""
+    shown as ``log.printable`` writes them (class names stay as the data report's ``class_names``).
+    ``pictures``: if given, the image of each listed group under two labels is appended to it (for report.html)."""
     labels_np = labels.numpy()
     across, within_extra, within_groups, forced = [], 0, 0, 0
     for idx in _groups(_rows(images)):
@@ -59,6 +60,8 @@ def find_duplicates(images: torch.Tensor, labels: torch.Tensor, class_names: Seq
             forced += len(idx) - int(np.bincount(labels_np[idx]).max())
             across.append({"labels": names, "images": [{"image": printable(origin[int(i)]), "label": class_names[int(labels_np[i])]}
                                                        for i in idx]})
+            if pictures is not None and len(across) <= EXAMPLES:
+                pictures.append(images[int(idx[0])].clone())
         else:
             within_groups += 1
             within_extra += len(idx) - 1

@@ -275,7 +275,7 @@ def warn_if_seen(meta: dict[str, Any], ds: Any, builtin: bool) -> str | None:
 
 
 def write_html_report(report: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
-                      model_path: Path, out_dir: Path) -> Path:
+                      model_path: Path, out_dir: Path, duplicate_pictures: Sequence[torch.Tensor] = ()) -> Path:
     """``report.html`` of an evaluation: this data's confusions, worst images and reliability, with the
     training curves, events and label review of the run beside the model file where they are."""
     import csv
@@ -298,7 +298,9 @@ def write_html_report(report: dict[str, Any], images: torch.Tensor, labels: torc
     return write_report(out_dir / REPORT, ReportInputs(
         title=f"Evaluation of {model_path.name}", evaluation=report, images=images, labels=labels,
         class_names=list(meta["class_names"]), history=history if isinstance(history, list) else [], review=review,
-        pictures={"curves": run / CURVES, "confusion": out_dir / CONFUSION, "reliability": out_dir / RELIABILITY}))
+        pictures={"curves": run / CURVES, "confusion": out_dir / CONFUSION, "reliability": out_dir / RELIABILITY},
+        duplicates=(report.get("data") or {}).get("duplicates"),
+        duplicate_pictures=torch.stack(list(duplicate_pictures)) if len(duplicate_pictures) else None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,7 +328,8 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
     if ds.skipped:
         logger.warning(f"skipped {len(ds.skipped)} unusable file(s), e.g. {ds.skipped[0]['path']}: {ds.skipped[0]['reason']} "
                        f"(all listed in {EVALUATION})")
-    duplicates = find_duplicates(ds.images, ds.labels, ds.class_names, ds.origin)
+    duplicate_pictures: list[torch.Tensor] = []
+    duplicates = find_duplicates(ds.images, ds.labels, ds.class_names, ds.origin, duplicate_pictures)
     for line in describe(duplicates, ds.source, listed_in=EVALUATION, test=True):
         logger.warning(line)
     report = evaluate_arrays(model, meta, ds.images, labels, device, batch_size=args.batch_size, tta=args.tta)
@@ -338,7 +341,7 @@ def _run(args: argparse.Namespace, guard: SignalGuard) -> int:
         # Both reports or neither: a stop between the two would pair a new evaluation.json with an old matrix.
         with guard.deferring("writing the reports, then stopping"):
             paths = write_reports(report, out_dir)
-            paths.append(write_html_report(report, ds.images, labels, meta, Path(args.model), out_dir))
+            paths.append(write_html_report(report, ds.images, labels, meta, Path(args.model), out_dir, duplicate_pictures))
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror or err}; choose a writable --output-dir") from None
     if guard.stop_requested:

@@ -32,6 +32,7 @@ TOP_PAIRS = 10  # most confused pairs shown
 PAIR_IMAGES = 8  # thumbnails per pair
 WORST = 24  # highest-loss images shown
 REVIEW = 24  # label-review rows shown
+DUPLICATE_FILES = 4  # file names shown per picture under two labels (all are in the JSON report)
 EVENT_TYPES = ("resumed", "retry", "oom", "oom_probe", "nan_rollback", "extended")
 
 
@@ -48,6 +49,8 @@ class ReportInputs:
     review: list[dict[str, Any]] | None = None  # label_review rows (training.label_review.review_rows)
     review_images: torch.Tensor | None = None  # the training images the review rows' "index" points into
     pictures: dict[str, Path] = field(default_factory=dict)  # "curves", "confusion", "reliability" -> PNG files
+    duplicates: dict[str, Any] | None = None  # data.duplicates.find_duplicates's report (None: not checked)
+    duplicate_pictures: torch.Tensor | None = None  # one image per listed group under two labels, in its order
 
 
 def png_uri(data: bytes) -> str:
@@ -105,6 +108,19 @@ def review_items(inputs: ReportInputs) -> list[dict[str, Any]]:
     return out
 
 
+def duplicate_items(inputs: ReportInputs) -> list[dict[str, Any]]:
+    """The listed pictures under two or more labels: a thumbnail, the labels and (the first few of) the files."""
+    groups = ((inputs.duplicates or {}).get("across_classes") or {}).get("examples") or []
+    pictures = inputs.duplicate_pictures
+    out = []
+    for k, g in enumerate(groups):
+        files = [{"image": printable(str(x["image"])), "label": printable(str(x["label"]))} for x in g["images"]]
+        out.append({"thumb": thumbnail(pictures[k]) if pictures is not None and k < len(pictures) else None,
+                    "labels": ", ".join(printable(str(n)) for n in g["labels"]), "files": files[:DUPLICATE_FILES],
+                    "more": max(0, len(files) - DUPLICATE_FILES)})
+    return out
+
+
 def run_events(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Resumes, retries, out-of-memory splits, rollbacks and extensions, with the epoch they happened in."""
     events = []
@@ -128,7 +144,8 @@ def render(inputs: ReportInputs) -> str:
         title=printable(inputs.title), created=time.strftime("%Y-%m-%d %H:%M:%S"), ev=ev, per_class=per_class,
         source=printable(str((ev.get("data") or {}).get("source", ""))), pictures=pictures,
         pairs=confused_pairs(inputs), worst=worst_images(inputs), review=review_items(inputs),
-        has_review=inputs.review is not None, events=run_events(inputs.history), epochs=len(inputs.history))
+        has_review=inputs.review is not None, events=run_events(inputs.history), epochs=len(inputs.history),
+        duplicates=duplicate_items(inputs), dup=inputs.duplicates)
 
 
 def write_report(path: Path, inputs: ReportInputs) -> Path:
