@@ -58,8 +58,8 @@ def find_duplicates(images: torch.Tensor, labels: torch.Tensor, class_names: Seq
         if len(names) > 1:
             # One prediction per picture: at best it matches the label most of its copies carry.
             forced += len(idx) - int(np.bincount(labels_np[idx]).max())
-            across.append({"labels": names, "images": [{"image": printable(origin[int(i)]), "label": class_names[int(labels_np[i])]}
-                                                       for i in idx]})
+            files = [{"image": printable(origin[int(i)]), "label": class_names[int(labels_np[i])]} for i in idx]
+            across.append({"labels": names, "images": files})
             if pictures is not None and len(across) <= EXAMPLES:
                 pictures.append(images[int(idx[0])].clone())
         else:
@@ -76,7 +76,8 @@ def find_overlap(train_images: torch.Tensor, train_labels: torch.Tensor, train_n
     """Test images that are copies of a training image, and how many of them carry another label there.
 
     Such a test image measures memory rather than generalisation when the labels agree; when they do not,
-    a model that has learned its training data gets it wrong. Classes are compared by name (the test data may order them otherwise).
+    a model that has learned its training data gets it wrong. Classes are compared by name (the test data
+    may order them otherwise).
     """
     train_keys, test_keys = _rows(train_images), _rows(test_images)
     if train_keys.size == 0 or test_keys.size == 0:
