@@ -90,7 +90,7 @@ class PreparedData:
     source: str  # the data path, or "built-in MNIST sample"
     test: Dataset | None = None
     # One picture per group of report["duplicates"]["across_classes"]["examples"], for report.html.
-    duplicate_pictures: torch.Tensor | None = None
+    duplicate_pictures: list[torch.Tensor] = field(default_factory=list)
 
     def batch_and_steps(self, batch_size: int) -> tuple[int, int]:
         """The batch actually used (at most the training set) and the steps per epoch."""
@@ -332,7 +332,7 @@ def check_apart_from_data(cfg: TrainConfig, run: RunDir) -> None:
                             "run's files; choose an --output-dir that does not contain the data", path=str(run.path))
 
 
-def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) -> tuple[dict[str, Any], torch.Tensor]:
+def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Copies of one image under two labels in the training (and validation) data, and test images that
     are copies of them: reported (data_report.json, warnings, report.html), never removed
     (``data.duplicates``). Returns the report and the listed groups' pictures."""
@@ -354,7 +354,7 @@ def check_duplicates(ds: Dataset, val_ds: Dataset | None, test: Dataset | None) 
         lines += describe_overlap(found["test_copies"], test.source) + describe(inside, f"test data {test.source}", test=True)
     for line in lines:
         logger.warning(line)
-    return found, torch.stack(pictures) if pictures else torch.zeros((0, 1, 28, 28), dtype=torch.uint8)
+    return found, pictures
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -750,7 +750,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
         rows = label_review(run, meta, split, review, train_out[0])
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
-        run_report(run, history, meta, val, split, rows, data)
+        run_report(run, history, meta, val, rows, data)
         held = int(split.calibration.sum())
         kept = f"best model (epoch {meta['epoch']})" if selection is None or selection.kept_epoch == selection.best_epoch else (
             f"final weights (epoch {meta['epoch']}; model_selection {selection.rule}: the best validation epoch, "
@@ -834,11 +834,12 @@ def label_review(run: RunDir, meta: dict[str, Any], split: SplitData, review: di
     return rows
 
 
-def run_report(run: RunDir, history: list[dict[str, Any]], meta: dict[str, Any], val: dict[str, Any], split: SplitData,
+def run_report(run: RunDir, history: list[dict[str, Any]], meta: dict[str, Any], val: dict[str, Any],
                rows: list[dict[str, Any]] | None, data: PreparedData) -> None:
     """``report.html`` of the run: everything above on one self-contained page."""
     from .tools.report import ReportInputs, write_report
 
+    split = data.split
     write_report(run / REPORT, ReportInputs(
         title=f"Run report: {run.path.name}", history=history, evaluation=val, images=split.val_images,
         labels=split.val_labels, class_names=list(meta["class_names"]), review=rows, review_images=split.train_images,

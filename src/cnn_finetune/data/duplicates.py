@@ -84,16 +84,13 @@ def find_overlap(train_images: torch.Tensor, train_labels: torch.Tensor, train_n
         return {"images": 0, "other_label": 0, "examples": []}
     order = np.argsort(train_keys, kind="stable")
     sorted_keys = train_keys[order]
-    pos = np.searchsorted(sorted_keys, test_keys)
-    hit = (pos < len(sorted_keys)) & (sorted_keys[np.minimum(pos, len(sorted_keys) - 1)] == test_keys)
+    # Every training copy of test image j: order[start[j]:stop[j]] (an empty range when there is none).
+    start = np.searchsorted(sorted_keys, test_keys, side="left")
+    stop = np.searchsorted(sorted_keys, test_keys, side="right")
     tl, tr = test_labels.numpy(), train_labels.numpy()
     copies, other, examples = 0, 0, []
-    for j in np.flatnonzero(hit):
-        first = int(pos[j])
-        matches = []
-        while first < len(sorted_keys) and sorted_keys[first] == test_keys[j]:  # every training copy of it
-            matches.append(int(order[first]))
-            first += 1
+    for j in np.flatnonzero(stop > start):
+        matches = order[start[j]:stop[j]].tolist()
         test_label = test_names[int(tl[j])]
         labels_there = sorted({train_names[int(tr[i])] for i in matches})
         copies += 1

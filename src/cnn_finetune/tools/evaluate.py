@@ -300,7 +300,7 @@ def write_html_report(report: dict[str, Any], images: torch.Tensor, labels: torc
         class_names=list(meta["class_names"]), history=history if isinstance(history, list) else [], review=review,
         pictures={"curves": run / CURVES, "confusion": out_dir / CONFUSION, "reliability": out_dir / RELIABILITY},
         duplicates=(report.get("data") or {}).get("duplicates"),
-        duplicate_pictures=torch.stack(list(duplicate_pictures)) if len(duplicate_pictures) else None))
+        duplicate_pictures=duplicate_pictures))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class ReportInputs:
     review_images: torch.Tensor | None = None  # the training images the review rows' "index" points into
     pictures: dict[str, Path] = field(default_factory=dict)  # "curves", "confusion", "reliability" -> PNG files
     duplicates: dict[str, Any] | None = None  # data.duplicates.find_duplicates's report (None: not checked)
-    duplicate_pictures: torch.Tensor | None = None  # one image per listed group under two labels, in its order
+    duplicate_pictures: Sequence[torch.Tensor] = ()  # one image per listed group under two labels, in its order
 
 
 def png_uri(data: bytes) -> str:
@@ -115,7 +115,7 @@ def duplicate_items(inputs: ReportInputs) -> list[dict[str, Any]]:
     out = []
     for k, g in enumerate(groups):
         files = [{"image": printable(str(x["image"])), "label": printable(str(x["label"]))} for x in g["images"]]
-        out.append({"thumb": thumbnail(pictures[k]) if pictures is not None and k < len(pictures) else None,
+        out.append({"thumb": thumbnail(pictures[k]) if k < len(pictures) else None,
                     "labels": ", ".join(printable(str(n)) for n in g["labels"]), "files": files[:DUPLICATE_FILES],
                     "more": max(0, len(files) - DUPLICATE_FILES)})
     return out
