@@ -73,6 +73,7 @@ SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist"
         "qmnist100": ("qmnist", 100),
         # The same draws with the source's known label errors corrected (QAZAQMNIST_SWAPS): same images, other folders.
         "qmnist10c": ("qmnistc", 10), "qmnist30c": ("qmnistc", 30), "qmnist100c": ("qmnistc", 100)}
+QMNIST_KINDS = ("qmnist", "qmnistc")  # sets drawn from the QMNIST letters (their test size: --qmnist-test-per-class)
 # QMNIST's known label errors (qmnist_label): QazaqMNIST's files in these folders show the other letter.
 QAZAQMNIST_SWAPS = {"о": "ө", "к": "қ"}
 COMNIST_NAME = re.compile(r"[0-9a-f]{13}\.png")
@@ -197,7 +198,7 @@ def build_qmnist_set(folder: Path, per_class: int, test_per_class: int, seed: in
 def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tuple[Path, Path, int, int]:
     """Write the training and test files of a set; returns their paths and sizes."""
     kind, per_class = SETS[name]
-    if kind in ("qmnist", "qmnistc"):
+    if kind in QMNIST_KINDS:
         return build_qmnist_set(folder, per_class, test_per_class, seed, corrected=kind == "qmnistc")
     images, labels = mnist_test_file()
     rng = np.random.default_rng(seed)
@@ -532,7 +533,7 @@ def main_variants(args: argparse.Namespace) -> int:
         inits = {"scratch": "none", "base": base_model(args, work_root, threads)}
         sets = {}
         for name in set_names:
-            per_test = args.qmnist_test_per_class if SETS[name][0] in ("qmnist", "qmnistc") else args.test_per_class
+            per_test = args.qmnist_test_per_class if SETS[name][0] in QMNIST_KINDS else args.test_per_class
             train, test, n_train, n_test = build_set(name, work_root / "data" / name, per_test)
             sets[name] = {"train": train, "test": test, "train_images": n_train, "test_images": n_test}
             print(f"{name}: {n_train} training images, {n_test} test images", flush=True)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if model.stem.startswith(s + "-"))
             variant, seed = rest.rsplit("-s", 1)
             if set_name not in built:
-                per_test = args.qmnist_test_per_class if fewshot.SETS[set_name][0] in ("qmnist", "qmnistc") else args.test_per_class
+                per_test = args.qmnist_test_per_class if fewshot.SETS[set_name][0] in fewshot.QMNIST_KINDS else args.test_per_class
                 built[set_name] = fewshot.build_set(set_name, work / "data" / set_name, per_test)[1]
             accs = [evaluate(model, built[set_name], work / "eval" / model.stem / str(tta), tta, work / "cache", args.threads)
                     for tta in (False, True)]

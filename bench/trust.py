@@ -140,6 +140,7 @@ def section_cleanup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise SystemExit(f"evaluate failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return float(json.loads((out / "evaluation.json").read_text())["accuracy"])
 
+    source = qmnist_folder()
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         first = run_default(["--data", str(train), "--test-data", str(test), "--seed", str(seed), *extra], work, f"asis-s{seed}")
@@ -147,19 +148,18 @@ def section_cleanup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rows = list(csv.DictReader(f))
         # A row's image is the path the run read: <train>/<letter>/<file>; the known errors are the files
         # whose corrected letter is another than their folder's.
-        source = qmnist_folder()
-        known = [int(r["rank"]) for r in rows
-                 if qmnist_label(source, Path(r["image"]).parent.name, Path(r["image"]).name, True) != Path(r["image"]).parent.name]
+        known = {int(r["rank"]) for r in rows
+                 if qmnist_label(source, Path(r["image"]).parent.name, Path(r["image"]).name, True) != Path(r["image"]).parent.name}
         # The rows are most suspect first; at most 5% go (a short --quick run scores nearly every image below 0).
         dropped = {r["image"] for r in rows[: len(rows) // 20] if r["score"] != "" and float(r["score"]) < 0}
         kept = base / f"reviewed-s{seed}"
-        for image in sorted(Path(p) for p in {str(x) for x in train.glob("*/*")} - dropped):
+        for image in sorted(p for p in train.glob("*/*") if str(p) not in dropped):
             (kept / image.parent.name).mkdir(parents=True, exist_ok=True)
             (kept / image.parent.name / image.name).symlink_to(image.resolve())
         second = run_default(["--data", str(kept), "--test-data", str(test), "--seed", str(seed), *extra], work, f"reviewed-s{seed}")
         runs.append({"seed": seed, "reviewed_rows": len(rows), "known_errors_reviewed": len(known), "known_error_ranks": sorted(known),
                      "negative_rows": len(dropped),
-                     "known_errors_negative": sum(1 for r in rows if r["image"] in dropped and int(r["rank"]) in set(known)),
+                     "known_errors_negative": sum(1 for r in rows if r["image"] in dropped and int(r["rank"]) in known),
                      "as_is": {**first, "test_accuracy_corrected": corrected_accuracy(Path(first["folder"]))},
                      "without_negative": {**second, "test_accuracy_corrected": corrected_accuracy(Path(second["folder"]))}})
     def mean_sd(key: str, sub: str) -> list[float]:
