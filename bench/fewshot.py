@@ -96,6 +96,11 @@ VARIANTS = {
                       "--set", "budget_max_epochs_finetune=30"]),
     "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
                        "--set", "budget_max_epochs_finetune=120"]),
+    # the same lengths at the default's own (automatic) factor, whatever it is
+    "default-half": ("base", ["--set", "budget_updates=400", "--set", "budget_min_epochs=8",
+                              "--set", "budget_max_epochs_finetune=30"]),
+    "default-twice": ("base", ["--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
+                               "--set", "budget_max_epochs_finetune=120"]),
     # The default before issue 19's calibration part: the whole validation split picks the epoch and fits
     # the temperature (the same models and temperatures as the default runs logged before it).
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
@@ -122,6 +127,7 @@ VARIANTS = {
     "bs64": ("base", ["--feature-lr-scale", "0.3", "--set", "batch_size=64"]),
     "lr6e-3": ("base", ["--feature-lr-scale", "0.3", "--set", "lr=0.006"]),
     "fls0.5": ("base", ["--feature-lr-scale", "0.5"]),
+    "fls0.7": ("base", ["--feature-lr-scale", "0.7"]),
     "lr1e-2": ("base", ["--feature-lr-scale", "0.3", "--set", "lr=0.01"]),
     "select-best": ("base", ["--set", "model_selection=best"]),  # the former choice of the kept weights
     # linear probing then fine-tuning (LP-FT, Kumar et al. 2022): the head alone for 5 epochs first

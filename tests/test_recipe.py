@@ -229,15 +229,16 @@ def test_the_probe_looks_at_a_stratified_capped_subset():
     (None, 90, 0.3, "feature layers learn slower than the new head)"),
     (0.97, 27, 0.3, "97.0% nearest-class-mean accuracy, at least 90%: classes much like"),
     (0.97, 90, 0.3, "97.0% nearest-class-mean accuracy, at least 90%: classes much like"),  # digits, however many
-    (0.80, 27, 0.3, "80.0% nearest-class-mean accuracy, below 90%: classes new to the base model, and 27 training "
-                    "images per class, under 50: faster feature layers would overfit them)"),
+    (0.80, 27, 0.7, "80.0% nearest-class-mean accuracy, below 90%: classes new to the base model, and 27 training "
+                    "images per class, under 50: the feature layers must learn the new shapes, slower than the head "
+                    "with this few images)"),
     (0.80, 90, 1.0, "below 90%: classes new to the base model, and 90 training images per class, at least 50: enough "
                     "for the feature layers to learn at the head's rate)"),
-    (0.80, None, 0.3, "below 90%: classes new to the base model: faster")])
+    (0.80, None, 0.7, "below 90%: classes new to the base model: the feature layers must learn")])
 def test_the_fine_tuning_factor_follows_how_well_the_base_features_fit_and_how_many_images(separability, per_class,
                                                                                            factor, why):
     tuned = resolve(TrainConfig(), 36, fine_tuning=True, separability=separability, per_class=per_class)
-    # 0.3 for digits, and for new classes with few images; 1.0 for new classes with enough of them
+    # 0.3 for digits (and when nothing was measured); 0.7 for new classes with few images, 1.0 with enough of them
     assert tuned.config.feature_lr_scale == factor and why in tuned.notes["feature_lr_scale"]
     assert tuned.notes["feature_lr_scale"].startswith(f"auto: {factor} (")
     # from scratch, or with an explicit factor, the measurement changes nothing
@@ -256,8 +257,8 @@ def test_classes_the_base_already_separates_train_the_head_alone(separability, p
 
     tuned = resolve(TrainConfig(), 36, fine_tuning=True, separability=separability, per_class=per_class)
     assert tuned.config.freeze_features_epochs == (FREEZE_WHOLE_RUN if frozen else 0)
-    assert tuned.config.feature_lr_scale == (1.0 if separability is not None and separability < 0.9 and per_class
-                                             and per_class >= 50 else 0.3)
+    new = separability is not None and separability < 0.9
+    assert tuned.config.feature_lr_scale == ((1.0 if per_class and per_class >= 50 else 0.7) if new else 0.3)
     if frozen:
         why = tuned.notes["freeze_features_epochs"]
         assert why.startswith("auto: the whole run (") and f"{100 * separability:.1f}% nearest-class-mean" in why
@@ -296,14 +297,15 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     from cnn_finetune.training import recipe
 
     args = ["--epochs", "1", "--batch-size", "64", "--cooldown", "0", "--set", "checkpoint_every_seconds=0"]
-    runs = {"digits": (tiny_idx, "at least 90%"), "scrambled": (_scrambled_digits(tiny_idx, tmp_path / "scrambled_data"), "below 90%")}
-    for name, (data, verdict) in runs.items():
+    runs = {"digits": (tiny_idx, "at least 90%", 0.3),
+            "scrambled": (_scrambled_digits(tiny_idx, tmp_path / "scrambled_data"), "below 90%", 0.7)}
+    for name, (data, verdict, factor) in runs.items():
         proc = run_cli([*args, "--data", str(data), "--output-dir", name], cwd=tmp_path)  # the shipped base model
         assert proc.returncode == 0, proc.stderr
         manifest = json.loads((tmp_path / name / "config_finetuned.json").read_text())
         why = manifest["resolved"]["automatic"]["feature_lr_scale"]
         assert f"feature_lr_scale: {why}" in proc.stdout and f"nearest-class-mean accuracy, {verdict}" in why
-        assert manifest["config"]["feature_lr_scale"] == 0.3
+        assert manifest["config"]["feature_lr_scale"] == factor and why.startswith(f"auto: {factor} (")
         assert load_state(tmp_path / name / "checkpoint_last.pth")["automatic"]["feature_lr_scale"] == why
     # The digits (the base model's own kind, 36 training images per class) train the head alone, and say so.
     digits = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())
@@ -316,23 +318,25 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     features = [k for k in base if k.startswith("features.")]
     assert features and all(torch.equal(base[k], tuned[k]) for k in features)  # weights and batch-norm statistics
     # The measurement draws no random number: the default runs are the explicit runs of what they chose, bit for bit.
-    for name, data, flags in (("digits", tiny_idx, ["--freeze-features-epochs", str(recipe.FREEZE_WHOLE_RUN)]),
-                              ("scrambled", runs["scrambled"][0], [])):
+    for name, data, flags in (("digits", tiny_idx, ["--feature-lr-scale", "0.3", "--freeze-features-epochs",
+                                                    str(recipe.FREEZE_WHOLE_RUN)]),
+                              ("scrambled", runs["scrambled"][0], ["--feature-lr-scale", "0.7"])):
         chosen = json.loads((tmp_path / name / "config_finetuned.json").read_text())["config"]["tta"]  # explicit too
-        proc = run_cli([*args, "--data", str(data), "--feature-lr-scale", "0.3", *flags, "--set", f"tta={chosen}",
+        proc = run_cli([*args, "--data", str(data), *flags, "--set", f"tta={chosen}",
                         "--output-dir", f"explicit-{name}"], cwd=tmp_path)
         assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
         assert_same_weights(tmp_path / name / "checkpoint_last.pth", tmp_path / f"explicit-{name}" / "checkpoint_last.pth")
     # Extended (resumed) after the defaults changed (a newer version): the run keeps what its start chose.
     monkeypatch.setattr(recipe, "FINETUNE_FEATURE_LR_SCALE", 0.5)
+    monkeypatch.setattr(recipe, "NEW_CLASSES_FEATURE_LR_SCALE", 0.8)
     monkeypatch.setattr(recipe, "FROZEN_MIN_SEPARABILITY", 1.01)
     for name in runs:
         proc = run_cli([*args[2:], "--epochs", "2", "--data", str(runs[name][0]), "--output-dir", name], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert len(json.loads((tmp_path / name / "history.json").read_text())) == 2
     manifest = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
-    assert manifest["config"]["feature_lr_scale"] == 0.3
-    assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("faster feature layers would overfit them); "
+    assert manifest["config"]["feature_lr_scale"] == 0.7
+    assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("slower than the head with this few images); "
                                                                           "decided when the run started, kept")
     manifest = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())
     assert manifest["config"]["freeze_features_epochs"] == recipe.FREEZE_WHOLE_RUN
