@@ -84,6 +84,10 @@ QMNIST_DIRS += [d / "shared" / "data" / "qmnist" / "images" for d in (ROOT.paren
 # measure the same thing whatever the default becomes (fls0.3 is the default before issue 18).
 # "half" and "twice" scale every bound of the automatic length, so they are half and twice the default
 # length whatever the set (the default's epochs hit the fine-tuning ceiling on the 10- and 30-per-class sets).
+HALF = ["--set", "budget_updates=400", "--set", "budget_min_epochs=8", "--set", "budget_max_epochs_finetune=30",
+        "--set", "budget_max_epochs_new_classes=45"]
+TWICE = ["--set", "budget_updates=1600", "--set", "budget_min_epochs=30", "--set", "budget_max_epochs_finetune=120",
+         "--set", "budget_max_epochs_new_classes=180"]
 VARIANTS = {
     "default": ("base", []),
     "fls0.1": ("base", ["--feature-lr-scale", "0.1"]),
@@ -92,15 +96,13 @@ VARIANTS = {
     "frozen": ("base", ["--freeze-features-epochs", "100000"]),
     "scratch": ("scratch", []),
     # the length of the automatic default, halved and doubled, at the former default factor 0.3
-    "half": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=400", "--set", "budget_min_epochs=8",
-                      "--set", "budget_max_epochs_finetune=30"]),
-    "twice": ("base", ["--feature-lr-scale", "0.3", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
-                       "--set", "budget_max_epochs_finetune=120"]),
-    # the same lengths at the default's own (automatic) factor, whatever it is
-    "default-half": ("base", ["--set", "budget_updates=400", "--set", "budget_min_epochs=8",
-                              "--set", "budget_max_epochs_finetune=30"]),
-    "default-twice": ("base", ["--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
-                               "--set", "budget_max_epochs_finetune=120"]),
+    "half": ("base", ["--feature-lr-scale", "0.3", *HALF]),
+    "twice": ("base", ["--feature-lr-scale", "0.3", *TWICE]),
+    # the same lengths (and 1.5x) at the default's own (automatic) factor, whatever it is
+    "default-half": ("base", HALF),
+    "default-twice": ("base", TWICE),
+    "default-1.5x": ("base", ["--set", "budget_updates=1200", "--set", "budget_min_epochs=23", "--set",
+                              "budget_max_epochs_finetune=90", "--set", "budget_max_epochs_new_classes=135"]),
     # The default before issue 19's calibration part: the whole validation split picks the epoch and fits
     # the temperature (the same models and temperatures as the default runs logged before it).
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
@@ -115,8 +117,7 @@ VARIANTS = {
     # issue 18 point 3: elastic distortions (Simard et al. 2003) on top of the default, Simard's strength and a milder one
     "elastic34": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_elastic=34", "--set", "aug_elastic_sigma=4"]),
     "elastic16": ("base", ["--feature-lr-scale", "0.3", "--set", "aug_elastic=16", "--set", "aug_elastic_sigma=4"]),
-    "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", "--set", "budget_updates=1600", "--set", "budget_min_epochs=30",
-                              "--set", "budget_max_epochs_finetune=120"]),
+    "fls1.0-twice": ("base", ["--feature-lr-scale", "1.0", *TWICE]),
     # issue 18 point 3, the rest of the recipe one knob at a time (at the default's factor): regularisation
     # (label smoothing, weight decay), the augmentation's strength, the batch size (more, noisier updates),
     # the head's learning rate, and a factor between 0.3 and 1.0.

@@ -33,6 +33,18 @@ def test_auto_epochs_is_a_budget_of_updates_within_a_floor_and_a_ceiling(steps, 
     # from a base model the ceiling is 60 epochs: the features already work
     tuned, why = auto_epochs(cfg, steps, fine_tuning=True)
     assert tuned == min(expected, 60) and "when fine-tuning" in why
+    # ... and 90 for classes new to the base model, whose feature layers must learn new shapes
+    new, why = auto_epochs(cfg, steps, fine_tuning=True, new_classes=True)
+    assert new == min(expected, 90) and "when fine-tuning classes new to the base model" in why
+    assert auto_epochs(cfg, steps, fine_tuning=False, new_classes=True)[0] == expected  # from scratch: no base to be new to
+
+
+@pytest.mark.parametrize("separability, epochs", [(None, 60), (0.97, 60), (0.899, 90), (0.75, 90)])
+def test_the_fine_tuning_length_follows_how_well_the_base_features_fit(separability, epochs):
+    tuned = resolve(TrainConfig(), 3, fine_tuning=True, separability=separability, per_class=27)
+    assert tuned.config.epochs == epochs and tuned.notes["epochs"].startswith(f"auto: {epochs} epochs (the ceiling) of 3 steps")
+    assert ("classes new to the base model" in tuned.notes["epochs"]) == (epochs == 90)
+    assert resolve(TrainConfig(epochs=7), 3, fine_tuning=True, separability=separability).config.epochs == 7  # explicit
 
 
 def test_resolve_fills_in_the_automatic_settings():
@@ -343,6 +355,29 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     assert manifest["resolved"]["automatic"]["freeze_features_epochs"] == f"{frozen_why}; decided when the run started, kept"
     tuned = load_state(tmp_path / "digits" / "checkpoint_last.pth")["model"]
     assert all(torch.equal(base[k], tuned[k]) for k in features)  # the extension kept the features frozen
+
+
+def test_new_classes_get_the_longer_fine_tuning_ceiling_through_the_command(tiny_idx: Path, tmp_path: Path):
+    # the ceilings made small, so that the runs are short: 3 epochs for the digits, 4 for the scrambled ones;
+    # the factor explicit, so that only the automatic length asks for the separability
+    args = ["--batch-size", "64", "--cooldown", "0", "--set", "checkpoint_every_seconds=0",  # the shipped base's width
+            "--feature-lr-scale", "0.3", "--set", "tta=off", "--set", "budget_min_epochs=1", "--set",
+            "budget_max_epochs_finetune=3", "--set", "budget_max_epochs_new_classes=4"]
+    runs = {"digits": (tiny_idx, 3, "when fine-tuning)"),
+            "scrambled": (_scrambled_digits(tiny_idx, tmp_path / "scrambled_data"), 4,
+                          "when fine-tuning classes new to the base model)")}
+    for name, (data, epochs, why) in runs.items():
+        proc = run_cli([*args, "--data", str(data), "--output-dir", name], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        manifest = json.loads((tmp_path / name / "config_finetuned.json").read_text())
+        assert manifest["config"]["epochs"] == epochs and manifest["resolved"]["automatic"]["epochs"].endswith(why)
+        assert len(json.loads((tmp_path / name / "history.json").read_text())) == epochs
+        assert "feature_lr_scale" not in manifest["resolved"]["automatic"]  # the explicit factor stays the user's
+    # resumed with a ceiling that changed since: the run keeps the length it was planned with
+    proc = run_cli([*args[:-2], "--set", "budget_max_epochs_new_classes=2", "--data", str(runs["scrambled"][0]),
+                    "--output-dir", "scrambled"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads((tmp_path / "scrambled" / "history.json").read_text())) == 4
 
 
 def test_new_classes_with_enough_images_fine_tune_the_features_at_full_rate(tmp_path: Path):

@@ -105,6 +105,9 @@ class TrainConfig:
     budget_max_epochs: int = _f(150, "epochs auto: at most this many epochs", resume=FREE)
     budget_max_epochs_finetune: int = _f(60, "epochs auto: at most this many epochs when fine-tuning from a base model "
                                              "(it starts from features that already work)", resume=FREE)
+    budget_max_epochs_new_classes: int = _f(90, "epochs auto: at most this many epochs when fine-tuning classes new to "
+                                                "the base model (its features separate them under 90%: letters, symbols, "
+                                                "other scripts), whose feature layers must learn new shapes", resume=FREE)
     batch_size: int = _f(128, "samples per optimizer step (the effective batch, also under OOM)", flag=True)
     lr: float = _f(3e-3, "peak learning rate", flag=True)
     weight_decay: float = _f(5e-4, "decoupled weight decay (not applied to norms and biases)")
@@ -172,7 +175,7 @@ class TrainConfig:
         _check_types(self)
         _check_choices(self)
         _positive(self, "batch_size", "eval_batch_size", "width", "keep_best", "max_image_pixels", "budget_updates",
-                  "budget_min_epochs", "budget_max_epochs", "budget_max_epochs_finetune")
+                  "budget_min_epochs", "budget_max_epochs", "budget_max_epochs_finetune", "budget_max_epochs_new_classes")
         _non_negative(
             self, "lr", "weight_decay", "label_smoothing", "grad_clip", "aug_rotation",
             "aug_translate", "aug_scale", "aug_noise", "aug_elastic", "min_delta", "checkpoint_every_steps",
@@ -238,6 +241,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
          f"budget_max_epochs={cfg.budget_max_epochs} is below budget_min_epochs={cfg.budget_min_epochs}"),
         (cfg.budget_max_epochs_finetune < cfg.budget_min_epochs,
          f"budget_max_epochs_finetune={cfg.budget_max_epochs_finetune} is below budget_min_epochs={cfg.budget_min_epochs}"),
+        (cfg.budget_max_epochs_new_classes < cfg.budget_min_epochs,
+         f"budget_max_epochs_new_classes={cfg.budget_max_epochs_new_classes} is below budget_min_epochs={cfg.budget_min_epochs}"),
         (cfg.arch != "cnn_v2", f"arch={cfg.arch!r} is not known; the only architecture is 'cnn_v2'"),
         (not 0 <= cfg.seed <= MAX_SEED, f"seed={cfg.seed} is out of range; use a whole number from 0 to 2**63-1 ({MAX_SEED})"),
         (cfg.width > MAX_WIDTH, f"width={cfg.width} is out of range; use 1 to {MAX_WIDTH} channels (the default is 24)"),

@@ -420,7 +420,7 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
     _, steps = data.batch_and_steps(cfg.batch_size)
 
     def start_afresh() -> Resolved:
-        probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.tta == "auto")
+        probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.tta == "auto" or cfg.epochs == "auto")
         labels = data.split.train_labels
         per_class = len(labels) / max(1, len(data.split.class_names))
         return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None,
