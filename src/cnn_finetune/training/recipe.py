@@ -79,7 +79,7 @@ def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool = Fals
     """Epochs for ``epochs="auto"``: at least ``budget_updates`` updates, within the epoch floor and the
     ceiling: a lower one when fine-tuning (past it, tiny sets of digits gained nothing in the few-shot
     benchmark), between the two when fine-tuning classes new to the base model (``new_classes``: on real
-    letters at 10 and 30 per letter 1.5x the fine-tuning ceiling gained 0.1-0.6 points, 3 seeds)."""
+    letters at 10 and 30 per letter 1.5x the fine-tuning ceiling gained 0.1-0.4 points, 3 seeds)."""
     if fine_tuning:
         ceiling = cfg.budget_max_epochs_new_classes if new_classes else cfg.budget_max_epochs_finetune
     else:
