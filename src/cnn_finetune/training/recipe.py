@@ -43,7 +43,8 @@ FINETUNE_FEATURE_LR_SCALE = 0.3  # feature layers' learning rate relative to the
 FINETUNE_FREEZE_EPOCHS = 0  # epochs on the head alone first, with a base model
 # Below this separability (leave-one-out nearest-class-mean accuracy of the base model's features on
 # the training split) the classes are new to the base model: MNIST digits measure 0.97-0.99, digits
-# and turned digits 0.82, Kazakh Cyrillic letters 0.75-0.81. Said at start-up; it decides the factor and the test-time views.
+# and turned digits 0.82, Kazakh Cyrillic letters 0.75-0.81. Said at start-up; it decides the factor, the
+# fine-tuning ceiling of the automatic length and the test-time views.
 SEPARABLE_THRESHOLD = 0.9
 # Classes new to the base model AND this many training images per class: the feature layers learn at
 # the head's rate (1.0): with 54 and 90 per letter it won by 0.9 and 1.1 points (3 seeds; PERFORMANCE.md 7).
@@ -51,8 +52,8 @@ ADAPT_MIN_PER_CLASS = 50
 ADAPT_FEATURE_LR_SCALE = 1.0
 # Classes new to the base model with fewer images each: 0.7 of the head's rate. On real letters at 10 and
 # 30 per letter (as labelled, and with the source's wrong labels corrected) 1.0 beat 0.3 by 0.3-1.05 points
-# on all four sets, but lost a whole seed (82.8%) on the turned digits; 0.7 is within 0.2 of 1.0 on the
-# letters and level with 0.3 on the turned digits (3 seeds each, side by side; PERFORMANCE.md 7).
+# on all four sets, but lost a whole seed (82.8%) on the turned digits; 0.7 is within 0.15-0.31 of 1.0 on
+# the letters and level with 0.3 on the turned digits (3 seeds each, side by side; PERFORMANCE.md 7).
 NEW_CLASSES_FEATURE_LR_SCALE = 0.7
 # Classes the base model's features already separate this well (digits: 0.967 at 10 per class, 0.98-0.99
 # at 30 and 100), with at most FROZEN_MAX_PER_CLASS training images per class (the largest size measured:
@@ -103,8 +104,7 @@ def auto_feature_lr_scale(separability: float | None, per_class: float | None = 
     ``NEW_CLASSES_FEATURE_LR_SCALE`` (0.7), or ``ADAPT_FEATURE_LR_SCALE`` (1.0) with ``ADAPT_MIN_PER_CLASS``
     images or more each: on real letters 0.3 was 0.2-0.9 points behind 0.7 at 10 and 30 per letter, and
     1.1 behind 1.0 at 100 per letter; on turned digits 0.7 was level with 0.3, where 1.0 lost 1.8."""
-    slower = "the feature layers learn slower than the new head"
-    why = f"auto: {FINETUNE_FEATURE_LR_SCALE} (fine-tuning from a base model: {slower}"
+    why = f"auto: {FINETUNE_FEATURE_LR_SCALE} (fine-tuning from a base model: the feature layers learn slower than the new head"
     if separability is None:
         return FINETUNE_FEATURE_LR_SCALE, why + ")"
     measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
