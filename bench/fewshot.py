@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -62,6 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from cnn_finetune.config import TrainConfig
 from cnn_finetune.data.loader import read_idx, write_idx
 from cnn_finetune.files.rundir import BEST
 
@@ -79,15 +81,22 @@ QAZAQMNIST_SWAPS = {"о": "ө", "к": "қ"}
 COMNIST_NAME = re.compile(r"[0-9a-f]{13}\.png")
 QMNIST_DIRS = [Path(os.environ["QMNIST_DIR"])] if os.environ.get("QMNIST_DIR") else []
 QMNIST_DIRS += [d / "shared" / "data" / "qmnist" / "images" for d in (ROOT.parent, ROOT, ROOT.parents[1])]  # ROOT.parents[1]: a worktree
+# The bounds of the automatic length (from a base model: budget_max_epochs is the from-scratch ceiling).
+LENGTH_BOUNDS = ("budget_updates", "budget_min_epochs", "budget_max_epochs_finetune", "budget_max_epochs_new_classes")
+
+
+def scaled_length(factor: float) -> list[str]:
+    """The flags that scale every bound of the automatic length by ``factor`` (rounded up), from the defaults."""
+    defaults = TrainConfig()
+    return [arg for key in LENGTH_BOUNDS for arg in ("--set", f"{key}={math.ceil(factor * getattr(defaults, key))}")]
+
+
 # Named settings of the recipe sweep (--variants): the base model or none, and the flags of the run.
 # "default" is whatever the command does without flags; the others name their factor, so that they
 # measure the same thing whatever the default becomes (fls0.3 is the default before issue 18).
 # "half" and "twice" scale every bound of the automatic length, so they are half and twice the default
 # length whatever the set (the default's epochs hit the fine-tuning ceiling on the 10- and 30-per-class sets).
-HALF = ["--set", "budget_updates=400", "--set", "budget_min_epochs=8", "--set", "budget_max_epochs_finetune=30",
-        "--set", "budget_max_epochs_new_classes=45"]
-TWICE = ["--set", "budget_updates=1600", "--set", "budget_min_epochs=30", "--set", "budget_max_epochs_finetune=120",
-         "--set", "budget_max_epochs_new_classes=180"]
+HALF, TWICE = scaled_length(0.5), scaled_length(2)
 VARIANTS = {
     "default": ("base", []),
     "fls0.1": ("base", ["--feature-lr-scale", "0.1"]),
@@ -101,8 +110,7 @@ VARIANTS = {
     # the same lengths (and 1.5x) at the default's own (automatic) factor, whatever it is
     "default-half": ("base", HALF),
     "default-twice": ("base", TWICE),
-    "default-1.5x": ("base", ["--set", "budget_updates=1200", "--set", "budget_min_epochs=23", "--set",
-                              "budget_max_epochs_finetune=90", "--set", "budget_max_epochs_new_classes=135"]),
+    "default-1.5x": ("base", scaled_length(1.5)),
     # The default before issue 19's calibration part: the whole validation split picks the epoch and fits
     # the temperature (the same models and temperatures as the default runs logged before it).
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
