@@ -81,14 +81,15 @@ def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool = Fals
     ceiling: a lower one when fine-tuning (past it, tiny sets of digits gained nothing in the few-shot
     benchmark), between the two when fine-tuning classes new to the base model (``new_classes``: on real
     letters at 10 and 30 per letter 1.5x the fine-tuning ceiling gained 0.1-0.4 points, 3 seeds)."""
-    if fine_tuning:
-        ceiling = cfg.budget_max_epochs_new_classes if new_classes else cfg.budget_max_epochs_finetune
+    if not fine_tuning:
+        ceiling, which = cfg.budget_max_epochs, ""
+    elif new_classes:
+        ceiling, which = cfg.budget_max_epochs_new_classes, " when fine-tuning classes new to the base model"
     else:
-        ceiling = cfg.budget_max_epochs
+        ceiling, which = cfg.budget_max_epochs_finetune, " when fine-tuning"
     wanted = math.ceil(cfg.budget_updates / max(1, steps_per_epoch))
     epochs = min(ceiling, max(cfg.budget_min_epochs, wanted))
     bound = " (the floor)" if epochs > wanted else (" (the ceiling)" if epochs < wanted else "")
-    which = (" when fine-tuning classes new to the base model" if new_classes else " when fine-tuning") if fine_tuning else ""
     return epochs, (f"auto: {epochs} epochs{bound} of {steps_per_epoch} steps = {epochs * steps_per_epoch} optimizer updates "
                     f"(at least {cfg.budget_updates}, between {cfg.budget_min_epochs} and {ceiling} epochs{which})")
 
