@@ -373,11 +373,19 @@ def test_new_classes_get_the_longer_fine_tuning_ceiling_through_the_command(tiny
         assert manifest["config"]["epochs"] == epochs and manifest["resolved"]["automatic"]["epochs"].endswith(why)
         assert len(json.loads((tmp_path / name / "history.json").read_text())) == epochs
         assert "feature_lr_scale" not in manifest["resolved"]["automatic"]  # the explicit factor stays the user's
-    # resumed with a ceiling that changed since: the run keeps the length it was planned with
+    # cut in its second epoch, then resumed with a ceiling that changed since: the run keeps the length it
+    # was planned with, and says so
+    cut = run_cli([*args, "--data", str(runs["scrambled"][0]), "--output-dir", "cut"], cwd=tmp_path, faults="sigint@7")
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    started = load_state(tmp_path / "cut" / "checkpoint_last.pth")["automatic"]["epochs"]
+    assert started.startswith("auto: 4 epochs (the ceiling)") and started.endswith("classes new to the base model)")
     proc = run_cli([*args[:-2], "--set", "budget_max_epochs_new_classes=2", "--data", str(runs["scrambled"][0]),
-                    "--output-dir", "scrambled"], cwd=tmp_path)
+                    "--output-dir", "cut"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert len(json.loads((tmp_path / "scrambled" / "history.json").read_text())) == 4
+    assert len(json.loads((tmp_path / "cut" / "history.json").read_text())) == 4
+    kept = f"{started}; decided when the run started, kept"
+    assert f"epochs: {kept}" in proc.stdout
+    assert json.loads((tmp_path / "cut" / "config_finetuned.json").read_text())["resolved"]["automatic"]["epochs"] == kept
 
 
 def test_new_classes_with_enough_images_fine_tune_the_features_at_full_rate(tmp_path: Path):

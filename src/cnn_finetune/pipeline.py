@@ -487,6 +487,10 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     check_resumable(config, run, state, data)
     if extend_to is not None:
         resolved.notes["epochs"] = f"extended from {planned} to {extend_to} epochs ({done} done)"
+    elif "epochs" in resolved.notes and resolved.config.epochs != planned:
+        # "auto" resolved today to fewer epochs than the plan (a lower ceiling, or one chosen from a measurement
+        # the start made): the run keeps its plan, so the note says how the start chose it
+        resolved.notes["epochs"] = f"{automatic.get('epochs', f'auto: {planned} epochs')}; decided when the run started, kept"
     return ResumePlan(config, state, extend_to=extend_to, notes=resolved.notes)
 
 
