@@ -104,3 +104,102 @@ def test_a_bad_decay_is_refused_with_the_value_and_a_fix(tiny_idx: Path, tmp_pat
     assert proc.returncode == 2
     assert "ema_decay=1.5 must be in [0, 1)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- clean batch-norm statistics (bn_stats "clean"): the trained weights, statistics from plain images ---
+
+CLEAN = [*FAST, "--set", "bn_stats=clean"]
+
+
+def test_a_following_copy_takes_the_trained_weights_and_recomputes_only_the_statistics():
+    torch.manual_seed(0)
+    model = build_model(3, width=4, bn_ghost_size=0)
+    copy_ = WeightAverage(model, 0.0, "average", follow=True)
+    assert copy_.enabled and copy_.bn == "recompute" and copy_.current_decay() == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    copy_.update(model)
+    assert copy_.updates == 1
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    prepare = lambda x: (x - 0.1) / 0.3  # noqa: E731
+    copy_.recompute_bn(images, 32, prepare, model)
+    for mine, theirs in zip(copy_.shadow.parameters(), model.parameters()):
+        assert torch.equal(mine, theirs)  # the trained weights exactly, not a mean
+    conv, bn = copy_.shadow.features[0][0], copy_.shadow.features[0][1]
+    with torch.no_grad():
+        per_batch = [conv(prepare(images[i:i + 32].float() / 255)).mean(dim=(0, 2, 3)) for i in (0, 32)]
+    assert torch.allclose(bn.running_mean, torch.stack(per_batch).mean(0), atol=1e-5)
+    assert not torch.equal(bn.running_mean, model.features[0][1].running_mean)  # the trained model's are left alone
+    with pytest.raises(ValueError, match="needs the trained model"):
+        copy_.updates += 1
+        copy_.recompute_bn(images, 32, prepare)
+    # With the weight average on, the average is kept and its own ema_bn decides.
+    ema = WeightAverage(model, 0.99, "average", follow=True)
+    assert not ema.follow and ema.bn == "average" and ema.current_decay() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("separability, fine_tuning, ema_decay, expected, why", [
+    (0.80, True, 0.0, "clean", "below 90%: classes new to the base model"),
+    (0.95, True, 0.0, "training", "at least 90%: classes much like the base model's"),
+    (None, True, 0.0, "training", "was not measured"),
+    (0.80, False, 0.0, "training", "training from scratch"),
+    (0.80, True, 0.999, "training", "the weight average is on"),
+])
+def test_clean_statistics_are_chosen_for_classes_new_to_the_base_model(separability, fine_tuning, ema_decay, expected, why):
+    from cnn_finetune.config import TrainConfig
+    from cnn_finetune.training.recipe import auto_bn_stats, resolve
+
+    value, note = auto_bn_stats(separability, fine_tuning, ema_decay)
+    assert value == expected and note.startswith(f"auto: {expected} (") and why in note
+    resolved = resolve(TrainConfig(ema_decay=ema_decay), 5, fine_tuning, separability=separability, per_class=30)
+    assert resolved.config.bn_stats == expected and resolved.notes["bn_stats"] == note
+    explicit = resolve(TrainConfig(bn_stats="training"), 5, fine_tuning, separability=separability, per_class=30)
+    assert explicit.config.bn_stats == "training" and "bn_stats" not in explicit.notes  # the user's choice stays
+
+
+@pytest.fixture(scope="module")
+def clean_reference(tiny_idx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finished_run([*CLEAN, "--data", str(tiny_idx)], tmp_path_factory, "cleanref")
+
+
+def test_the_kept_model_has_the_trained_weights_with_clean_statistics(clean_reference: Path):
+    last = load_state(clean_reference / "checkpoint_last.pth")
+    kept = last["averaged"]
+    assert last["config"]["bn_stats"] == "clean" and kept["updates"] == last["position"]["global_step"] > 0
+    trained, copy_ = last["model"], kept["model"]
+    weights = [k for k in trained if not k.split(".")[-1].startswith(("running_", "num_batches"))]
+    assert weights and all(torch.equal(trained[k], copy_[k]) for k in weights)
+    stats = [k for k in trained if k.endswith("running_var")]
+    assert stats and all(not torch.equal(trained[k], copy_[k]) for k in stats)  # statistics of their own
+    best = load_state(clean_reference / "best_model_finetuned.pth")
+    history = json.loads((clean_reference / "history.json").read_text())
+    # The kept file is an epoch's clean copy: its validation accuracy is the one recorded for its epoch.
+    assert best["metrics"]["val_acc"] == history[best["epoch"] - 1]["val_acc"]
+    if best["epoch"] == len(history):  # the final epoch: exactly the checkpoint's copy
+        assert all(torch.equal(best["model"][k], copy_[k]) for k in copy_)
+
+
+def test_a_killed_run_with_clean_statistics_resumes_bit_for_bit(clean_reference: Path, tiny_idx: Path, tmp_path: Path):
+    args = [*CLEAN, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = run_cli(args, cwd=tmp_path, faults="kill@9")
+    assert proc.returncode == -9, proc.stderr
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("checkpoint_last.pth", "best_model_finetuned.pth"):
+        assert_same_weights(clean_reference / name, tmp_path / "out" / name)
+    a = load_state(clean_reference / "checkpoint_last.pth")["averaged"]["model"]
+    b = load_state(tmp_path / "out" / "checkpoint_last.pth")["averaged"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert stripped_history(clean_reference) == stripped_history(tmp_path / "out")
+
+
+def test_other_statistics_are_refused_on_resume(tiny_idx: Path, tmp_path: Path):
+    args = [*CLEAN, "--data", str(tiny_idx), "--output-dir", "out"]
+    proc = run_cli(args, cwd=tmp_path, faults="sigint@5")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    before = (tmp_path / "out" / "checkpoint_last.pth").read_bytes()
+    proc = run_cli([*FAST, "--data", str(tiny_idx), "--set", "bn_stats=training", "--output-dir", "out"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "bn_stats: checkpoint has 'clean', this run has 'training'" in proc.stderr
+    assert (tmp_path / "out" / "checkpoint_last.pth").read_bytes() == before  # nothing of the run touched

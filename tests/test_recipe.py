@@ -325,6 +325,12 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     assert digits["config"]["freeze_features_epochs"] == recipe.FREEZE_WHOLE_RUN and "only the head trains" in frozen_why
     scrambled = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
     assert scrambled["config"]["freeze_features_epochs"] == 0 and "freeze_features_epochs" not in scrambled["resolved"]["automatic"]
+    # Clean batch-norm statistics for the classes new to the base model only; the frozen digits keep the base's.
+    assert digits["config"]["bn_stats"] == "training" and scrambled["config"]["bn_stats"] == "clean"
+    clean_why = scrambled["resolved"]["automatic"]["bn_stats"]
+    assert clean_why.startswith("auto: clean (") and "below 90%" in clean_why
+    assert load_state(tmp_path / "scrambled" / "checkpoint_last.pth")["automatic"]["bn_stats"] == clean_why
+    assert load_state(tmp_path / "scrambled" / "checkpoint_last.pth")["averaged"]["updates"] > 0  # the clean copy is kept
     base = load_state(PACKAGED_BASE_MODEL)["model"]
     tuned = load_state(tmp_path / "digits" / "checkpoint_last.pth")["model"]
     features = [k for k in base if k.startswith("features.")]
@@ -333,9 +339,9 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     for name, data, flags in (("digits", tiny_idx, ["--feature-lr-scale", "0.3", "--freeze-features-epochs",
                                                     str(recipe.FREEZE_WHOLE_RUN)]),
                               ("scrambled", runs["scrambled"][0], ["--feature-lr-scale", "0.7"])):
-        chosen = json.loads((tmp_path / name / "config_finetuned.json").read_text())["config"]["tta"]  # explicit too
-        proc = run_cli([*args, "--data", str(data), *flags, "--set", f"tta={chosen}",
-                        "--output-dir", f"explicit-{name}"], cwd=tmp_path)
+        chosen = json.loads((tmp_path / name / "config_finetuned.json").read_text())["config"]  # explicit too
+        proc = run_cli([*args, "--data", str(data), *flags, "--set", f"tta={chosen['tta']}",
+                        "--set", f"bn_stats={chosen['bn_stats']}", "--output-dir", f"explicit-{name}"], cwd=tmp_path)
         assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
         assert_same_weights(tmp_path / name / "checkpoint_last.pth", tmp_path / f"explicit-{name}" / "checkpoint_last.pth")
     # Extended (resumed) after the defaults changed (a newer version): the run keeps what its start chose.
@@ -348,6 +354,8 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
         assert len(json.loads((tmp_path / name / "history.json").read_text())) == 2
     manifest = json.loads((tmp_path / "scrambled" / "config_finetuned.json").read_text())
     assert manifest["config"]["feature_lr_scale"] == 0.7
+    assert manifest["config"]["bn_stats"] == "clean"
+    assert manifest["resolved"]["automatic"]["bn_stats"] == f"{clean_why}; decided when the run started, kept"
     assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("slower than the head with this few images); "
                                                                           "decided when the run started, kept")
     manifest = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())

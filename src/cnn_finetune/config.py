@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model_selection": ("auto", "best", "last"),
     "tta": ("auto", "on", "off"),
     "ema_bn": ("recompute", "average"),
+    "bn_stats": ("auto", "training", "clean"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
     "logger": ("none", "tensorboard"),
@@ -122,6 +123,11 @@ class TrainConfig:
     ema_warmup: float = _f(10.0, "warm-up of the average's decay: it covers about the last 1/(ema_warmup-1) of the updates")
     ema_bn: str = _f("recompute", "batch-norm statistics of the averaged weights: recompute (from the training images, "
                                   "before each validation) or average (like the weights)")
+    bn_stats: str = _f("auto", "batch-norm statistics of the validated and kept model: training (the running averages of "
+                               "the augmented training batches), clean (recomputed from the unaugmented training images "
+                               "before each validation), or auto: clean when fine-tuning classes new to the base model "
+                               "(their features' nearest-class-mean accuracy under 90%), training otherwise; with "
+                               "ema_decay on, ema_bn decides")
     # --- augmentation (batched, on the training device) -------------------------------------
     aug_rotation: float = _f(15.0, "maximum rotation, degrees")
     aug_translate: float = _f(0.12, "maximum translation, fraction of the image side")
@@ -341,7 +347,7 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
 
 
 # What a run did before the setting existed, where that differs from today's default.
-LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0, "tta": "off"}
+LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0, "tta": "off", "bn_stats": "training"}
 
 
 def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:

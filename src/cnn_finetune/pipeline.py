@@ -37,7 +37,7 @@ from .data.augment import to_unit
 from .files.checkpoint import atomic_write_json, load_checkpoint
 from .files.kinds import special_kind
 from .training.checkpoint_manager import CheckpointManager, load_latest
-from .config import DEFAULT_BASE_MODEL, LEGACY_DEFAULTS, TrainConfig, packaged_base_model, resume_mismatches
+from .config import CHOICES, DEFAULT_BASE_MODEL, LEGACY_DEFAULTS, TrainConfig, packaged_base_model, resume_mismatches
 from .data.loader import (
     Dataset,
     SplitData,
@@ -413,14 +413,16 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool, base: Path | None = None) -> ResumePlan:
     """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse.
 
-    A fresh run from ``base`` whose ``feature_lr_scale`` or ``tta`` is automatic measures how well the base
-    model's features separate the training classes; a continued run keeps what its start decided."""
+    A fresh run from ``base`` whose ``feature_lr_scale``, ``epochs``, ``tta`` or ``bn_stats`` is automatic
+    measures how well the base model's features separate the training classes; a continued run keeps what
+    its start decided."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--output-dir {run.path} is a file, not a folder; choose a folder for the run's files", path=str(run.path))
     _, steps = data.batch_and_steps(cfg.batch_size)
 
     def start_afresh() -> Resolved:
-        probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.tta == "auto" or cfg.epochs == "auto")
+        probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.epochs == "auto"
+                                                     or "auto" in (cfg.tta, cfg.bn_stats))
         labels = data.split.train_labels
         per_class = len(labels) / max(1, len(data.split.class_names))
         return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None,
@@ -470,8 +472,9 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     automatic = state.get("automatic", {})
     kept = {key: state["config"].get(key) for key in ("feature_lr_scale", "freeze_features_epochs")
             if fine_tuning and getattr(cfg, key) is None and key in automatic}
-    if cfg.tta == "auto" and state["config"].get("tta") in ("on", "off"):  # the views it started with
-        kept["tta"] = state["config"]["tta"]
+    for key in ("tta", "bn_stats"):  # the views and the statistics it started with
+        if getattr(cfg, key) == "auto" and state["config"].get(key) in set(CHOICES[key]) - {"auto"}:
+            kept[key] = state["config"][key]
     resolved = resolve(dataclasses.replace(cfg, **kept), steps, fine_tuning)
     for key in kept:
         resolved.notes[key] = f"{automatic.get(key, kept[key])}; decided when the run started, kept"

@@ -14,6 +14,13 @@ batches of the training batch size, so ghost batch norm sees the groups it was t
 plain average over the batches (what SWA's ``update_bn`` does). ``"average"`` averages the running
 statistics like the weights instead (no extra forward pass). No random number is drawn either way.
 
+``follow=True`` (``bn_stats="clean"`` with the average off) keeps no average: the copy takes the
+trained weights as they are, and only its batch-norm statistics are recomputed as above. The running
+statistics a run accumulates come from augmented batches (pixel noise, turns, shifts, scale), while
+the kept model is shown plain images; on letters new to the base model the recomputed ones gained
+0.15-0.6 points (docs/PERFORMANCE.md section 7). The weights are copied only when the statistics are
+recomputed (before each validation), not after every step: nothing else reads the copy in between.
+
 The average, its update count and its batch-norm statistics are training state: a checkpoint holds
 them, so a resumed run continues bit for bit.
 """
@@ -33,12 +40,16 @@ BN_IMAGES = 2048  # enough for stable statistics of 96 channels; bounded so big 
 
 
 class WeightAverage:
-    """The EMA of a model's weights (``decay`` 0: off, and every method is a no-op)."""
+    """The EMA of a model's weights (``decay`` 0: off, and every method is a no-op), or with ``follow``
+    (and ``decay`` 0) a copy of the trained weights whose batch-norm statistics are recomputed."""
 
-    def __init__(self, model: nn.Module, decay: float, bn: str = "recompute", warmup: float = 10.0) -> None:
-        self.decay, self.bn, self.warmup = decay, bn, warmup
+    def __init__(self, model: nn.Module, decay: float, bn: str = "recompute", warmup: float = 10.0,
+                 follow: bool = False) -> None:
+        self.follow = follow and decay <= 0  # an EMA's own ema_bn decides when the average is on
+        self.decay, self.bn, self.warmup = decay, "recompute" if self.follow else bn, warmup
         self.updates = 0
-        self.shadow: CNNv2 | None = copy.deepcopy(unwrap(model)).eval() if decay > 0 else None
+        keep = decay > 0 or self.follow
+        self.shadow: CNNv2 | None = copy.deepcopy(unwrap(model)).eval() if keep else None
         if self.shadow is not None:
             self.shadow.requires_grad_(False)
         self._stats_for = -1  # the update count the shadow's batch-norm statistics were recomputed at
@@ -49,7 +60,9 @@ class WeightAverage:
         return self.shadow is not None
 
     def current_decay(self) -> float:
-        """The decay of the next update (warmed up)."""
+        """The decay of the next update (warmed up; 0 for a following copy: it takes the weights as they are)."""
+        if self.follow:
+            return 0.0
         return min(self.decay, (1.0 + self.updates) / (self.warmup + self.updates))
 
     @torch.no_grad()
@@ -57,6 +70,9 @@ class WeightAverage:
         """Move the average towards ``model``'s weights (after an optimizer step). A skipped (non-finite)
         step left the weights as they were, so averaging them again is harmless."""
         if self.shadow is None:
+            return
+        if self.follow:  # the weights are copied when the statistics are recomputed
+            self.updates += 1
             return
         d = self.current_decay()
         mine = list(self.shadow.parameters())
@@ -68,9 +84,17 @@ class WeightAverage:
         self.updates += 1
 
     @torch.no_grad()
-    def recompute_bn(self, images: torch.Tensor, batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Batch-norm statistics of the averaged weights from ``images`` (uint8, unaugmented), once per update count."""
-        if self.shadow is None or self.bn != "recompute" or self._stats_for == self.updates or len(images) == 0:
+    def recompute_bn(self, images: torch.Tensor, batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor],
+                     model: nn.Module | None = None) -> None:
+        """Batch-norm statistics of the averaged weights from ``images`` (uint8, unaugmented), once per update
+        count; a following copy first takes ``model``'s weights."""
+        if self.shadow is None or self.bn != "recompute" or self._stats_for == self.updates:
+            return
+        if self.follow:
+            if model is None:
+                raise ValueError("a following copy needs the trained model to copy its weights from")
+            torch._foreach_copy_(list(self.shadow.parameters()), [t.detach() for t in unwrap(model).parameters()])
+        if len(images) == 0:
             return
         norms = [m for m in self.shadow.modules() if isinstance(m, GhostBatchNorm2d)]
         images, momenta = images[:BN_IMAGES], [m.momentum for m in norms]

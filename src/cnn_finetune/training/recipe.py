@@ -1,7 +1,7 @@
 """The parts of the default recipe that depend on the data and on the starting point, resolved once per run.
 
-A config may leave four settings to the program: ``epochs`` ("auto"), ``patience``,
-``feature_lr_scale`` and ``freeze_features_epochs`` (None). ``resolve`` turns them into numbers and
+A config may leave six settings to the program: ``epochs``, ``tta`` and ``bn_stats`` ("auto"),
+``patience``, ``feature_lr_scale`` and ``freeze_features_epochs`` (None). ``resolve`` turns them into numbers and
 says why, from the size of the training set and from whether training starts from a base model:
 
 * epochs "auto": the training length is a budget of optimizer updates, not a number of epochs tuned
@@ -20,6 +20,9 @@ says why, from the size of the training set and from whether training starts fro
   train the head alone (``freeze_features_epochs``: the whole run) with few images each. The
   start-up line says which and why. A resumed run keeps the factor and the freezing its start chose,
   whatever the default has become since.
+* test-time views (``tta``) and clean batch-norm statistics (``bn_stats``): on for fine-tuning classes
+  new to the base model, where they gained in the few-shot benchmark, off elsewhere. A resumed run
+  keeps its start's choice.
 
 The numbers are chosen with ``bench/fewshot.py`` on several datasets and sizes (docs/PERFORMANCE.md).
 The resolved config is what the trainer uses and what checkpoints and model files record.
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..data.augment import normalize, to_unit
+from .averaging import BN_IMAGES
 
 BASE_PATIENCE = 8  # the training guide's default
 PATIENCE_REFERENCE_EPOCHS = 15  # ... for a run of this length; longer runs get proportionally more
@@ -139,6 +143,23 @@ def auto_freeze(separability: float | None, per_class: float | None) -> tuple[in
                               "weights, the best and fastest setting on digits in the few-shot benchmark)")
 
 
+def _for_new_classes(separability: float | None, fine_tuning: bool, choice: tuple[str, str], scratch: str,
+                     like: str, new: str) -> tuple[str, str]:
+    """The setting ``choice`` = (for new classes, otherwise) of a run, and why: the first for fine-tuning
+    runs whose classes are new to the base model (``separability`` under ``SEPARABLE_THRESHOLD``), the
+    second from scratch (``scratch``: why), when nothing was measured, or for classes like the base
+    model's; ``like`` and ``new`` end the reason of those two cases."""
+    on, off = choice
+    if not fine_tuning:
+        return off, f"auto: {off} ({scratch})"
+    if separability is None:
+        return off, f"auto: {off} (the base model's separability of the classes was not measured)"
+    measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
+    if separability >= SEPARABLE_THRESHOLD:
+        return off, f"auto: {off} ({measured}, at least {100 * SEPARABLE_THRESHOLD:.0f}%: classes much like the base model's{like})"
+    return on, f"auto: {on} ({measured}, below {100 * SEPARABLE_THRESHOLD:.0f}%: classes new to the base model{new})"
+
+
 def auto_tta(separability: float | None, fine_tuning: bool) -> tuple[str, str]:
     """``tta`` and why: on for fine-tuning runs whose classes are new to the base model (``separability``
     under ``SEPARABLE_THRESHOLD``), off otherwise. In the few-shot benchmark (3 seeds, docs/PERFORMANCE.md
@@ -146,16 +167,32 @@ def auto_tta(separability: float | None, fine_tuning: bool) -> tuple[str, str]:
     and on the built-in sample (from scratch) 99.40% against 99.44% plain on seed 42, while at the end of a
     run with 10,000 test images they made the whole process 1.4x longer: 7x the prediction time is spent
     only where it buys accuracy."""
-    if not fine_tuning:
-        return "off", "auto: off (training from scratch: the views did not win on the built-in sample, and cost 7x the prediction time)"
-    if separability is None:
-        return "off", "auto: off (the base model's separability of the classes was not measured)"
-    measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
-    if separability >= SEPARABLE_THRESHOLD:
-        return "off", (f"auto: off ({measured}, at least {100 * SEPARABLE_THRESHOLD:.0f}%: classes much like the base model's, "
-                       "where the views gained 0.01-0.11 points in the few-shot benchmark, for 7x the prediction time)")
-    return "on", (f"auto: on ({measured}, below {100 * SEPARABLE_THRESHOLD:.0f}%: classes new to the base model, where "
-                  "averaging 7 views of each image gained 0.4-1.0 points in the few-shot benchmark; 7x the prediction time)")
+    return _for_new_classes(
+        separability, fine_tuning, ("on", "off"),
+        "training from scratch: the views did not win on the built-in sample, and cost 7x the prediction time",
+        ", where the views gained 0.01-0.11 points in the few-shot benchmark, for 7x the prediction time",
+        ", where averaging 7 views of each image gained 0.4-1.0 points in the few-shot benchmark; 7x the prediction time")
+
+
+def auto_bn_stats(separability: float | None, fine_tuning: bool, ema_decay: float = 0.0) -> tuple[str, str]:
+    """``bn_stats`` and why: clean (statistics recomputed from the unaugmented training images before each
+    validation) for fine-tuning runs whose classes are new to the base model, training otherwise.
+
+    In the few-shot benchmark (3 seeds side by side, docs/PERFORMANCE.md section 7) clean statistics
+    gained 0.63 points on QMNIST 10, 0.58 on QMNIST 30 and 0.15 on newscript30 (SWA over the last
+    quarter of the steps, with the same recomputed statistics, added nothing over them), and lost 0.12 on
+    MNIST 30, whose feature layers stay frozen with the base model's weights and statistics. With the
+    weight average on (``ema_decay``), its ``ema_bn`` decides instead."""
+    if ema_decay > 0:
+        return "training", "auto: training (the weight average is on: its ema_bn setting decides its statistics)"
+    return _for_new_classes(
+        separability, fine_tuning, ("clean", "training"),
+        "training from scratch: the running statistics of the training batches, as measured on the built-in sample",
+        ", whose frozen or slowly trained feature layers match the statistics they trained with: clean ones lost "
+        "0.12 points on digits in the few-shot benchmark",
+        "; statistics recomputed from the unaugmented training images before each validation gained 0.15-0.6 "
+        f"points on new scripts in the few-shot benchmark, for one forward pass over at most {BN_IMAGES:,} "
+        "training images per epoch")
 
 
 def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separability: float | None = None,
@@ -180,6 +217,8 @@ def resolve(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool, separabil
                                                                  else (1.0, "auto: 1.0 (training from scratch)"))
     if cfg.tta == "auto":
         values["tta"], notes["tta"] = auto_tta(separability, fine_tuning)
+    if cfg.bn_stats == "auto":
+        values["bn_stats"], notes["bn_stats"] = auto_bn_stats(separability, fine_tuning, cfg.ema_decay)
     if cfg.freeze_features_epochs is None:
         frozen = auto_freeze(separability, per_class) if fine_tuning and cfg.feature_lr_scale is None else None
         if frozen is not None:

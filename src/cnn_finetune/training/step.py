@@ -60,7 +60,9 @@ class StepRunner:
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or cuda_bf16) else None
         # The area under the margin of every training image, from this step's own logits (label_review.py).
         self.review = MarginTracker(len(batches.y_train), self.device)
-        self.average = WeightAverage(model, cfg.ema_decay, cfg.ema_bn, cfg.ema_warmup)  # off (no-op) unless ema_decay > 0
+        # The EMA (ema_decay > 0), or a copy of the trained weights with clean batch-norm statistics
+        # (bn_stats "clean"), is what is validated and kept; neither: a no-op.
+        self.average = WeightAverage(model, cfg.ema_decay, cfg.ema_bn, cfg.ema_warmup, follow=cfg.bn_stats == "clean")
 
     def share_size(self, batch: int) -> int:
         """How many of a global batch of ``batch`` samples this process trains on."""

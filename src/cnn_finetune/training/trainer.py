@@ -100,7 +100,7 @@ class RobustTrainer:
         self.prepare = self.steps.prepare
         self.validator = Validator(cfg.eval_batch_size, device, self.steps.prepare, self.steps.autocast, self.dist)
         self.net: nn.Module = self.faults.wrap(ddp or compiled, self.pos, self.validator)
-        self.steps.net, self.average = self.net, self.steps.average  # the average: validated and kept when on
+        self.steps.net, self.average = self.net, self.steps.average  # the average (or clean copy): validated and kept when on
         self.evaluated = (self.faults.wrap(self.average.shadow, self.pos, self.validator, only=("valoom",)),
                           self.average.shadow) if self.average.enabled else (self.net, self.model)
 
@@ -281,7 +281,7 @@ class RobustTrainer:
         if self.dist.enabled and len(set(digests := self.dist.weights_digest(self.model))) > 1:
             raise TrainingFailed(f"the {self.dist.world} processes hold different weights after epoch {epoch_no} "
                                  f"({', '.join(d[:12] for d in digests)}): they are out of step; the run stops")
-        self.average.recompute_bn(self.batches.x_train, self.batch_size, self.prepare)
+        self.average.recompute_bn(self.batches.x_train, self.batch_size, self.prepare, self.model)
         val_loss, val_acc, _ = self.validator(*self.evaluated, self.batches.x_val, self.batches.y_val)
         metrics = {"val_acc": val_acc, "val_loss": val_loss}
         stop, reason = self.early.update(metrics[self.cfg.monitor], epoch_no, metrics[self.checkpoints.tiebreak_key])
