@@ -114,6 +114,8 @@ VARIANTS = {
     # The default before issue 19's calibration part: the whole validation split picks the epoch and fits
     # the temperature (the same models and temperatures as the default runs logged before it).
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
+    # The default before clean batch-norm statistics for new scripts: the running averages of the augmented batches.
+    "bn-training": ("base", ["--set", "bn_stats=training"]),
     # A moving average of the weights (issue 18): the last ~10% of the updates, or ~33% (ema_warmup=4).
     "ema": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999"]),
     "ema-wide": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "ema_warmup=4"]),
