@@ -98,6 +98,11 @@ def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, fine_tuning: bool = Fals
                     f"(at least {cfg.budget_updates}, between {cfg.budget_min_epochs} and {ceiling} epochs{which})")
 
 
+def _separates(separability: float) -> str:
+    """How the start-up notes say what the separability probe measured."""
+    return f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
+
+
 def auto_feature_lr_scale(separability: float | None, per_class: float | None = None) -> tuple[float, str]:
     """``feature_lr_scale`` when fine-tuning, and why, from ``separability`` (``feature_separability`` of
     the base model on the training split, None: not measured) and ``per_class`` (training images per
@@ -112,7 +117,7 @@ def auto_feature_lr_scale(separability: float | None, per_class: float | None = 
     why = f"auto: {FINETUNE_FEATURE_LR_SCALE} (fine-tuning from a base model: the feature layers learn slower than the new head"
     if separability is None:
         return FINETUNE_FEATURE_LR_SCALE, why + ")"
-    measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
+    measured = _separates(separability)
     if separability >= SEPARABLE_THRESHOLD:
         return FINETUNE_FEATURE_LR_SCALE, (f"{why}; {measured}, at least {100 * SEPARABLE_THRESHOLD:.0f}%: classes much "
                                            "like the base model's)")
@@ -154,7 +159,7 @@ def _for_new_classes(separability: float | None, fine_tuning: bool, choice: tupl
         return off, f"auto: {off} ({scratch})"
     if separability is None:
         return off, f"auto: {off} (the base model's separability of the classes was not measured)"
-    measured = f"the base model's features separate the training classes with {100 * separability:.1f}% nearest-class-mean accuracy"
+    measured = _separates(separability)
     if separability >= SEPARABLE_THRESHOLD:
         return off, f"auto: {off} ({measured}, at least {100 * SEPARABLE_THRESHOLD:.0f}%: classes much like the base model's{like})"
     return on, f"auto: {on} ({measured}, below {100 * SEPARABLE_THRESHOLD:.0f}%: classes new to the base model{new})"
