@@ -17,8 +17,8 @@ statistics like the weights instead (no extra forward pass). No random number is
 ``follow=True`` (``bn_stats="clean"`` with the average off) keeps no average: the copy takes the
 trained weights as they are, and only its batch-norm statistics are recomputed as above. The running
 statistics a run accumulates come from augmented batches (pixel noise, turns, shifts, scale), while
-the kept model is shown plain images; on letters new to the base model the recomputed ones gained
-0.15-0.6 points (docs/PERFORMANCE.md section 7). The weights are copied only when the statistics are
+the kept model is shown plain images; on scripts new to the base model the recomputed ones gained
+0.15-1.4 points (docs/PERFORMANCE.md section 7). The weights are copied only when the statistics are
 recomputed (before each validation), not after every step: nothing else reads the copy in between.
 
 The average, its update count and its batch-norm statistics are training state: a checkpoint holds

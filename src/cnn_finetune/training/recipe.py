@@ -184,8 +184,9 @@ def auto_bn_stats(separability: float | None, fine_tuning: bool, ema_decay: floa
     validation) for fine-tuning runs whose classes are new to the base model, training otherwise.
 
     In the few-shot benchmark (3 seeds side by side, docs/PERFORMANCE.md section 7) clean statistics
-    gained 0.63 points on QMNIST 10, 0.58 on QMNIST 30 and 0.15 on newscript30 (SWA over the last
-    quarter of the steps, with the same recomputed statistics, added nothing over them), and lost 0.12 on
+    gained 0.63 points on QMNIST 10, 0.58 on QMNIST 30, 0.15 on newscript30, and 0.37 to 1.44 on QMNIST
+    10c/30c/60/100 (SWA over the last quarter of the steps, with the same recomputed statistics, added
+    nothing over them), and lost 0.12 on
     MNIST 30, whose feature layers stay frozen with the base model's weights and statistics. With the
     weight average on (``ema_decay``), its ``ema_bn`` decides instead."""
     if ema_decay > 0:
@@ -195,8 +196,8 @@ def auto_bn_stats(separability: float | None, fine_tuning: bool, ema_decay: floa
         "training from scratch: the running statistics of the training batches, as measured on the built-in sample",
         ", whose frozen or slowly trained feature layers match the statistics they trained with: clean ones lost "
         "0.12 points on digits in the few-shot benchmark",
-        "; statistics recomputed from the unaugmented training images before each validation gained 0.15-0.6 "
-        f"points on new scripts in the few-shot benchmark, for one forward pass over at most {BN_IMAGES:,} "
+        "; statistics recomputed from the unaugmented training images before each validation gained 0.15-1.4 "
+        f"points on new scripts in the few-shot benchmark (20 of 21 runs up, 3 seeds), for one forward pass over at most {BN_IMAGES:,} "
         "training images per epoch")
 
 
