@@ -57,11 +57,14 @@ def test_two_processes_train_what_one_does(two_process_run: Path, tiny_idx: Path
     # the 2-process AdamW run (the default recipe) through its history.
     # A gentle learning rate: with a large one this tiny, barely trained model is chaotic, and the
     # float-order differences grow from 1e-7 to 1e-3 within a few steps.
-    sgd = ["--set", "optimizer=sgd", "--lr", "0.01", "--epochs", "2"]
+    # set_aside on: after epoch 1 the ranks sum their shares of the margins and set the same images aside.
+    sgd = ["--set", "optimizer=sgd", "--lr", "0.01", "--epochs", "2", "--set", "set_aside=on"]
     assert run_cli([*ARGS, *sgd, "--data", str(tiny_idx), "--output-dir", "one"], cwd=tmp_path).returncode == 0
     proc = torchrun([*ARGS, *sgd, "--data", str(tiny_idx), "--output-dir", "two"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert model_diff(tmp_path / "one" / "checkpoint_last.pth", tmp_path / "two" / "checkpoint_last.pth") < 1e-5
+    aside = [load_state(tmp_path / run / "checkpoint_last.pth")["set_aside"]["images"] for run in ("one", "two")]
+    assert aside[0].numel() == 18 and torch.equal(aside[0], aside[1])
     assert run_cli([*ARGS, "--data", str(tiny_idx), "--output-dir", "adam"], cwd=tmp_path).returncode == 0
     one = json.loads((tmp_path / "adam" / "history.json").read_text())
     two = json.loads((two_process_run / "history.json").read_text())

@@ -105,8 +105,13 @@ def _global_step_off(s: dict[str, Any]) -> None:
     s["position"]["global_step"] = 3
 
 
+def _set_aside_past_the_split(s: dict[str, Any]) -> None:
+    s["set_aside"] = {"epoch": 1, "images": torch.tensor([3, 10**6]), "note": "on"}
+
+
 FORGED_FIELDS = {"best_keeper.entries[0].file": worst_entry("../notes.txt"), "position.epoch": _negative_epoch,
-                 "position.step": _step_past_the_end, "position.global_step": _global_step_off}
+                 "position.step": _step_past_the_end, "position.global_step": _global_step_off,
+                 "set_aside": _set_aside_past_the_split}
 
 
 @pytest.mark.parametrize("field", list(FORGED_FIELDS))

@@ -165,7 +165,7 @@ def test_console_script_works_from_any_folder(tiny_idx: Path, tmp_path: Path):
     expected = {**TrainConfig().to_dict(), "width": 8, "batch_size": 64, "epochs": 1, "cooldown_min": 0.0,
                 "cooldown_max": 0.0, "checkpoint_every_seconds": 0.0, "data": str(tiny_idx), "output_dir": "out",
                 "patience": 8, "feature_lr_scale": 1.0, "freeze_features_epochs": 0, "tta": "off",
-                "bn_stats": "training"}
+                "bn_stats": "training", "set_aside": "off"}
     assert saved == expected
 
 

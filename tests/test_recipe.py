@@ -331,6 +331,10 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     assert clean_why.startswith("auto: clean (") and "below 90%" in clean_why
     assert load_state(tmp_path / "scrambled" / "checkpoint_last.pth")["automatic"]["bn_stats"] == clean_why
     assert load_state(tmp_path / "scrambled" / "checkpoint_last.pth")["averaged"]["updates"] > 0  # the clean copy is kept
+    # The likely wrong labels set aside half-way, for the new classes only (said, and kept in the checkpoint).
+    assert digits["config"]["set_aside"] == "off" and scrambled["config"]["set_aside"] == "on"
+    aside_why = scrambled["resolved"]["automatic"]["set_aside"]
+    assert aside_why.startswith("auto: on (") and "below 90%" in aside_why and f"set_aside: {aside_why}" in proc.stdout
     base = load_state(PACKAGED_BASE_MODEL)["model"]
     tuned = load_state(tmp_path / "digits" / "checkpoint_last.pth")["model"]
     features = [k for k in base if k.startswith("features.")]
@@ -341,7 +345,8 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
                               ("scrambled", runs["scrambled"][0], ["--feature-lr-scale", "0.7"])):
         chosen = json.loads((tmp_path / name / "config_finetuned.json").read_text())["config"]  # explicit too
         proc = run_cli([*args, "--data", str(data), *flags, "--set", f"tta={chosen['tta']}",
-                        "--set", f"bn_stats={chosen['bn_stats']}", "--output-dir", f"explicit-{name}"], cwd=tmp_path)
+                        "--set", f"bn_stats={chosen['bn_stats']}", "--set", f"set_aside={chosen['set_aside']}",
+                        "--output-dir", f"explicit-{name}"], cwd=tmp_path)
         assert proc.returncode == 0 and "nearest-class-mean" not in proc.stdout
         assert_same_weights(tmp_path / name / "checkpoint_last.pth", tmp_path / f"explicit-{name}" / "checkpoint_last.pth")
     # Extended (resumed) after the defaults changed (a newer version): the run keeps what its start chose.
@@ -356,6 +361,8 @@ def test_the_feature_rate_is_said_recorded_and_kept_on_resume(tiny_idx: Path, tm
     assert manifest["config"]["feature_lr_scale"] == 0.7
     assert manifest["config"]["bn_stats"] == "clean"
     assert manifest["resolved"]["automatic"]["bn_stats"] == f"{clean_why}; decided when the run started, kept"
+    assert manifest["config"]["set_aside"] == "on"
+    assert manifest["resolved"]["automatic"]["set_aside"] == f"{aside_why}; decided when the run started, kept"
     assert manifest["resolved"]["automatic"]["feature_lr_scale"].endswith("slower than the head with this few images); "
                                                                           "decided when the run started, kept")
     manifest = json.loads((tmp_path / "digits" / "config_finetuned.json").read_text())

@@ -51,7 +51,8 @@ def folder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(ds.images[i, 0].numpy()).save(folder / (f"img{k:02d}.png" if c < 2 else os.fsdecode(b"caf\xe9%02d.png" % k)))
     # One picture filed twice: the first image of the first class also in the second (the report shows it).
     shutil.copyfile(work / "data" / HOSTILE[0] / "img00.png", work / "data" / HOSTILE[1] / "copy.png")
-    proc = run_cli([*FAST, "--data", "data", "--output-dir", "out"], cwd=work)
+    # set_aside on: half-way (epoch 3) the lowest-margin 5% stop counting in the loss; the page marks them.
+    proc = run_cli([*FAST, "--data", "data", "--set", "set_aside=on", "--output-dir", "out"], cwd=work)
     assert proc.returncode == 0, proc.stderr
     return work / "out"
 
@@ -138,6 +139,14 @@ def test_the_report_opens_in_a_real_browser(folder_run: Path, tmp_path: Path):
     assert probe["images"] >= 10 and probe["broken"] == 0 and probe["errors"] == [], probe
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
+    # The images the run set aside are marked on their cards, as in label_review.csv; the note says how many.
+    rows = list(csv.DictReader(open(folder_run / "label_review.csv", encoding="utf-8", newline="")))
+    aside = [r for r in rows if r["set_aside"] == "yes"]
+    from cnn_finetune.tools.report import REVIEW
+
+    shown = [r for r in rows[:REVIEW] if r["set_aside"] == "yes"]
+    assert aside and shown and dom.stdout.count('<span class="aside">set aside</span>') == 1 + len(shown)
+    assert f"half-way through the run ({len(aside)} in all; set_aside)" in html.unescape(dom.stdout)
     shot = tmp_path / "report.png"
     proc = subprocess.run([*flags, "--window-size=1200,4000", f"--screenshot={shot}", (folder_run / "report.html").as_uri()],
                           capture_output=True, text=True, timeout=120)

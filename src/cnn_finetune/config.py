@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tta": ("auto", "on", "off"),
     "ema_bn": ("recompute", "average"),
     "bn_stats": ("auto", "training", "clean"),
+    "set_aside": ("auto", "on", "off"),
     "amp": ("auto", "off", "bf16"),
     "channels_last": ("auto", "on", "off"),
     "logger": ("none", "tensorboard"),
@@ -128,6 +129,10 @@ class TrainConfig:
                                "before each validation), or auto: clean when fine-tuning classes new to the base model "
                                "(their features' nearest-class-mean accuracy under 90%), training otherwise; with "
                                "ema_decay on, ema_bn decides")
+    set_aside: str = _f("auto", "half-way through the run, the 5% of the training images with the lowest area under the "
+                                "margin (likely wrong labels, marked in label_review.csv) stop counting in the loss: on, "
+                                "off, or auto: on when fine-tuning classes new to the base model (their features' "
+                                "nearest-class-mean accuracy under 90%), off otherwise")
     # --- augmentation (batched, on the training device) -------------------------------------
     aug_rotation: float = _f(15.0, "maximum rotation, degrees")
     aug_translate: float = _f(0.12, "maximum translation, fraction of the image side")
@@ -347,7 +352,7 @@ def build_config(file_path: Path | None, overrides: dict[str, Any]) -> TrainConf
 
 
 # What a run did before the setting existed, where that differs from today's default.
-LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0, "tta": "off", "bn_stats": "training"}
+LEGACY_DEFAULTS: dict[str, Any] = {"calibration_fraction": 0.0, "tta": "off", "bn_stats": "training", "set_aside": "off"}
 
 
 def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:

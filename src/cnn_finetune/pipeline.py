@@ -53,6 +53,7 @@ from .training.faults import FaultInjector
 from .log import logger, printable
 from .files.loggers import EarlyLines, TensorBoardLogger, check_tensorboard_folder, require_tensorboard, run_log
 from .training.recipe import Resolved, resolve
+from .training.set_aside import Decision
 from .files.rundir import (
     BEST,
     CONFIG,
@@ -210,8 +211,9 @@ def fit_planned(plan: ResumePlan, data: PreparedData, base: Path | None, base_no
         with finishing(guard):
             logger.info(fit.message)
             review = trainer.steps.review.state_dict(dist.sum_)  # every rank: the sum over the ranks is a collective
+            aside = trainer.set_aside.images if trainer.set_aside is not None else None
             if dist.is_main:
-                write_reports(run, cfg, data, trainer.history, run_config, device, review)
+                write_reports(run, cfg, data, trainer.history, run_config, device, review, aside)
         result = RunResult(fit.status, EXIT_OK, fit.message, run.path, fit.best, list(trainer.history))
         log_best(result, cfg)
     return result
@@ -413,7 +415,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: bool, base: Path | None = None) -> ResumePlan:
     """Decide, reading only, whether to resume (from which checkpoint), start afresh, or refuse.
 
-    A fresh run from ``base`` whose ``feature_lr_scale``, ``epochs``, ``tta`` or ``bn_stats`` is automatic
+    A fresh run from ``base`` whose ``feature_lr_scale``, ``epochs``, ``tta``, ``bn_stats`` or ``set_aside`` is automatic
     measures how well the base model's features separate the training classes; a continued run keeps what
     its start decided."""
     if run.path.exists() and not run.path.is_dir():
@@ -422,7 +424,7 @@ def plan_resume(cfg: TrainConfig, run: RunDir, data: PreparedData, fine_tuning: 
 
     def start_afresh() -> Resolved:
         probe = base is not None and fine_tuning and (cfg.feature_lr_scale is None or cfg.epochs == "auto"
-                                                     or "auto" in (cfg.tta, cfg.bn_stats))
+                                                     or "auto" in (cfg.tta, cfg.bn_stats, cfg.set_aside))
         labels = data.split.train_labels
         per_class = len(labels) / max(1, len(data.split.class_names))
         return resolve(cfg, steps, fine_tuning, separability=base_separability(cfg, base, data) if probe else None,
@@ -472,7 +474,7 @@ def plan_continuation(cfg: TrainConfig, run: RunDir, state: dict[str, Any], data
     automatic = state.get("automatic", {})
     kept = {key: state["config"].get(key) for key in ("feature_lr_scale", "freeze_features_epochs")
             if fine_tuning and getattr(cfg, key) is None and key in automatic}
-    for key in ("tta", "bn_stats"):  # the views and the statistics it started with
+    for key in ("tta", "bn_stats", "set_aside"):  # the views, the statistics and the set-aside it started with
         if getattr(cfg, key) == "auto" and state["config"].get(key) in set(CHOICES[key]) - {"auto"}:
             kept[key] = state["config"][key]
     resolved = resolve(dataclasses.replace(cfg, **kept), steps, fine_tuning)
@@ -694,8 +696,9 @@ def already_finished(cfg: TrainConfig, run: RunDir, plan: ResumePlan, data: Prep
     history = state.get("history", [])
     if not (run / MODEL_CARD).exists() and (dist or Dist()).is_main:
         with run.lock(), finishing(guard):
+            decision = Decision.from_state(state.get("set_aside"))
             write_reports(run, cfg, data, history, manifest(cfg, data, device, state.get("init")), device,
-                          state.get("label_review"))
+                          state.get("label_review"), decision.images if decision is not None else None)
     best = (state.get("best_keeper") or {}).get("entries") or [None]
     result = RunResult("already_finished", EXIT_OK, message, run.path, best[0], history)
     log_best(result, cfg)
@@ -721,10 +724,12 @@ def finishing(guard: SignalGuard | None) -> Iterator[None]:
 
 
 def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: list[dict[str, Any]],
-                  run_config: dict[str, Any], device: torch.device, review: dict[str, torch.Tensor] | None = None) -> None:
+                  run_config: dict[str, Any], device: torch.device, review: dict[str, torch.Tensor] | None = None,
+                  set_aside: torch.Tensor | None = None) -> None:
     """After training: final curves, the temperature and "unknown" threshold fitted on the validation
     split (stored in the best model), evaluation of the best model on the validation split (and the
-    test data, if given), the label review, the model card and report.html. A failure here is
+    test data, if given), the label review (``set_aside``: the images the run set aside), the model card and
+    report.html. A failure here is
     reported but loses no training."""
     from .tools.evaluate import evaluate_arrays, match_classes, write_reports as write_evaluation
     from .model.loading import load_model_file
@@ -754,7 +759,7 @@ def write_reports(run: RunDir, cfg: TrainConfig, data: PreparedData, history: li
             test = evaluate_arrays(model, meta, data.test.images, labels, device)
             test["data"] = {"source": data.test.source, "num_images": len(data.test)}
             write_evaluation(test, run.path, prefix="test_")
-        rows = label_review(run, meta, split, review, train_out[0])
+        rows = label_review(run, meta, split, review, train_out[0], set_aside)
         write_model_card(run.path, config=run_config, data_report=data.report, history=history, evaluation=val,
                          test_evaluation=test)
         run_report(run, history, meta, val, rows, data)
@@ -827,7 +832,7 @@ def calibrate(run: RunDir, model: torch.nn.Module, meta: dict[str, Any], split: 
 
 
 def label_review(run: RunDir, meta: dict[str, Any], split: SplitData, review: dict[str, torch.Tensor] | None,
-                 logits: torch.Tensor) -> list[dict[str, Any]] | None:
+                 logits: torch.Tensor, set_aside: torch.Tensor | None = None) -> list[dict[str, Any]] | None:
     """``label_review.csv``: the training images ranked by the run's area under the margin, with the best
     model's preferred label and loss on each (unaugmented) image, from its training-split ``logits``.
     None when the run kept no margins."""
@@ -836,7 +841,7 @@ def label_review(run: RunDir, meta: dict[str, Any], split: SplitData, review: di
     if review is None or review["margin_sum"].shape[0] != split.train_labels.shape[0]:
         return None
     losses = F.cross_entropy(logits, split.train_labels.cpu(), reduction="none")
-    rows = review_rows(review, split.train_origin, split.train_labels, logits.argmax(1), losses, meta["class_names"])
+    rows = review_rows(review, split.train_origin, split.train_labels, logits.argmax(1), losses, meta["class_names"], set_aside)
     write_review(run / LABEL_REVIEW, rows)
     return rows
 

@@ -104,7 +104,8 @@ def review_items(inputs: ReportInputs) -> list[dict[str, Any]]:
     for row in (inputs.review or [])[:REVIEW]:
         thumb = thumbnail(inputs.review_images[row["index"]]) if inputs.review_images is not None and "index" in row else None
         out.append({"rank": row["rank"], "image": printable(str(row["image"])), "given": printable(str(row["given_label"])),
-                    "predicted": printable(str(row["predicted_label"])), "score": row["score"], "thumb": thumb})
+                    "predicted": printable(str(row["predicted_label"])), "score": row["score"], "thumb": thumb,
+                    "aside": bool(row.get("set_aside"))})
     return out
 
 
@@ -144,7 +145,7 @@ def render(inputs: ReportInputs) -> str:
         title=printable(inputs.title), created=time.strftime("%Y-%m-%d %H:%M:%S"), ev=ev, per_class=per_class,
         source=printable(str((ev.get("data") or {}).get("source", ""))), pictures=pictures,
         pairs=confused_pairs(inputs), worst=worst_images(inputs), review=review_items(inputs),
-        has_review=inputs.review is not None, events=run_events(inputs.history), epochs=len(inputs.history),
+        has_review=inputs.review is not None, aside=sum(bool(r.get("set_aside")) for r in inputs.review or []), events=run_events(inputs.history), epochs=len(inputs.history),
         duplicates=duplicate_items(inputs), dup=inputs.duplicates)
 
 

@@ -14,8 +14,8 @@ holds the totals (summed over the ranks when saved, given back to rank 0 alone o
 ``mechanisms.EpochMetrics`` does.
 
 The review list itself (``label_review.csv``, ``write_review``) is written at the end of a run, with
-the final model's preferred label and loss beside the score: a queue for a person; nothing is deleted
-or relabelled.
+the final model's preferred label and loss beside the score, and whether the run set the image aside
+(``set_aside.py``): a queue for a person; nothing on disk is deleted or relabelled.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from ..files.checkpoint import atomic_write_bytes
 from ..log import printable
 
-COLUMNS = ("rank", "image", "given_label", "predicted_label", "score", "final_loss", "times_seen")
+COLUMNS = ("rank", "image", "given_label", "predicted_label", "score", "final_loss", "times_seen", "set_aside")
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,12 +88,15 @@ class MarginTracker:
 
 
 def review_rows(state: dict[str, torch.Tensor], origin: Sequence[str], labels: torch.Tensor, predicted: torch.Tensor,
-                losses: torch.Tensor, class_names: Sequence[str]) -> list[dict[str, Any]]:
+                losses: torch.Tensor, class_names: Sequence[str],
+                set_aside: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """The review list, most suspect first: lowest area under the margin, ties by the higher final loss.
 
     ``predicted`` and ``losses``: the final model's prediction and loss on each (unaugmented) image.
-    Images never trained on (possible with ``--balance sampler``) come last.
+    Images never trained on (possible with ``--balance sampler``) come last. ``set_aside``: the indices
+    of the images that stopped counting in the loss half-way (``set_aside.py``), marked in the list.
     """
+    aside = set(set_aside.tolist()) if set_aside is not None else set()
     seen = state["times_seen"].to(torch.float64)
     score = (state["margin_sum"].to(torch.float64) / seen.clamp_min(1)).tolist()
     never = (seen == 0).tolist()
@@ -103,7 +106,7 @@ def review_rows(state: dict[str, torch.Tensor], origin: Sequence[str], labels: t
         rows.append({"rank": rank, "image": origin[i], "index": i, "given_label": class_names[int(labels[i])],
                      "predicted_label": class_names[int(predicted[i])],
                      "score": None if never[i] else score[i], "final_loss": float(losses[i]),
-                     "times_seen": int(seen[i])})
+                     "times_seen": int(seen[i]), "set_aside": i in aside})
     return rows
 
 
@@ -119,5 +122,6 @@ def write_review(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         score = "" if r["score"] is None or math.isnan(r["score"]) else f"{r['score']:.6f}"
         writer.writerow([r["rank"], printable(str(r["image"])), printable(str(r["given_label"])),
-                         printable(str(r["predicted_label"])), score, f"{r['final_loss']:.6f}", r["times_seen"]])
+                         printable(str(r["predicted_label"])), score, f"{r['final_loss']:.6f}", r["times_seen"],
+                         "yes" if r.get("set_aside") else ""])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))

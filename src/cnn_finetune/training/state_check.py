@@ -165,6 +165,24 @@ def _label_review(review: Any) -> None:
         raise _Forged("label_review", "a margin total that is not finite, or a negative count")
 
 
+def _set_aside(decision: Any, review: Any, epoch: int) -> None:
+    """The images set aside half-way (absent before the decision, and in checkpoints of older versions):
+    distinct indices of the training split, decided at an epoch already reached, with its note."""
+    if decision is None:
+        return
+    if not isinstance(decision, dict) or set(decision) != {"epoch", "images", "note"} or not isinstance(decision["note"], str):
+        raise _Forged("set_aside", "not the record of the images set aside")
+    images, at = decision["images"], decision["epoch"]
+    if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= epoch:
+        raise _Forged("set_aside", f"decided at epoch {at!r}, but the position is epoch {epoch}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 1 or images.dtype != torch.int64:
+        raise _Forged("set_aside", "the images are not a list of indices")
+    count = review["margin_sum"].shape[0] if isinstance(review, dict) else None
+    if images.numel() and (int(images.min()) < 0 or (count is not None and int(images.max()) >= count)
+                           or images.unique().numel() != images.numel()):
+        raise _Forged("set_aside", "indices that are not distinct images of the training split")
+
+
 def check_training_state(state: Any, run: RunDir, path: Path) -> None:
     """Refuse (``CheckpointError``) a training state from ``path`` that a run must not act on.
 
@@ -185,6 +203,7 @@ def check_training_state(state: Any, run: RunDir, path: Path) -> None:
         _mechanisms(state, epoch)
         _schedule_and_end(state, epoch, planned)
         _label_review(state.get("label_review"))
+        _set_aside(state.get("set_aside"), state.get("label_review"), epoch)
         automatic = state.get("automatic", {})
         if not isinstance(automatic, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in automatic.items()):
             raise _Forged("automatic", "not the notes of the automatic settings (names and texts)")

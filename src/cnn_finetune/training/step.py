@@ -63,6 +63,17 @@ class StepRunner:
         # The EMA (ema_decay > 0), or a copy of the trained weights with clean batch-norm statistics
         # (bn_stats "clean"), is what is validated and kept; neither: a no-op.
         self.average = WeightAverage(model, cfg.ema_decay, cfg.ema_bn, cfg.ema_warmup, follow=cfg.bn_stats == "clean")
+        # Per-training-image loss weights once suspects are set aside (set_aside.py); None: every image counts.
+        self.keep: torch.Tensor | None = None
+
+    def set_aside(self, images: torch.Tensor) -> None:
+        """From now on the training images ``images`` (indices) weigh 0 in the loss; empty: all count again."""
+        if images.numel() == 0:
+            self.keep = None
+            return
+        keep = torch.ones(len(self.batches.y_train), dtype=torch.float32, device=self.device)
+        keep[images.to(self.device)] = 0.0
+        self.keep = keep
 
     def share_size(self, batch: int) -> int:
         """How many of a global batch of ``batch`` samples this process trains on."""
@@ -132,7 +143,9 @@ class StepRunner:
                         with self.autocast():
                             logits = self.net(xs)
                         part = F.cross_entropy(logits.float(), ys, weight=self.batches.class_weights, reduction="none",
-                                               label_smoothing=self.cfg.label_smoothing).sum()
+                                               label_smoothing=self.cfg.label_smoothing)
+                        # Set-aside images weigh 0; the denominator stays the batch's, so the others' steps are unchanged.
+                        part = (part * self.keep[js]).sum() if self.keep is not None else part.sum()
                         if last and self.dist.any_true(False):  # before DDP's collective: does any rank lack memory?
                             self._drain(logits)
                             raise PeerOutOfMemory()

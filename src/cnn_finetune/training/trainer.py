@@ -32,11 +32,12 @@ from .microbatch import MicroBatcher
 from .step import StepRunner
 from .recipe import resolve, segment_lr
 from ..model.cnn import ARCH, CNNv2, build_model, make_optimizer, unwrap
-from ..files.rundir import RunDir
+from ..files.rundir import LABEL_REVIEW, RunDir
 from ..runtime import configure_threads, versions
 from .sampling import DeviceData
 from .distributed import Dist, data_parallel
 from .signals import SignalGuard
+from . import set_aside
 from .validation import Validator
 
 __all__ = ["RobustTrainer", "FitResult", "SplitData", "TIMING_KEYS"]
@@ -87,6 +88,7 @@ class RobustTrainer:
         self.finished: dict[str, Any] | None = None
         self.automatic: dict[str, str] = {}  # why each automatic setting has its value (the pipeline's notes)
         self.stop_agreed = False  # several processes: every rank acts on a stop signal at the same step
+        self.set_aside: set_aside.Decision | None = None  # the images set aside half-way (None: not decided yet)
         self._wire(channels_last)
 
     def _wire(self, channels_last: bool) -> None:
@@ -123,7 +125,8 @@ class RobustTrainer:
             "nan_guard": self.nan.state_dict(), **self.history.state_dict(), "finished": self.finished,
             "timing": self.clock.state_dict(), "seed": self.cfg.seed, "schedule": [list(s) for s in self.segments],
             "fine_tuning": self.fine_tuning, "world_size": self.dist.world, "automatic": dict(self.automatic),
-            "label_review": self.steps.review.state_dict(self.dist.sum_), "averaged": self.average.state_dict()}
+            "label_review": self.steps.review.state_dict(self.dist.sum_), "averaged": self.average.state_dict(),
+            "set_aside": self.set_aside.state_dict() if self.set_aside is not None else None}
 
     def load_state_dict(self, state: dict[str, Any], carry_over: bool = False) -> None:
         """Restore a checkpoint. ``carry_over``: keep what this process learnt (OOM split, NaN lr)."""
@@ -134,6 +137,8 @@ class RobustTrainer:
         self.metrics.load_state_dict(state["accumulators"], owner=self.dist.is_main)
         self.steps.review.load_state_dict(state.get("label_review"), owner=self.dist.is_main)
         self.average.load_state_dict(state.get("averaged"), self.model)
+        self.set_aside = set_aside.Decision.from_state(state.get("set_aside"))
+        self.steps.set_aside(self.set_aside.images if self.set_aside is not None else torch.zeros(0, dtype=torch.int64))
         self.early.load_state_dict(state["early_stopping"])
         self.checkpoints.load_state_dict(state["best_keeper"])
         self.micro.load_state_dict(state["micro_batching"])
@@ -238,6 +243,8 @@ class RobustTrainer:
     def _train_epoch(self) -> None:
         """The steps of the current epoch from the current position; raises ``RolledBack`` on a rollback."""
         pos = self.pos
+        if self.set_aside is None and pos.step == 0 and pos.epoch >= set_aside.switch_epoch(self.cfg.epochs):
+            self._decide_set_aside()
         self.model.train_mode(frozen_features=pos.epoch < self.cfg.freeze_features_epochs)
         order = self.epoch_order(pos.epoch)
         self.clock.start_epoch()
@@ -266,6 +273,18 @@ class RobustTrainer:
                 bar.close()
         self.clock.stop_training()
         self._sync(force=True)
+
+    def _decide_set_aside(self) -> None:
+        """Half-way: which training images stop counting in the loss, from the margins so far (every rank
+        calls this at the same epoch: the totals are summed over the ranks)."""
+        scores = self.steps.review.scores(self.steps.review.state_dict(self.dist.sum_))
+        self.set_aside = set_aside.decide(self.cfg.set_aside, scores, self.pos.epoch)
+        self.steps.set_aside(self.set_aside.images)
+        if self.cfg.set_aside == "on":
+            self.history.event("set_aside", epoch=self.pos.epoch + 1, images=int(self.set_aside.images.numel()),
+                               note=self.set_aside.note)
+            self.log(f"set_aside: {self.set_aside.note} stop counting in the loss from epoch {self.pos.epoch + 1} on "
+                     f"(marked in {LABEL_REVIEW})")
 
     def _sync(self, force: bool = False) -> None:
         """Host-side check at sync points: a streak of non-finite steps rolls back."""
