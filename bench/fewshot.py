@@ -17,6 +17,8 @@ each with a test set of other images of the same file (disjoint from the trainin
                                real command, so its preprocessing is part of what is measured; tested on
                                the letters' other images (--qmnist-test-per-class, default 170: all of them
                                for qmnist30)
+  qmnist30f, mnist30f           label noise of the random kind: qmnist30c and mnist30 with 5% of their training
+                               labels moved to another class at random (a fixed draw; test labels right)
   qmnist10c, qmnist30c, qmnist100c the same draws with the source's known label errors corrected: the
                                QazaqMNIST files in the folders of о and к show ө and қ (169 images,
                                2.0% of the letters; ``qmnist_label``): linked under the letter they
@@ -74,7 +76,11 @@ SETS = {"mnist10": ("mnist", 10), "mnist30": ("mnist", 30), "mnist100": ("mnist"
         "qmnist10": ("qmnist", 10), "qmnist30": ("qmnist", 30), "qmnist45": ("qmnist", 45), "qmnist60": ("qmnist", 60),
         "qmnist100": ("qmnist", 100),
         # The same draws with the source's known label errors corrected (QAZAQMNIST_SWAPS): same images, other folders.
-        "qmnist10c": ("qmnistc", 10), "qmnist30c": ("qmnistc", 30), "qmnist100c": ("qmnistc", 100)}
+        "qmnist10c": ("qmnistc", 10), "qmnist30c": ("qmnistc", 30), "qmnist100c": ("qmnistc", 100),
+        # Label noise of the random kind: 5% of the training labels of a set with right labels moved to another
+        # class at random (the test labels stay right), letters and digits.
+        "qmnist30f": ("qmnistc", 30), "mnist30f": ("mnist", 30)}
+FLIPPED = {"qmnist30f": 0.05, "mnist30f": 0.05}  # the share of training labels flipped
 QMNIST_KINDS = ("qmnist", "qmnistc")  # sets drawn from the QMNIST letters (their test size: --qmnist-test-per-class)
 # QMNIST's known label errors (qmnist_label): QazaqMNIST's files in these folders show the other letter.
 QAZAQMNIST_SWAPS = {"о": "ө", "к": "қ"}
@@ -116,6 +122,10 @@ VARIANTS = {
     "cal0": ("base", ["--set", "calibration_fraction=0"]),
     # The default before clean batch-norm statistics for new scripts: the running averages of the augmented batches.
     "bn-training": ("base", ["--set", "bn_stats=training"]),
+    # Half-way, the lowest-margin 5% of the training images stop counting in the loss: always, or never
+    # (the default's "auto" decides from the margins whether the labels look noisy).
+    "aside-on": ("base", ["--set", "set_aside=on"]),
+    "aside-off": ("base", ["--set", "set_aside=off"]),
     # A moving average of the weights (issue 18): the last ~10% of the updates, or ~33% (ema_warmup=4).
     "ema": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999"]),
     "ema-wide": ("base", ["--feature-lr-scale", "0.3", "--set", "ema_decay=0.999", "--set", "ema_warmup=4"]),
@@ -212,11 +222,37 @@ def build_qmnist_set(folder: Path, per_class: int, test_per_class: int, seed: in
     return folder / "train", folder / "test", sizes[0], sizes[1]
 
 
+def flip_folder_labels(train: Path, share: float, seed: int) -> int:
+    """Move ``share`` of the links of the class folders under ``train`` into another class folder, chosen at
+    random (a fixed draw of ``seed``); returns how many were moved."""
+    rng = np.random.default_rng(seed + 1000)
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    files = sorted(train.glob("*/*.png"))
+    picked = rng.choice(len(files), size=int(round(share * len(files))), replace=False)
+    for j in sorted(picked.tolist()):
+        own = files[j].parent.name
+        target = [c for c in classes if c != own][int(rng.integers(len(classes) - 1))]
+        files[j].rename(train / target / files[j].name)
+    return len(picked)
+
+
+def flip_array_labels(labels: list[int], share: float, seed: int, num_classes: int) -> list[int]:
+    """``labels`` with ``share`` of them replaced by another class at random (a fixed draw of ``seed``)."""
+    rng = np.random.default_rng(seed + 1000)
+    out = list(labels)
+    for j in sorted(rng.choice(len(out), size=int(round(share * len(out))), replace=False).tolist()):
+        out[j] = [c for c in range(num_classes) if c != out[j]][int(rng.integers(num_classes - 1))]
+    return out
+
+
 def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tuple[Path, Path, int, int]:
     """Write the training and test files of a set; returns their paths and sizes."""
     kind, per_class = SETS[name]
     if kind in QMNIST_KINDS:
-        return build_qmnist_set(folder, per_class, test_per_class, seed, corrected=kind == "qmnistc")
+        built = build_qmnist_set(folder, per_class, test_per_class, seed, corrected=kind == "qmnistc")
+        if name in FLIPPED:
+            flip_folder_labels(built[0], FLIPPED[name], seed)
+        return built
     images, labels = mnist_test_file()
     rng = np.random.default_rng(seed)
     train_x, train_y, test_x, test_y = [], [], [], []
@@ -233,6 +269,8 @@ def build_set(name: str, folder: Path, test_per_class: int, seed: int = 0) -> tu
             rest = pool[per_class:per_class + test_per_class]
             test_x.append(transform(images[rest]))
             test_y += [label] * len(rest)
+    if name in FLIPPED:
+        train_y = flip_array_labels(train_y, FLIPPED[name], seed, 20 if kind == "newscript" else 10)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, xs, ys in (("train", train_x, train_y), ("test", test_x, test_y)):
