@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from ..files.rundir import LABEL_REVIEW
 
 SET_ASIDE_AT = 0.5  # the share of the planned epochs after which the decision is made
 SET_ASIDE_MAX = 0.05  # at most this share of the training split is set aside
@@ -69,3 +71,23 @@ def decide(mode: str, scores: torch.Tensor, epoch: int) -> Decision:
         raise ValueError(f"set_aside {mode!r} should have been resolved to on or off when the run started")
     chosen = lowest(scores)
     return Decision(epoch, chosen, f"the {chosen.numel()} lowest-margin training images ({SET_ASIDE_MAX:.0%} of them)")
+
+
+def at_switch(mode: str, steps: Any, sum_: Callable[[torch.Tensor], torch.Tensor], epoch: int, history: Any,
+              log: Callable[[str], None]) -> Decision:
+    """Decide (``decide``) from the step runner ``steps``' margin scores, summed over the ranks by ``sum_`` (a
+    collective: every rank calls this at the same epoch), and apply it; with "on" the history gets the event
+    and the log a line."""
+    decision = decide(mode, steps.review.scores(steps.review.state_dict(sum_)), epoch)
+    steps.set_aside(decision.images)
+    if mode == "on":
+        history.event("set_aside", epoch=epoch + 1, images=int(decision.images.numel()), note=decision.note)
+        log(f"set_aside: {decision.note} stop counting in the loss from epoch {epoch + 1} on (marked in {LABEL_REVIEW})")
+    return decision
+
+
+def restore(state: dict[str, Any] | None, steps: Any) -> Decision | None:
+    """The decision a checkpoint holds, applied to the step runner ``steps`` (none yet: every image counts)."""
+    decision = Decision.from_state(state)
+    steps.set_aside(decision.images if decision is not None else torch.zeros(0, dtype=torch.int64))
+    return decision

@@ -32,7 +32,7 @@ from .microbatch import MicroBatcher
 from .step import StepRunner
 from .recipe import resolve, segment_lr
 from ..model.cnn import ARCH, CNNv2, build_model, make_optimizer, unwrap
-from ..files.rundir import LABEL_REVIEW, RunDir
+from ..files.rundir import RunDir
 from ..runtime import configure_threads, versions
 from .sampling import DeviceData
 from .distributed import Dist, data_parallel
@@ -137,8 +137,7 @@ class RobustTrainer:
         self.metrics.load_state_dict(state["accumulators"], owner=self.dist.is_main)
         self.steps.review.load_state_dict(state.get("label_review"), owner=self.dist.is_main)
         self.average.load_state_dict(state.get("averaged"), self.model)
-        self.set_aside = set_aside.Decision.from_state(state.get("set_aside"))
-        self.steps.set_aside(self.set_aside.images if self.set_aside is not None else torch.zeros(0, dtype=torch.int64))
+        self.set_aside = set_aside.restore(state.get("set_aside"), self.steps)
         self.early.load_state_dict(state["early_stopping"])
         self.checkpoints.load_state_dict(state["best_keeper"])
         self.micro.load_state_dict(state["micro_batching"])
@@ -244,7 +243,7 @@ class RobustTrainer:
         """The steps of the current epoch from the current position; raises ``RolledBack`` on a rollback."""
         pos = self.pos
         if self.set_aside is None and pos.step == 0 and pos.epoch >= set_aside.switch_epoch(self.cfg.epochs):
-            self._decide_set_aside()
+            self.set_aside = set_aside.at_switch(self.cfg.set_aside, self.steps, self.dist.sum_, pos.epoch, self.history, self.log)
         self.model.train_mode(frozen_features=pos.epoch < self.cfg.freeze_features_epochs)
         order = self.epoch_order(pos.epoch)
         self.clock.start_epoch()
@@ -273,18 +272,6 @@ class RobustTrainer:
                 bar.close()
         self.clock.stop_training()
         self._sync(force=True)
-
-    def _decide_set_aside(self) -> None:
-        """Half-way: which training images stop counting in the loss, from the margins so far (every rank
-        calls this at the same epoch: the totals are summed over the ranks)."""
-        scores = self.steps.review.scores(self.steps.review.state_dict(self.dist.sum_))
-        self.set_aside = set_aside.decide(self.cfg.set_aside, scores, self.pos.epoch)
-        self.steps.set_aside(self.set_aside.images)
-        if self.cfg.set_aside == "on":
-            self.history.event("set_aside", epoch=self.pos.epoch + 1, images=int(self.set_aside.images.numel()),
-                               note=self.set_aside.note)
-            self.log(f"set_aside: {self.set_aside.note} stop counting in the loss from epoch {self.pos.epoch + 1} on "
-                     f"(marked in {LABEL_REVIEW})")
 
     def _sync(self, force: bool = False) -> None:
         """Host-side check at sync points: a streak of non-finite steps rolls back."""
