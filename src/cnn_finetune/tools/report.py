@@ -145,7 +145,8 @@ def render(inputs: ReportInputs) -> str:
         title=printable(inputs.title), created=time.strftime("%Y-%m-%d %H:%M:%S"), ev=ev, per_class=per_class,
         source=printable(str((ev.get("data") or {}).get("source", ""))), pictures=pictures,
         pairs=confused_pairs(inputs), worst=worst_images(inputs), review=review_items(inputs),
-        has_review=inputs.review is not None, aside=sum(bool(r.get("set_aside")) for r in inputs.review or []), events=run_events(inputs.history), epochs=len(inputs.history),
+        has_review=inputs.review is not None, aside=sum(bool(r.get("set_aside")) for r in inputs.review or []),
+        events=run_events(inputs.history), epochs=len(inputs.history),
         duplicates=duplicate_items(inputs), dup=inputs.duplicates)
 
 

@@ -57,9 +57,9 @@ def switch_epoch(epochs: int) -> int:
 def lowest(scores: torch.Tensor, share: float = SET_ASIDE_MAX) -> torch.Tensor:
     """Indices of the ``share`` of images with the lowest score (ties by index), images never trained on excluded."""
     n = int(math.floor(share * scores.numel()))
-    finite = torch.isfinite(scores)
-    order = sorted((i for i in range(scores.numel()) if bool(finite[i])), key=lambda i: (float(scores[i]), i))
-    return torch.tensor(sorted(order[:n]), dtype=torch.int64)
+    order = torch.sort(scores.cpu(), stable=True).indices  # NaN sorts last; stable: ties by index
+    order = order[torch.isfinite(scores.cpu()[order])][:n]
+    return torch.sort(order).values.to(torch.int64)
 
 
 def decide(mode: str, scores: torch.Tensor, epoch: int) -> Decision:
