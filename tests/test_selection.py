@@ -117,7 +117,7 @@ def test_best_keeps_the_best_validation_epoch_as_before(noisy_runs):
 def test_a_significant_gap_keeps_the_best_epoch_and_redoing_the_choice_changes_nothing(noisy_runs, tmp_path, monkeypatch):
     """The same finished run, chosen again with a looser significance under which its gap counts: the best
     epoch's file becomes best_model_finetuned.pth again (a hard link, as during training); choosing twice
-    gives the same file."""
+    gives the same file. Under a stricter one the final weights are kept instead."""
     from cnn_finetune.files.rundir import RunDir
     from cnn_finetune.training import selection
 
@@ -134,6 +134,19 @@ def test_a_significant_gap_keeps_the_best_epoch_and_redoing_the_choice_changes_n
         assert twin.samefile(out / "best_model_finetuned.pth")
         kept = load_state(out / "best_model_finetuned.pth")
         assert kept["epoch"] == choice.best_epoch and kept["selection"]["kept_epoch"] == choice.best_epoch
+    # The same gap under a significance it does not reach (p not under it): "auto" keeps the final weights, bit
+    # for bit, on every machine, whichever way the CLI run's own p fell on this CPU.
+    record = load_state(out / "best_model_finetuned.pth")["selection"]
+    p = selection.sign_test_p(record["only_best_right"], record["only_final_right"])  # exact (the record rounds it)
+    monkeypatch.setattr(selection, "SIGNIFICANCE", p)
+    last = load_state(out / "checkpoint_last.pth")
+    choice = selection.select_model(RunDir(out), "auto", right)
+    assert choice.kept_epoch == 8 and choice.p_value == pytest.approx(p, abs=1e-6)
+    kept = load_state(out / "best_model_finetuned.pth")
+    assert kept["epoch"] == 8 and kept["selection"]["kept_epoch"] == 8 and kept["selection"]["significance"] == p
+    final = (last.get("averaged") or last)["model"]  # the averaged weights when the run averaged them
+    assert all(torch.equal(kept["model"][k], v) for k, v in final.items())
+    assert not twin.samefile(out / "best_model_finetuned.pth")
     # "last" takes the final weights whatever the evidence.
     choice = selection.select_model(RunDir(out), "last", right)
     assert choice.kept_epoch == 8 and load_state(out / "best_model_finetuned.pth")["epoch"] == 8
