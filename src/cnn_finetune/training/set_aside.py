@@ -57,8 +57,9 @@ def switch_epoch(epochs: int) -> int:
 def lowest(scores: torch.Tensor, share: float = SET_ASIDE_MAX) -> torch.Tensor:
     """Indices of the ``share`` of images with the lowest score (ties by index), images never trained on excluded."""
     n = int(math.floor(share * scores.numel()))
-    order = torch.sort(scores.cpu(), stable=True).indices  # NaN sorts last; stable: ties by index
-    order = order[torch.isfinite(scores.cpu()[order])][:n]
+    scores = scores.cpu()
+    order = torch.sort(scores, stable=True).indices  # NaN sorts last; stable: ties by index
+    order = order[torch.isfinite(scores[order])][:n]
     return torch.sort(order).values.to(torch.int64)
 
 
@@ -78,7 +79,9 @@ def at_switch(mode: str, steps: Any, sum_: Callable[[torch.Tensor], torch.Tensor
     """Decide (``decide``) from the step runner ``steps``' margin scores, summed over the ranks by ``sum_`` (a
     collective: every rank calls this at the same epoch), and apply it; with "on" the history gets the event
     and the log a line."""
-    decision = decide(mode, steps.review.scores(steps.review.state_dict(sum_)), epoch)
+    # "off" needs no scores: every rank skips the collective alike (the mode is the run's, the same on all).
+    scores = torch.zeros(0) if mode == "off" else steps.review.scores(steps.review.state_dict(sum_))
+    decision = decide(mode, scores, epoch)
     steps.set_aside(decision.images)
     if mode == "on":
         history.event("set_aside", epoch=epoch + 1, images=int(decision.images.numel()), note=decision.note)
