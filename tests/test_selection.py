@@ -136,8 +136,7 @@ def test_a_significant_gap_keeps_the_best_epoch_and_redoing_the_choice_changes_n
         assert kept["epoch"] == choice.best_epoch and kept["selection"]["kept_epoch"] == choice.best_epoch
     # The same gap under a significance it does not reach (p not under it): "auto" keeps the final weights, bit
     # for bit, on every machine, whichever way the CLI run's own p fell on this CPU.
-    record = load_state(out / "best_model_finetuned.pth")["selection"]
-    p = selection.sign_test_p(record["only_best_right"], record["only_final_right"])  # exact (the record rounds it)
+    p = choice.p_value  # exact (the file's record rounds it)
     monkeypatch.setattr(selection, "SIGNIFICANCE", p)
     last = load_state(out / "checkpoint_last.pth")
     choice = selection.select_model(RunDir(out), "auto", right)
